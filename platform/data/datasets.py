@@ -1,0 +1,159 @@
+"""PyTorch datasets over a prepared slice cache (or the original guide's `slices/` + `splits/` layout).
+
+Items are int16 HU tensors: conversion to float, windowing and augmentation run later on whole batches (on the
+GPU in training), which keeps the loader's per-item work to one memory-mapped copy of S*S*2 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from ctplatform.data.errors import DataFormatError
+from ctplatform.data.preprocess import PreprocessSettings
+from ctplatform.labels import CLASS_NAMES
+
+
+@dataclass
+class CacheIndex:
+    """One row per volume (`volumes`) plus a flat table of slices (`slice_file`, `slice_in_file`, `slice_volume`)."""
+
+    root: Path
+    layout: str  # "cache" or "legacy"
+    volumes: pd.DataFrame  # VolumeName, split, patient, labels (CLASS_NAMES columns)
+    files: list[str]  # relative paths
+    slice_file: np.ndarray  # (M,) index into files
+    slice_in_file: np.ndarray  # (M,) slice within a 3-D file, -1 for a 2-D file
+    slice_volume: np.ndarray  # (M,) row in volumes
+    settings: PreprocessSettings | None
+
+    def labels(self) -> np.ndarray:
+        return self.volumes[list(CLASS_NAMES)].to_numpy(dtype=np.float32)
+
+    def split_volumes(self, split: str) -> np.ndarray:
+        return np.flatnonzero((self.volumes["split"] == split).to_numpy())
+
+
+def load_cache_index(slice_dir: str | Path) -> CacheIndex:
+    """Open a prepared cache (index.parquet) or, failing that, the guide's layout (splits/*_slices.csv)."""
+    root = Path(slice_dir)
+    if (root / "index.parquet").is_file():
+        frame = pd.read_parquet(root / "index.parquet")
+        settings = PreprocessSettings.from_dict(json.loads((root / "cache.json").read_text())["preprocess"])
+        counts = frame["num_slices"].to_numpy(dtype=np.int64)
+        return CacheIndex(
+            root=root,
+            layout="cache",
+            volumes=frame,
+            files=frame["file"].tolist(),
+            slice_file=np.repeat(np.arange(len(frame), dtype=np.int64), counts),
+            slice_in_file=np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) if len(frame) else
+            np.zeros(0, np.int64),
+            slice_volume=np.repeat(np.arange(len(frame), dtype=np.int64), counts),
+            settings=settings,
+        )
+    split_files = sorted((root / "splits").glob("*_slices.csv"))
+    if not split_files:
+        raise DataFormatError(root, "no slice cache here: expected index.parquet (ctplatform prepare) "
+                                    "or splits/{train,valid}_slices.csv (the original guide's layout)")
+    parts = []
+    for path in split_files:
+        part = pd.read_csv(path)
+        missing = [c for c in ("slice_path", "VolumeName", *CLASS_NAMES) if c not in part.columns]
+        if missing:
+            raise DataFormatError(path, "missing column", column=missing[0])
+        part["split"] = path.name[: -len("_slices.csv")]
+        parts.append(part)
+    slices = pd.concat(parts, ignore_index=True)
+    volumes = slices.drop_duplicates("VolumeName").reset_index(drop=True)
+    volumes = volumes[["VolumeName", "split", *CLASS_NAMES]].copy()
+    from ctplatform.data.splits import patient_of
+
+    volumes["patient"] = volumes["VolumeName"].map(patient_of)
+    row_of = {name: i for i, name in enumerate(volumes["VolumeName"])}
+    return CacheIndex(
+        root=root,
+        layout="legacy",
+        volumes=volumes,
+        files=slices["slice_path"].tolist(),
+        slice_file=np.arange(len(slices), dtype=np.int64),
+        slice_in_file=np.full(len(slices), -1, dtype=np.int64),
+        slice_volume=slices["VolumeName"].map(row_of).to_numpy(dtype=np.int64),
+        settings=None,
+    )
+
+
+class _MappedFiles:
+    """A small per-process LRU of memory-mapped .npy files (safe to pickle into DataLoader workers)."""
+
+    def __init__(self, root: Path, capacity: int = 1024):
+        self.root, self.capacity = root, capacity
+        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __getstate__(self):
+        return {"root": self.root, "capacity": self.capacity}
+
+    def __setstate__(self, state):
+        self.__init__(state["root"], state["capacity"])
+
+    def get(self, relative: str) -> np.ndarray:
+        array = self._maps.get(relative)
+        if array is None:
+            array = np.load(self.root / relative, mmap_mode="r", allow_pickle=False)
+            self._maps[relative] = array
+            if len(self._maps) > self.capacity:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(relative)
+        return array
+
+
+class SliceDataset(Dataset):
+    """Every cached slice of one split; item = (int16 HU (S, S), volume labels float32 (C,), volume row)."""
+
+    def __init__(self, index: CacheIndex, split: str):
+        self.index = index
+        rows = set(index.split_volumes(split).tolist())
+        if not rows:
+            raise DataFormatError(index.root, f"no volumes of split {split!r} in the cache")
+        self.items = np.flatnonzero(np.isin(index.slice_volume, list(rows)))
+        self.labels = torch.from_numpy(index.labels())
+        self.files = _MappedFiles(index.root)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        array = self.files.get(self.index.files[self.index.slice_file[item]])
+        k = self.index.slice_in_file[item]
+        image = torch.from_numpy(np.array(array[k] if k >= 0 else array, dtype=np.int16))
+        volume = int(self.index.slice_volume[item])
+        return image, self.labels[volume], volume
+
+
+class VolumeDataset(Dataset):
+    """Every cached volume of one split; item = (int16 HU (K, S, S), labels (C,), volume row). Cache layout only."""
+
+    def __init__(self, index: CacheIndex, split: str):
+        if index.layout != "cache":
+            raise DataFormatError(index.root, "volume-level items need a prepared cache (ctplatform prepare)")
+        self.index = index
+        self.rows = index.split_volumes(split)
+        self.labels = torch.from_numpy(index.labels())
+        self.files = _MappedFiles(index.root, capacity=256)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        array = self.files.get(self.index.files[row])
+        return torch.from_numpy(np.array(array, dtype=np.int16)), self.labels[row], row

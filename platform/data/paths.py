@@ -1,0 +1,90 @@
+"""Find CT-RATE files on disk: volumes from a VolumeName, label and metadata CSVs from a data directory.
+
+Layouts understood (DESIGN.md §3):
+- nested: `{root}/{split}/{split}_{patient}/{split}_{patient}_{scan}/{name}.nii.gz`, with `split` in
+  train/valid and the v2 re-upload's `train_fixed`/`valid_fixed` trees beside them;
+- flat: every volume directly in one folder (`{root}/{name}.nii.gz`, `.nii` or `.mha`).
+`root` may be the data directory itself or its `dataset/` subfolder, as in the Hugging Face download.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctplatform.labels import volume_stem
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha")
+_NAME = re.compile(r"^(?P<split>train|valid)_(?P<patient>\d+)_(?P<scan>[a-z]+)_(?P<recon>\d+)$")
+
+
+@dataclass(frozen=True)
+class VolumeId:
+    split: str  # "train" or "valid"
+    patient: str  # "train_1": the unit that must never straddle a split
+    scan: str  # "train_1_a"
+    stem: str  # "train_1_a_1"
+
+
+def parse_volume_name(name: str) -> VolumeId | None:
+    """Parse a CT-RATE VolumeName; None for names of another form (challenge UUIDs, user files)."""
+    stem = volume_stem(name)
+    match = _NAME.match(stem)
+    if not match:
+        return None
+    split, patient, scan = match["split"], match["patient"], match["scan"]
+    return VolumeId(split, f"{split}_{patient}", f"{split}_{patient}_{scan}", stem)
+
+
+def dataset_root(data_dir: str | Path) -> Path:
+    """The folder holding `train/`, `multi_abnormality_labels/` ...: `data_dir/dataset` when it exists."""
+    data_dir = Path(data_dir)
+    nested = data_dir / "dataset"
+    return nested if nested.is_dir() else data_dir
+
+
+def volume_candidates(root: Path, name: str) -> list[Path]:
+    """Every place a volume may be, most specific first."""
+    stem = volume_stem(name)
+    ident = parse_volume_name(stem)
+    candidates: list[Path] = []
+    for suffix in VOLUME_SUFFIXES:
+        if ident is not None:
+            for tree in (ident.split, f"{ident.split}_fixed"):
+                candidates.append(root / tree / ident.patient / ident.scan / f"{stem}{suffix}")
+        candidates.append(root / f"{stem}{suffix}")
+    return candidates
+
+
+def find_volume(root: str | Path, name: str) -> Path | None:
+    """The path of volume `name` under `root` (nested or flat layout), or None."""
+    for candidate in volume_candidates(Path(root), name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_label_files(data_dir: str | Path) -> dict[str, Path]:
+    """Label CSVs by split: CT-RATE's per-split files, else the guide's single `multi_abnormality_labels.csv`
+    (split then taken from each VolumeName). Key "all" marks the single-file case."""
+    root = dataset_root(data_dir)
+    found: dict[str, Path] = {}
+    for split in ("train", "valid"):
+        path = root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
+        if path.is_file():
+            found[split] = path
+    if not found:
+        for candidate in (Path(data_dir) / "multi_abnormality_labels.csv", root / "multi_abnormality_labels.csv"):
+            if candidate.is_file():
+                return {"all": candidate}
+    return found
+
+
+def find_metadata_files(data_dir: str | Path) -> list[Path]:
+    root = dataset_root(data_dir)
+    return [
+        p
+        for p in (root / "metadata" / "train_metadata.csv", root / "metadata" / "validation_metadata.csv")
+        if p.is_file()
+    ]

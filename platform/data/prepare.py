@@ -1,0 +1,258 @@
+"""`ctplatform prepare`: CT-RATE volumes -> a resumable, memory-mappable slice cache.
+
+Cache layout (under `--out`, the guide's `--slice-dir`):
+
+    cache.json                    preprocessing settings (a rerun with other settings is refused)
+    volumes/{split}/{stem}.npy    int16 HU, (K, S, S) C-contiguous: one volume's slices in one file
+    records/{stem}.json           per-volume record, written after its .npy: "this volume is done"
+    failed/{stem}.json            per-volume failure (retried on the next run)
+    index.parquet                 one row per volume: name, patient, split, file, slice positions, labels, notes
+    failures.csv                  every bad volume and why
+    slices/{split}/*.npy, splits/{split}_slices.csv   the original guide's layout (with --legacy-layout)
+
+Why int16 HU in one .npy per volume: CT values are integers in [-1024, 3071], so int16 is exact and half of
+float32; windowing is a cheap elementwise op done on the GPU, so one cache serves every window; `.npy` can be
+memory-mapped (`np.load(mmap_mode="r")`) and slice k of a volume is one contiguous S*S*2-byte block, so a loader
+reads a single slice, or a window of neighbouring slices, without touching the rest. One file per volume makes
+each volume's write atomic and the job resumable volume by volume.
+
+Resumability: each volume's .npy and record are written atomically, record last; the index and failures file are
+rebuilt from the records at the end, sorted by name, so a run killed at any point and rerun gives a cache
+identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctplatform.atomic import write_atomic, write_bytes_atomic, write_json_atomic
+from ctplatform.data.errors import DataFormatError
+from ctplatform.data.labels_csv import read_labels_csv
+from ctplatform.data.metadata import VolumeMetadata, read_metadata_csv
+from ctplatform.data.paths import dataset_root, find_label_files, find_metadata_files, find_volume, parse_volume_name
+from ctplatform.data.preprocess import PreprocessSettings, preprocess_volume
+from ctplatform.data.splits import patient_of, patient_split
+from ctplatform.data.volume_io import NON_CHEST_NOTE, read_volume
+from ctplatform.labels import CLASS_NAMES, volume_stem
+
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class VolumeTask:
+    volume_name: str  # as in the labels CSV, e.g. "train_1_a_1.nii.gz"
+    split: str
+    patient: str
+    path: str | None  # None: the file was not found
+    labels: tuple[int, ...]
+    metadata: VolumeMetadata | None
+
+    @property
+    def stem(self) -> str:
+        return volume_stem(self.volume_name)
+
+
+def discover_tasks(data_dir: str | Path) -> list[VolumeTask]:
+    """Every labelled volume under `data_dir` with its split, patient, file and metadata, sorted by name."""
+    files = find_label_files(data_dir)
+    if not files:
+        raise DataFormatError(
+            data_dir,
+            "no label CSV found: expected multi_abnormality_labels/{train,valid}_predicted_labels.csv "
+            "or multi_abnormality_labels.csv",
+        )
+    metadata: dict[str, VolumeMetadata] = {}
+    for path in find_metadata_files(data_dir):
+        metadata.update(read_metadata_csv(path))
+    splits: dict[str, str] = {}
+    frames = []
+    for split, path in files.items():
+        frame = read_labels_csv(path)
+        frames.append(frame)
+        if split != "all":
+            splits.update(dict.fromkeys(frame.index, split))
+    labels = pd.concat(frames)
+    duplicated = labels.index[labels.index.duplicated()]
+    if len(duplicated):
+        raise DataFormatError(data_dir, f"volume {duplicated[0]!r} appears in more than one label file")
+    unassigned = [n for n in labels.index if n not in splits]
+    by_name = {n: parse_volume_name(n) for n in unassigned}
+    if any(ident is None for ident in by_name.values()):
+        splits.update(patient_split(unassigned))  # not CT-RATE names: split by patient ourselves
+    else:
+        splits.update({n: ident.split for n, ident in by_name.items()})  # type: ignore[union-attr]
+    root = dataset_root(data_dir)
+    tasks = []
+    for name in sorted(labels.index):
+        path = find_volume(root, name)
+        tasks.append(
+            VolumeTask(
+                volume_name=name,
+                split=splits[name],
+                patient=patient_of(name),
+                path=str(path) if path is not None else None,
+                labels=tuple(int(v) for v in labels.loc[name].to_numpy()),
+                metadata=metadata.get(volume_stem(name)),
+            )
+        )
+    return tasks
+
+
+def prepare_volume(task: VolumeTask, out_dir: str, settings: PreprocessSettings, keep_non_chest: bool) -> dict:
+    """Prepare one volume; returns its record ("ok") or its failure ("failed"). Never raises for bad input."""
+    out = Path(out_dir)
+    try:
+        if task.path is None:
+            raise DataFormatError(task.volume_name, "volume file not found under the data directory")
+        volume = read_volume(task.path, metadata=task.metadata)
+        if not keep_non_chest and any(note.startswith(NON_CHEST_NOTE) for note in volume.notes):
+            raise DataFormatError(task.path, "skipped: no lung field found (head CT?); --keep-non-chest keeps it")
+        slices, positions = preprocess_volume(volume.hu, settings)
+    except (DataFormatError, OSError, ValueError, MemoryError) as exc:
+        failure = {"VolumeName": task.volume_name, "path": task.path or "", "reason": str(exc), "status": "failed"}
+        write_json_atomic(out / "failed" / f"{task.stem}.json", failure)
+        return failure
+    relative = f"volumes/{task.split}/{task.stem}.npy"
+    write_atomic(out / relative, lambda handle: np.save(handle, slices, allow_pickle=False))
+    record = {
+        "VolumeName": task.volume_name,
+        "stem": task.stem,
+        "patient": task.patient,
+        "split": task.split,
+        "file": relative,
+        "num_slices": int(slices.shape[0]),
+        "slice_positions": [int(p) for p in positions],
+        "source_slices": int(volume.hu.shape[0]),
+        "spacing": [float(s) for s in volume.spacing],
+        "hu_source": volume.hu_source,
+        "notes": "; ".join(volume.notes),
+        "labels": list(task.labels),
+        "status": "ok",
+    }
+    write_json_atomic(out / "records" / f"{task.stem}.json", record)  # written last: the volume is done
+    (out / "failed" / f"{task.stem}.json").unlink(missing_ok=True)
+    return record
+
+
+def open_cache(out_dir: str | Path, settings: PreprocessSettings) -> Path:
+    """Create the cache folder, or check that an existing one was made with the same settings."""
+    out = Path(out_dir)
+    manifest = out / "cache.json"
+    wanted = {"format": CACHE_FORMAT, "preprocess": settings.to_dict()}
+    if manifest.is_file():
+        found = json.loads(manifest.read_text())
+        if found != wanted:
+            raise DataFormatError(
+                manifest, f"cache was prepared with other settings ({found['preprocess']}); use another --out"
+            )
+    else:
+        write_json_atomic(manifest, wanted)
+    return out
+
+
+def pending_tasks(tasks: Iterable[VolumeTask], out_dir: Path) -> list[VolumeTask]:
+    """Tasks whose record is missing: finished volumes are skipped on a rerun; failed ones are retried."""
+    return [t for t in tasks if not (out_dir / "records" / f"{t.stem}.json").is_file()]
+
+
+def finalize_cache(out_dir: str | Path, tasks: list[VolumeTask], legacy_layout: bool = False) -> pd.DataFrame:
+    """Rebuild index.parquet and failures.csv from the per-volume records (sorted, so deterministic)."""
+    out = Path(out_dir)
+    rows, failures = [], []
+    for task in tasks:
+        record_path = out / "records" / f"{task.stem}.json"
+        failure_path = out / "failed" / f"{task.stem}.json"
+        if record_path.is_file():
+            rows.append(json.loads(record_path.read_text()))
+        elif failure_path.is_file():
+            failures.append(json.loads(failure_path.read_text()))
+    index = records_to_index(rows)
+    write_atomic(out / "index.parquet", lambda handle: index.to_parquet(handle, index=False))
+    failures_frame = pd.DataFrame(failures, columns=["VolumeName", "path", "reason"])
+    write_bytes_atomic(out / "failures.csv", failures_frame.to_csv(index=False).encode())
+    if legacy_layout:
+        write_legacy_layout(out, index)
+    return index
+
+
+def records_to_index(rows: list[dict]) -> pd.DataFrame:
+    columns = ["VolumeName", "stem", "patient", "split", "file", "num_slices", "slice_positions",
+               "source_slices", "hu_source", "notes"]
+    frame = pd.DataFrame([{c: r[c] for c in columns} for r in rows], columns=columns)
+    spacing = np.array([r["spacing"] for r in rows], dtype=np.float64).reshape(-1, 3)
+    frame["spacing_z"], frame["spacing_y"], frame["spacing_x"] = spacing[:, 0], spacing[:, 1], spacing[:, 2]
+    labels = np.array([r["labels"] for r in rows], dtype=np.int8).reshape(-1, len(CLASS_NAMES))
+    for j, name in enumerate(CLASS_NAMES):
+        frame[name] = labels[:, j]
+    return frame.sort_values("VolumeName", kind="stable").reset_index(drop=True)
+
+
+def write_legacy_layout(out: Path, index: pd.DataFrame) -> None:
+    """The original guide's layout: one 2-D int16 HU .npy per slice and a CSV of slices per split."""
+    for split, group in index.groupby("split", sort=True):
+        rows = []
+        for row in group.to_dict("records"):  # records, not itertuples: class names contain spaces
+            slices = np.load(out / row["file"], mmap_mode="r")
+            for k, position in enumerate(row["slice_positions"]):
+                name = f"{row['stem']}_slice{int(position):04d}.npy"
+                target = out / "slices" / split / name
+                if not target.is_file():
+                    write_atomic(target, lambda handle, s=slices[k]: np.save(handle, np.asarray(s), allow_pickle=False))
+                rows.append({"slice_path": f"slices/{split}/{name}", "VolumeName": row["VolumeName"],
+                             "slice_index": int(position), **{c: int(row[c]) for c in CLASS_NAMES}})
+        frame = pd.DataFrame(rows)
+        write_bytes_atomic(out / "splits" / f"{split}_slices.csv", frame.to_csv(index=False).encode())
+
+
+def run_prepare(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    settings: PreprocessSettings,
+    *,
+    executor: str = "ray",
+    address: str | None = None,
+    workers: int | None = None,
+    keep_non_chest: bool = False,
+    legacy_layout: bool = False,
+    progress: bool = True,
+    on_result: Callable[[dict], None] | None = None,
+) -> dict:
+    """Prepare every labelled volume; returns a summary. `executor` is "ray" (default) or "local" (in-process)."""
+    tasks = discover_tasks(data_dir)
+    out = open_cache(out_dir, settings)
+    todo = pending_tasks(tasks, out)
+    started = time.perf_counter()
+    if executor == "ray":
+        from ctplatform.data.prepare_ray import prepare_with_ray  # Ray stays in its adapter module
+
+        prepare_with_ray(todo, str(out), settings, keep_non_chest, address=address, workers=workers,
+                         progress=progress, on_result=on_result)
+    elif executor == "local":
+        from tqdm import tqdm
+
+        for task in tqdm(todo, unit="vol", disable=not progress, desc="prepare"):
+            result = prepare_volume(task, str(out), settings, keep_non_chest)
+            if on_result is not None:
+                on_result(result)
+    else:
+        raise ValueError(f"invalid executor {executor!r}: choose ray or local")
+    elapsed = time.perf_counter() - started
+    index = finalize_cache(out, tasks, legacy_layout=legacy_layout)
+    failures = pd.read_csv(out / "failures.csv")
+    return {
+        "volumes": len(tasks),
+        "prepared_now": len(todo),
+        "cached": len(index),
+        "failed": len(failures),
+        "seconds": round(elapsed, 2),
+        "volumes_per_second": round(len(todo) / elapsed, 2) if elapsed > 0 and todo else None,
+        "index": str(out / "index.parquet"),
+        "failures": str(out / "failures.csv"),
+    }
