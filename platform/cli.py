@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ctplatform.data.errors import DataFormatError
+from ctplatform.serve.cli import add_serve_parser
 
 
 def _add_prepare_args(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +57,129 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bool_choice(parser: argparse.ArgumentParser, flag: str, help_text: str) -> None:
+    parser.add_argument(flag, action="store_true", default=None, help=help_text)
+
+
+def add_run_args(parser: argparse.ArgumentParser, *, mode_default: str | None = "both") -> None:
+    """Every flag of the original run_task2.py guide (DESIGN.md §5), with its name and meaning, plus Ray's."""
+    from ctplatform import config as c
+
+    defaults = c.TrainConfig()
+    if mode_default is not None:
+        parser.add_argument("--mode", choices=c.MODES, default=mode_default, help="default: both")
+    parser.add_argument("--data-dir", default=defaults.data_dir, help="CT-RATE folder (for prepare)")
+    parser.add_argument("--slice-dir", default=defaults.slice_dir, help="prepared slice cache (default ./ct_rate_2d)")
+    parser.add_argument("--model", "--model-name", dest="model", choices=c.MODELS, default=defaults.model)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--epochs", "--max-epochs", dest="epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--gpu-device", type=int, default=None, help="pin a single-GPU local run to GPU N")
+    parser.add_argument("--freeze-backbone", action="store_true", help="train the head only")
+    parser.add_argument("--progressive-unfreeze", action="store_true",
+                        help="start frozen, unfreeze the backbone at --unfreeze-epoch")
+    parser.add_argument("--unfreeze-epoch", type=int, default=defaults.unfreeze_epoch)
+    parser.add_argument("--use-attention", choices=c.ATTENTIONS, default=defaults.use_attention)
+    parser.add_argument("--loss-type", choices=c.LOSSES, default=defaults.loss_type)
+    parser.add_argument("--use-advanced-aug", action="store_true", help="CutMix and MixUp")
+    parser.add_argument("--cutmix-prob", type=float, default=defaults.cutmix_prob)
+    parser.add_argument("--use-multiscale", action="store_true", help="fuse the last three backbone stages")
+    parser.add_argument("--use-mixed-precision", action="store_true", help="bf16 where supported, else fp16")
+    parser.add_argument("--early-stopping-patience", type=int, default=defaults.early_stopping_patience)
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="DataLoader workers")
+    parser.add_argument("--checkpoint", default=None, help="bundle folder or Lightning checkpoint")
+    parser.add_argument("--predict-input", nargs="+", default=[], metavar="FILE")
+    parser.add_argument("--predict-type", choices=c.PREDICT_TYPES, default=defaults.predict_type)
+    # beyond the guide
+    parser.add_argument("--weights", default=defaults.weights, help="imagenet | none | PATH (default none)")
+    parser.add_argument("--input-windows", choices=c.INPUT_WINDOWS, default=defaults.input_windows)
+    parser.add_argument("--head", choices=c.HEADS, default=defaults.head)
+    parser.add_argument("--aggregation", choices=c.AGGREGATIONS, default=defaults.aggregation,
+                        help="slice -> volume probability (default mean)")
+    parser.add_argument("--topk", type=int, default=defaults.topk)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--limit-train-batches", type=float, default=defaults.limit_train_batches,
+                        help="fraction (or count, if > 1) of training batches per epoch")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
+    parser.add_argument("--ray-workers", type=int, default=defaults.ray_workers,
+                        help="Ray Train workers (DDP processes; the guide's --num-workers stays DataLoader workers)")
+    parser.add_argument("--gpus-per-worker", type=float, default=defaults.gpus_per_worker)
+    parser.add_argument("--cpus-per-worker", type=float, default=defaults.cpus_per_worker)
+    parser.add_argument("--cpu", dest="use_gpu", action="store_false", default=None,
+                        help="train on CPUs even where GPUs exist")
+    parser.add_argument("--storage-path", default=defaults.storage_path, help="runs folder or URI (default ./runs)")
+    parser.add_argument("--run-name", default=None, help="default: derived from the training settings (stable)")
+    parser.add_argument("--max-failures", type=int, default=defaults.max_failures)
+    parser.add_argument("--report-dir", default=None, help="evaluation report folder (default <run>/report)")
+    parser.add_argument("--output", default=None, help="predictions file (CSV; a JSON beside it)")
+
+
+def config_from_args(args: argparse.Namespace, mode: str):
+    from ctplatform.config import TrainConfig
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["mode"] = mode
+    if values.get("limit_train_batches") is not None and values["limit_train_batches"] > 1:
+        values["limit_train_batches"] = int(values["limit_train_batches"])
+    return TrainConfig(**values).validate()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    mode = getattr(args, "mode", None) or args.fixed_mode
+    cfg = config_from_args(args, mode)
+    if mode == "predict":
+        from ctplatform.predict import format_table, predict_files
+
+        if not cfg.checkpoint:
+            raise ValueError("--mode predict needs --checkpoint (a bundle folder or a checkpoint)")
+        table = predict_files(cfg.checkpoint, cfg.predict_input, cfg.predict_type, cfg.output,
+                              device=f"cuda:{cfg.gpu_device}" if cfg.gpu_device is not None else None)
+        print(format_table(table))
+        if cfg.output:
+            print(f"predictions written to {cfg.output} (and .json)")
+        return 0
+    from ctplatform.train.ray_launcher import local_run_dir, resolved
+
+    cfg = resolved(cfg)
+    run_dir = Path(local_run_dir(cfg))
+    checkpoint = cfg.checkpoint
+    if mode in ("train", "both"):
+        from ctplatform.train.ray_launcher import run_training
+
+        outcome = run_training(cfg)
+        checkpoint = outcome.best_checkpoint
+        print(f"run {outcome.run_name}: best checkpoint {checkpoint}")
+        print(f"TensorBoard logs: {run_dir / 'logs'}   checkpoints: {run_dir / 'checkpoints'}")
+    if mode in ("evaluate", "both"):
+        from ctplatform.train.evaluate import evaluate
+
+        if checkpoint is None:
+            candidate = run_dir / "best_reported" / "checkpoint.ckpt"
+            if not candidate.is_file():
+                raise ValueError("--mode evaluate needs --checkpoint (no finished run with these settings found)")
+            checkpoint = str(candidate)
+        report_dir = Path(cfg.report_dir) if cfg.report_dir else run_dir / "report"
+        bundle_dir = run_dir / "bundle" if not Path(checkpoint).is_dir() else None
+        metrics = evaluate(checkpoint, cfg.slice_dir, report_dir, bundle_dir=bundle_dir,
+                           device=f"cuda:{cfg.gpu_device}" if cfg.gpu_device is not None else None)
+        print(f"validation macro AUROC {metrics['macro']['auroc']:.4f}  macro F1 {metrics['macro']['f1']:.4f}  "
+              f"CRG {metrics['crg']['crg']:.4f}  (volume level, calibrated)")
+        print(f"report: {report_dir / 'report.html'}")
+        if bundle_dir is not None:
+            print(f"model bundle: {bundle_dir}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from ctplatform.metrics import score_files
+
+    metrics = score_files(args.labels, args.predictions, out_dir=args.out)
+    macro = metrics["macro"]
+    print(json.dumps({"macro": macro, "crg": metrics["crg"]["crg"], "n_exams": metrics["n_exams"]}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctplatform", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -77,15 +202,34 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--legacy-layout", action="store_true",
                          help="also write the original guide's slices/{split}/*.npy and splits/{split}_slices.csv")
     prepare.set_defaults(func=cmd_prepare)
+
+    run = sub.add_parser("run", help="the original guide's entry point: --mode train|evaluate|both|predict")
+    add_run_args(run)
+    run.set_defaults(func=cmd_run, fixed_mode=None)
+    for mode, text in (("train", "train through Ray Train"), ("evaluate", "score a checkpoint or bundle"),
+                       ("predict", "predict files with a bundle or checkpoint")):
+        command = sub.add_parser(mode, help=text)
+        add_run_args(command, mode_default=None)
+        command.set_defaults(func=cmd_run, fixed_mode=mode)
+
+    score = sub.add_parser("score", help="score predictions (CSV or results.json) against a labels CSV")
+    score.add_argument("--labels", required=True, help="ground-truth labels CSV")
+    score.add_argument("--predictions", required=True, help="predictions CSV or the challenge's results.json")
+    score.add_argument("--out", default=None, help="folder for metrics.json")
+    score.set_defaults(func=cmd_score)
+    add_serve_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ctplatform.model.backbones import WeightsUnavailableError
+    from ctplatform.model.bundle import BundleError
+
     try:
         return int(args.func(args) or 0)
-    except (DataFormatError, FileNotFoundError, ValueError) as exc:
+    except (DataFormatError, FileNotFoundError, ValueError, BundleError, WeightsUnavailableError) as exc:
         print(f"ctplatform {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -116,7 +116,9 @@ class _MappedFiles:
 
 
 class SliceDataset(Dataset):
-    """Every cached slice of one split; item = (int16 HU (S, S), volume labels float32 (C,), volume row)."""
+    """Every cached slice of one split; item = (int16 HU (S, S), volume labels float32 (C,), volume row, item).
+
+    The item number lets a distributed evaluation drop the duplicates DistributedSampler pads ranks with."""
 
     def __init__(self, index: CacheIndex, split: str):
         self.index = index
@@ -124,7 +126,7 @@ class SliceDataset(Dataset):
         if not rows:
             raise DataFormatError(index.root, f"no volumes of split {split!r} in the cache")
         self.items = np.flatnonzero(np.isin(index.slice_volume, list(rows)))
-        self.labels = torch.from_numpy(index.labels())
+        self.labels = torch.tensor(index.labels())
         self.files = _MappedFiles(index.root)
 
     def __len__(self) -> int:
@@ -136,7 +138,7 @@ class SliceDataset(Dataset):
         k = self.index.slice_in_file[item]
         image = torch.from_numpy(np.array(array[k] if k >= 0 else array, dtype=np.int16))
         volume = int(self.index.slice_volume[item])
-        return image, self.labels[volume], volume
+        return image, self.labels[volume], volume, i
 
 
 class VolumeDataset(Dataset):
@@ -147,7 +149,7 @@ class VolumeDataset(Dataset):
             raise DataFormatError(index.root, "volume-level items need a prepared cache (ctplatform prepare)")
         self.index = index
         self.rows = index.split_volumes(split)
-        self.labels = torch.from_numpy(index.labels())
+        self.labels = torch.tensor(index.labels())
         self.files = _MappedFiles(index.root, capacity=256)
 
     def __len__(self) -> int:

@@ -6,7 +6,6 @@ volume's files itself, so only small records travel back to the driver.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import ray
@@ -14,6 +13,7 @@ from tqdm import tqdm
 
 from ctplatform.data.prepare import VolumeTask, prepare_volume
 from ctplatform.data.preprocess import PreprocessSettings
+from ctplatform.ray_session import connect, shutdown_if
 
 
 def prepare_with_ray(
@@ -27,13 +27,7 @@ def prepare_with_ray(
     progress: bool = True,
     on_result: Callable[[dict], None] | None = None,
 ) -> None:
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address is None:
-            ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
+    started_here = connect(address, num_cpus=workers, quiet=not progress)
     try:
         remote = ray.remote(num_cpus=1, max_retries=1)(prepare_volume)
         # Bound the tasks in flight so a 50,000-volume job does not queue 50,000 tasks' arguments at once.
@@ -50,5 +44,4 @@ def prepare_with_ray(
                     if on_result is not None:
                         on_result(result)
     finally:
-        if started_here:
-            ray.shutdown()
+        shutdown_if(started_here)

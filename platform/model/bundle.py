@@ -1,0 +1,169 @@
+"""Self-describing model bundles: `model.safetensors` + `metadata.json` (MONAI-bundle style).
+
+The metadata carries everything needed to reproduce predictions without training code: the class list, the
+architecture, the HU windows, the slice preprocessing, the slice->volume aggregation, the per-class calibration,
+validation metrics, versions and the source run. Weights are safetensors (no pickle at all); Lightning
+checkpoints are read with `torch.load(weights_only=True)`, which refuses arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torchvision
+
+from ctplatform.atomic import write_atomic, write_json_atomic
+from ctplatform.labels import CLASS_NAMES
+from ctplatform.model.calibration import Calibration
+from ctplatform.model.classifier import build_classifier
+from ctplatform.model.windows import window_table
+
+BUNDLE_FORMAT = "ctplatform-bundle"
+BUNDLE_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "metadata.json"
+
+
+class BundleError(ValueError):
+    """A bundle or checkpoint that cannot be loaded safely; the message names the file and the problem."""
+
+
+@dataclass
+class ModelSpec:
+    """What a model needs besides its weights (the serialisable part of a bundle)."""
+
+    architecture: dict[str, Any]  # build_classifier kwargs plus "head"
+    input_windows: str
+    preprocess: dict[str, Any]  # PreprocessSettings.to_dict()
+    aggregation: str = "mean"
+    topk: int = 3
+    calibration: Calibration | None = None
+    metrics: dict[str, Any] | None = None
+    source: dict[str, Any] | None = None
+
+    def build_model(self) -> torch.nn.Module:
+        architecture = dict(self.architecture)
+        head = architecture.pop("head", "slice")
+        if head == "attention-mil":
+            from ctplatform.model.mil import build_mil_model
+
+            return build_mil_model(**architecture)
+        return build_classifier(**{k: v for k, v in architecture.items() if k != "weights"}, weights="none")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("ctplatform")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        own = "unknown"
+    return {"ctplatform": own, "torch": torch.__version__, "torchvision": torchvision.__version__}
+
+
+def export_bundle(out_dir: str | Path, model: torch.nn.Module, spec: ModelSpec) -> Path:
+    """Write `model.safetensors` then `metadata.json` (metadata last: a bundle with metadata is complete)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_atomic(out / WEIGHTS_FILE, lambda handle: handle.write(safetensors.torch.save(state)))
+    metadata = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "class_names": list(CLASS_NAMES),
+        "architecture": spec.architecture,
+        "input": {"windows": spec.input_windows, "window_table": window_table(spec.input_windows),
+                  "slices": "int16 Hounsfield units, (K, S, S)"},
+        "preprocess": spec.preprocess,
+        "aggregation": {"method": spec.aggregation, "topk": spec.topk},
+        "calibration": spec.calibration.to_dict() if spec.calibration is not None else None,
+        "metrics": spec.metrics or {},
+        "versions": _versions(),
+        "source": spec.source or {},
+    }
+    write_json_atomic(out / METADATA_FILE, metadata)
+    return out
+
+
+def _spec_from_metadata(metadata: dict, where: Path) -> ModelSpec:
+    if metadata.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{where}: not a ctplatform model bundle (format {metadata.get('format')!r})")
+    if metadata.get("format_version", 0) > BUNDLE_VERSION:
+        raise BundleError(f"{where}: bundle format {metadata['format_version']} is newer than this ctplatform")
+    if list(metadata.get("class_names", [])) != list(CLASS_NAMES):
+        raise BundleError(f"{where}: the bundle's class list differs from this ctplatform's CLASS_NAMES")
+    calibration = metadata.get("calibration")
+    return ModelSpec(
+        architecture=metadata["architecture"],
+        input_windows=metadata["input"]["windows"],
+        preprocess=metadata["preprocess"],
+        aggregation=metadata["aggregation"]["method"],
+        topk=int(metadata["aggregation"]["topk"]),
+        calibration=Calibration.from_dict(calibration) if calibration else None,
+        metrics=metadata.get("metrics"),
+        source=metadata.get("source"),
+    )
+
+
+def load_bundle(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
+    """Load a bundle folder (or its metadata.json) or a Lightning checkpoint; returns (model in eval mode, spec)."""
+    path = Path(path)
+    if path.is_file() and path.name == METADATA_FILE:
+        path = path.parent
+    if path.is_dir():
+        metadata_path = path / METADATA_FILE
+        if not metadata_path.is_file():
+            raise BundleError(f"{path}: no {METADATA_FILE} here; not a model bundle")
+        try:
+            metadata = json.loads(metadata_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{metadata_path}: unreadable JSON ({exc})") from exc
+        spec = _spec_from_metadata(metadata, metadata_path)
+        try:
+            state = safetensors.torch.load_file(str(path / WEIGHTS_FILE))
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise BundleError(f"{path / WEIGHTS_FILE}: unreadable weights ({exc})") from exc
+    elif path.is_file():
+        state, spec = _read_lightning_checkpoint(path)
+    else:
+        raise BundleError(f"{path}: no such bundle or checkpoint")
+    model = spec.build_model()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BundleError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]})")
+    return model.eval(), spec
+
+
+def _read_lightning_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise BundleError(f"{path}: refused to load: the checkpoint holds objects other than tensors and plain "
+                          f"data (weights_only=True), which could run code ({str(exc).splitlines()[0]})") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise BundleError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not hparams or "config" not in hparams:
+        raise BundleError(f"{path}: not a ctplatform Lightning checkpoint (no hyper_parameters.config)")
+    config = hparams["config"]
+    spec = ModelSpec(
+        architecture={"head": config.get("head", "slice"), "model": config["model"],
+                      "use_attention": config["use_attention"], "use_multiscale": config["use_multiscale"],
+                      "num_classes": len(CLASS_NAMES)},
+        input_windows=config["input_windows"],
+        preprocess=hparams.get("preprocess") or {},
+        aggregation=config.get("aggregation", "mean"),
+        topk=int(config.get("topk", 3)),
+        source={"checkpoint": str(path), "epoch": checkpoint.get("epoch"), "run_name": config.get("run_name")},
+    )
+    state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    return state, spec

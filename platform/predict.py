@@ -1,0 +1,74 @@
+"""`--mode predict`: files in, per-class probabilities and decisions out (table, CSV and JSON).
+
+`--predict-type volumes` reads .nii/.nii.gz/.mha through the training preprocessing; `slices` reads 2-D .npy HU
+slices (allow_pickle=False). `--checkpoint` takes a bundle folder or a Lightning checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctplatform.atomic import write_text_atomic
+from ctplatform.data.errors import DataFormatError
+from ctplatform.data.volume_io import read_volume
+from ctplatform.labels import CLASS_NAMES, volume_stem
+from ctplatform.model.inference import DECISION_THRESHOLD, Predictor
+
+
+def _read_slice(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataFormatError(path, f"not a readable .npy array without pickled objects ({exc})") from exc
+    array = np.squeeze(array)
+    if array.ndim != 2 or array.dtype.kind not in "iuf" or array.size == 0:
+        raise DataFormatError(path, f"a slice must be a non-empty 2-D numeric array, got {array.dtype} {array.shape}")
+    if not np.isfinite(array).all():
+        raise DataFormatError(path, "slice contains NaN or infinite values")
+    return array
+
+
+def predict_files(checkpoint: str, inputs: list[str], predict_type: str, output: str | None = None,
+                  device: str | None = None) -> pd.DataFrame:
+    if not inputs:
+        raise ValueError("--predict-input needs at least one file")
+    predictor = Predictor.from_path(checkpoint, device=device)
+    rows, details = [], []
+    if predict_type == "slices":
+        slices = [_read_slice(Path(p)) for p in inputs]
+        raw, calibrated = predictor.predict_slices(slices)
+        for path, r, c in zip(inputs, raw, calibrated, strict=True):
+            rows.append((volume_stem(path), c, r))
+    else:
+        for path in inputs:
+            volume = read_volume(path)
+            prediction = predictor.predict_volume(volume.hu, notes=volume.notes)
+            rows.append((volume_stem(path), prediction.probabilities, prediction.raw_probabilities))
+            details.append({"input": path, **prediction.to_dict()})
+    table = pd.DataFrame([p for _, p, _ in rows], columns=list(CLASS_NAMES))
+    table.insert(0, "VolumeName", [n for n, _, _ in rows])
+    records = [
+        {"input": name, "probabilities": dict(zip(CLASS_NAMES, map(float, probs), strict=True)),
+         "raw_probabilities": dict(zip(CLASS_NAMES, map(float, raw), strict=True)),
+         "decisions": {c: bool(p >= DECISION_THRESHOLD) for c, p in zip(CLASS_NAMES, probs, strict=True)}}
+        for name, probs, raw in rows
+    ]
+    for record, detail in zip(records, details, strict=False):
+        record.update({"key_slices": detail["key_slices"], "notes": detail["notes"]})
+    if output:
+        out = Path(output)
+        csv_path = out if out.suffix == ".csv" else out.with_suffix(".csv")
+        decisions = table[list(CLASS_NAMES)].ge(DECISION_THRESHOLD).astype(int).add_suffix(" (decision)")
+        write_text_atomic(csv_path, pd.concat([table, decisions], axis=1).to_csv(index=False))
+        write_text_atomic(csv_path.with_suffix(".json"), json.dumps(records, indent=2) + "\n")
+    return table
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """Classes as rows, inputs as columns, positives starred: readable in a terminal for a few inputs."""
+    shown = table.set_index("VolumeName")[list(CLASS_NAMES)].T
+    return shown.map(lambda p: f"{p:.3f}{'*' if p >= DECISION_THRESHOLD else ' '}").to_string()

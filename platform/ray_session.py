@@ -1,0 +1,55 @@
+"""Connect to Ray: an embedded local Ray (dashboard on 127.0.0.1) by default, a cluster with `--address`.
+
+Thin adapter shared by the Ray-facing modules (prepare, train launcher, tune, serve). Notes from DESIGN.md §6:
+keep the dashboard on (with it off, Tune-stopped Train trials never release their CPUs in Ray 2.60); never bind
+it beyond loopback by default (its Jobs API runs arbitrary code); `--gpu-device N` pins a local run to one GPU by
+setting CUDA_VISIBLE_DEVICES before Ray starts, so Ray only ever sees that GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def connect(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    gpu_device: int | None = None,
+    dashboard_host: str = "127.0.0.1",
+    quiet: bool = False,
+) -> bool:
+    """Start or join Ray; returns True when this call started it (the caller then shuts it down)."""
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        ray.init(address=address, log_to_driver=not quiet)
+        return True
+    if gpu_device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_device)
+    # address="local" starts a fresh embedded Ray even when a `ray start` cluster runs on this machine
+    # (plain ray.init() would join it silently).
+    context = ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=True,
+        dashboard_host=dashboard_host,
+        log_to_driver=not quiet,
+        configure_logging=not quiet,
+    )
+    if not quiet and getattr(context, "dashboard_url", None):
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+    return True
+
+
+def shutdown_if(started: bool) -> None:
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0

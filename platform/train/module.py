@@ -1,0 +1,124 @@
+"""The LightningModule: wires the plain model, loss and augmentation (ctplatform.model) with the guide's recipe.
+
+AdamW + ReduceLROnPlateau(factor 0.5, patience 5) on val_loss (DESIGN.md §5). Batches arrive as int16 HU; HU
+windowing and augmentation run on the device in batches. Validation logs slice-level and volume-level metrics;
+`val/volume_auroc` (macro AUROC of volume probabilities aggregated from slices) is the headline metric.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import (
+    multilabel_auroc,
+    multilabel_average_precision,
+    multilabel_f1_score,
+)
+
+from ctplatform.config import TrainConfig
+from ctplatform.labels import NUM_CLASSES
+from ctplatform.model.aggregate import aggregate_by_volume
+from ctplatform.model.augment import AdvancedAugment, BasicAugment
+from ctplatform.model.classifier import build_classifier
+from ctplatform.model.losses import build_loss
+from ctplatform.model.windows import hu_to_input
+from ctplatform.train.lightning_import import pl
+
+HEADLINE_METRIC = "val/volume_auroc"
+
+
+def multilabel_scores(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Macro AUROC, AP and F1@0.5 with torchmetrics; classes with one label value are left out of AUROC/AP (as the
+    official scoring does) instead of counting as 0."""
+    targets = targets.round().int()
+    varied = (targets.min(dim=0).values != targets.max(dim=0).values).cpu().numpy()
+    scores = {"f1": float(multilabel_f1_score(probs, targets, num_labels=probs.shape[1], average="macro"))}
+    if varied.any():
+        auroc = multilabel_auroc(probs, targets, num_labels=probs.shape[1], average=None).cpu().numpy()
+        ap = multilabel_average_precision(probs, targets, num_labels=probs.shape[1], average=None).cpu().numpy()
+        scores["auroc"] = float(np.mean(auroc[varied]))
+        scores["ap"] = float(np.mean(ap[varied]))
+    return scores
+
+
+class CTClassifierModule(pl.LightningModule):
+    def __init__(self, config: dict, pos_weight: list[float] | None = None, preprocess: dict | None = None):
+        super().__init__()
+        # Plain types only, so checkpoints load with torch.load(weights_only=True). `preprocess` (the cache's
+        # settings) travels in the checkpoint so predict/serve can reproduce the training input exactly.
+        self.save_hyperparameters()
+        self.cfg = TrainConfig.from_dict(config).validate()
+        cfg = self.cfg
+        self.model = build_classifier(cfg.model, weights=cfg.weights, use_attention=cfg.use_attention,
+                                      use_multiscale=cfg.use_multiscale, num_classes=NUM_CLASSES)
+        self.loss = build_loss(cfg.loss_type, focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma,
+                               asl_gamma_neg=cfg.asl_gamma_neg, asl_gamma_pos=cfg.asl_gamma_pos, asl_clip=cfg.asl_clip,
+                               pos_weight=pos_weight)
+        self.basic_augment = BasicAugment()
+        self.advanced_augment = AdvancedAugment(cfg.cutmix_prob, cfg.mixup_alpha) if cfg.use_advanced_aug else None
+        self._val_batches: list[tuple[torch.Tensor, ...]] = []
+        self.last_val_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ data on the device
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        hu, labels, volume, item = batch
+        x = hu_to_input(hu, self.cfg.input_windows).contiguous(memory_format=torch.channels_last)
+        return x, labels.float(), volume, item
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch, batch_idx: int):
+        x, y, _, _ = batch
+        x = self.basic_augment(x)
+        if self.advanced_augment is not None:
+            x, y = self.advanced_augment(x, y)
+        loss = self.loss(self.model(x).float(), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx: int):
+        x, y, volume, item = batch
+        logits = self.model(x).float()
+        loss = self.loss(logits, y)
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        self._val_batches.append((torch.sigmoid(logits).detach(), y, volume, item))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_batches.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_batches or self.trainer.sanity_checking:
+            self._val_batches.clear()
+            return
+        probs, targets, volumes, items = (torch.cat(parts) for parts in zip(*self._val_batches, strict=True))
+        self._val_batches.clear()
+        if self.trainer.world_size > 1:  # every rank holds a shard (padded with duplicates): gather, then dedupe
+            gathered = (self.all_gather(t).flatten(0, 1) for t in (probs, targets, volumes, items))
+            probs, targets, volumes, items = gathered
+        items_np = items.cpu().numpy()
+        _, first = np.unique(items_np, return_index=True)
+        keep = torch.as_tensor(first, device=probs.device)
+        probs, targets, volumes = probs[keep].cpu(), targets[keep].cpu(), volumes[keep].cpu()
+        metrics = {f"val/slice_{k}": v for k, v in multilabel_scores(probs, targets).items()}
+        ids, volume_probs = aggregate_by_volume(probs.numpy(), volumes.numpy(), self.cfg.aggregation, self.cfg.topk)
+        volume_targets = np.stack([targets[volumes == v][0].numpy() for v in ids])
+        metrics.update(
+            {f"val/volume_{k}": v for k, v in
+             multilabel_scores(torch.from_numpy(volume_probs), torch.from_numpy(volume_targets)).items()}
+        )
+        self.last_val_metrics = metrics
+        # Identical on every rank after the gather: log without another reduction. The headline on the bar.
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name == HEADLINE_METRIC, sync_dist=False)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=5)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch", "frequency": 1},
+        }

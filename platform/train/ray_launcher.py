@@ -1,0 +1,147 @@
+"""Ray Train adapter: every training run is a `TorchTrainer` running the Lightning loop on each worker.
+
+`RayDDPStrategy` + `RayLightningEnvironment` + `RayTrainReportCallback` (DESIGN.md §6, Train V2). Ray sets
+CUDA_VISIBLE_DEVICES per worker: that is the GPU pinning. The run name is stable (derived from the training
+configuration unless `--run-name` is given), and Ray Train restores a run of the same name and storage path
+from its latest checkpoint: rerunning the same command resumes it; `FailureConfig` retries a failed worker group
+from the latest checkpoint too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+from ray.train.torch import TorchTrainer
+
+from ctplatform.config import TrainConfig
+from ctplatform.ray_session import cluster_has_gpus, connect, shutdown_if
+
+# Fields that do not change what is trained: they are left out of the stable run name.
+_NOT_TRAINING = {"mode", "checkpoint", "predict_input", "predict_type", "report_dir", "output", "address",
+                 "run_name", "storage_path", "max_failures", "gpu_device", "num_workers", "use_gpu"}
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def stable_run_name(cfg: TrainConfig) -> str:
+    relevant = {k: v for k, v in sorted(cfg.to_dict().items()) if k not in _NOT_TRAINING}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{cfg.model}-{cfg.head}-{cfg.loss_type}-{digest}"
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """Absolute paths (Ray workers run in other directories) and a run name."""
+    storage = cfg.storage_path if is_uri(cfg.storage_path) else str(Path(cfg.storage_path).resolve())
+    return cfg.replace(slice_dir=str(Path(cfg.slice_dir).resolve()), storage_path=storage,
+                       run_name=cfg.run_name or stable_run_name(cfg))
+
+
+def local_run_dir(cfg: TrainConfig) -> str:
+    """Where rank 0 writes the guide's checkpoints and TensorBoard logs: the run folder, or ./runs/<name> when
+    the storage is an object-store URI (Ray's own checkpoints still go to the URI)."""
+    if is_uri(cfg.storage_path):
+        return str(Path("runs", cfg.run_name).resolve())
+    return str(Path(cfg.storage_path, cfg.run_name))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: the same Lightning loop as a plain run, with Ray's strategy and reporting."""
+    from ctplatform.model.losses import class_pos_weights
+    from ctplatform.train.datamodule import CTDataModule
+    from ctplatform.train.lightning_import import pl
+    from ctplatform.train.module import CTClassifierModule
+    from ctplatform.train.trainer import build_trainer
+
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = CTDataModule(cfg.slice_dir, cfg.batch_size, cfg.num_workers, seed=cfg.seed)
+    datamodule.setup()
+    pos_weight = class_pos_weights(datamodule.train_labels()).tolist() if cfg.loss_type == "bce" else None
+    settings = datamodule.index.settings
+    module = CTClassifierModule(cfg.to_dict(), pos_weight=pos_weight,
+                                preprocess=settings.to_dict() if settings is not None else None)
+    rank = ray.train.get_context().get_world_rank()
+    trainer = build_trainer(
+        cfg,
+        loop_config["run_dir"],
+        extra_callbacks=[RayTrainReportCallback(), *loop_config.get("extra_callbacks", [])],
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
+        enable_progress_bar=rank == 0 and loop_config.get("progress_bar", True),
+    )
+    trainer = prepare_trainer(trainer)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        trainer.fit(module, datamodule=datamodule)
+        return
+    with checkpoint.as_directory() as folder:  # resume: the latest checkpoint Ray Train reported
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path=os.path.join(folder, RayTrainReportCallback.CHECKPOINT_NAME))
+
+
+def build_torch_trainer(cfg: TrainConfig, *, run_callbacks: list | None = None, progress_bar: bool = True,
+                        worker_callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for a resolved config (also used by Tune trials, with their own run name)."""
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpus()
+    resources = {"CPU": cfg.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": local_run_dir(cfg), "progress_bar": progress_bar,
+                           "extra_callbacks": list(worker_callbacks or [])},
+        scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=3, checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=run_callbacks,
+        ),
+    )
+
+
+@dataclass
+class TrainingOutcome:
+    run_name: str
+    run_dir: str
+    best_checkpoint: str  # a local Lightning .ckpt path (copied out of Ray storage when it is remote)
+    metrics: dict
+
+
+def best_lightning_checkpoint(result, run_dir: str) -> str:
+    """The Lightning checkpoint of the best reported epoch (lowest val_loss) as a local file path."""
+    candidates = [(m.get("val_loss", float("inf")), c) for c, m in (result.best_checkpoints or [])]
+    if not candidates and result.checkpoint is not None:
+        candidates = [(0.0, result.checkpoint)]
+    if not candidates:
+        raise RuntimeError(f"training run {run_dir} reported no checkpoint")
+    _, checkpoint = min(candidates, key=lambda pair: pair[0])
+    target = Path(run_dir) / "best_reported"
+    checkpoint.to_directory(str(target))
+    return str(target / RayTrainReportCallback.CHECKPOINT_NAME)
+
+
+def run_training(cfg: TrainConfig) -> TrainingOutcome:
+    """Train through Ray Train on the embedded local Ray (or the cluster at `cfg.address`)."""
+    cfg = resolved(cfg)
+    started = connect(cfg.address, gpu_device=cfg.gpu_device)
+    try:
+        result = build_torch_trainer(cfg).fit()
+        run_dir = local_run_dir(cfg)
+        if result.error is not None:
+            raise RuntimeError(f"training run {cfg.run_name} failed: {result.error}")
+        return TrainingOutcome(cfg.run_name, run_dir, best_lightning_checkpoint(result, run_dir),
+                               dict(result.metrics or {}))
+    finally:
+        shutdown_if(started)

@@ -1,0 +1,76 @@
+"""The Lightning Trainer with the guide's callbacks (no Ray here; the Ray launcher adds its strategy and callback).
+
+Checkpoints: `multi_abnormality-epoch={epoch:02d}-val_loss={val_loss:.3f}.ckpt`, top 3 by val_loss plus
+`last.ckpt`; early stopping on val_loss; learning rate logged per epoch; TensorBoard under
+`<run>/logs/multi_abnormality_classification/version_N`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ctplatform.config import TrainConfig
+from ctplatform.train.finetune import BackboneFreezeUnfreeze
+from ctplatform.train.lightning_import import pl
+
+CHECKPOINT_FILENAME = "multi_abnormality-epoch={epoch:02d}-val_loss={val_loss:.3f}"
+LOG_NAME = "multi_abnormality_classification"
+
+
+def precision_for(cfg: TrainConfig) -> str:
+    """`--use-mixed-precision`: bf16 where the GPU supports it, else fp16; bf16 autocast on CPU."""
+    if not cfg.use_mixed_precision:
+        return "32-true"
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed"
+
+
+def build_callbacks(cfg: TrainConfig, run_dir: str | Path) -> list:
+    callbacks = [
+        pl.callbacks.ModelCheckpoint(
+            dirpath=str(Path(run_dir) / "checkpoints"),
+            filename=CHECKPOINT_FILENAME,
+            monitor="val_loss",
+            mode="min",
+            save_top_k=3,
+            save_last=True,
+            auto_insert_metric_name=False,
+        ),
+        pl.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience),
+        pl.callbacks.LearningRateMonitor(logging_interval="epoch"),
+    ]
+    if cfg.freeze_backbone or cfg.progressive_unfreeze:
+        callbacks.append(BackboneFreezeUnfreeze(cfg.unfreeze_epoch if cfg.progressive_unfreeze else None))
+    return callbacks
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    extra_callbacks: list | None = None,
+    strategy="auto",
+    plugins=None,
+    devices="auto",
+    accelerator="auto",
+    enable_progress_bar: bool = True,
+) -> pl.Trainer:
+    logger = pl.loggers.TensorBoardLogger(save_dir=str(Path(run_dir) / "logs"), name=LOG_NAME)
+    return pl.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        plugins=plugins,
+        precision=precision_for(cfg),
+        callbacks=build_callbacks(cfg, run_dir) + list(extra_callbacks or []),
+        logger=logger,
+        enable_progress_bar=enable_progress_bar,
+        num_sanity_val_steps=0,
+        limit_train_batches=cfg.limit_train_batches,
+        log_every_n_steps=10,
+        deterministic=False,
+    )

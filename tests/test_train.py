@@ -1,0 +1,77 @@
+"""The Lightning loop without Ray: guide callbacks and files, progressive unfreezing, validation metrics."""
+
+import numpy as np
+import pytest
+import torch
+
+from ctplatform.config import TrainConfig
+from ctplatform.train.datamodule import CTDataModule
+from ctplatform.train.lightning_import import pl
+from ctplatform.train.module import CTClassifierModule, multilabel_scores
+from ctplatform.train.trainer import build_trainer
+
+
+def tiny_config(cache, **changes) -> TrainConfig:
+    values = dict(slice_dir=str(cache), model="efficientnet_b0", batch_size=16, epochs=2, num_workers=0,
+                  learning_rate=1e-3, seed=0)
+    values.update(changes)
+    return TrainConfig(**values).validate()
+
+
+class RecordTrainable(pl.Callback):
+    """Records, per epoch, whether the backbone is trainable and how many params the optimizer holds."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 0:
+            params = sum(len(g["params"]) for g in trainer.optimizers[0].param_groups)
+            trainable = all(p.requires_grad for p in module.model.backbone_parameters())
+            self.seen.append((trainer.current_epoch, trainable, params))
+
+
+@pytest.mark.slow
+def test_progressive_unfreeze_flips_requires_grad_at_the_epoch(tiny_cache, tmp_path):
+    cfg = tiny_config(tiny_cache, epochs=3, progressive_unfreeze=True, unfreeze_epoch=2, limit_train_batches=2)
+    datamodule = CTDataModule(cfg.slice_dir, cfg.batch_size, 0)
+    module = CTClassifierModule(cfg.to_dict())
+    recorder = RecordTrainable()
+    trainer = build_trainer(cfg, tmp_path, extra_callbacks=[recorder], enable_progress_bar=False, accelerator="cpu")
+    trainer.fit(module, datamodule=datamodule)
+    epochs = {epoch: (trainable, params) for epoch, trainable, params in recorder.seen}
+    assert epochs[0][0] is False and epochs[1][0] is False and epochs[2][0] is True
+    assert epochs[2][1] > epochs[1][1]  # the backbone joined the optimizer as a new param group
+    head_only = len(module.model.head_parameters())
+    assert epochs[0][1] == head_only
+
+
+@pytest.mark.slow
+def test_guide_checkpoints_logs_and_volume_metrics(tiny_cache, tmp_path):
+    cfg = tiny_config(tiny_cache, epochs=2, loss_type="bce", use_advanced_aug=True, limit_train_batches=3)
+    datamodule = CTDataModule(cfg.slice_dir, cfg.batch_size, 0)
+    module = CTClassifierModule(cfg.to_dict(), pos_weight=[2.0] * 18)
+    trainer = build_trainer(cfg, tmp_path, enable_progress_bar=False, accelerator="cpu")
+    trainer.fit(module, datamodule=datamodule)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "last.ckpt" in names
+    guide = [n for n in names if n.startswith("multi_abnormality-epoch=")]
+    assert len(guide) == 2 and all("-val_loss=" in n and n.endswith(".ckpt") for n in guide)
+    assert (tmp_path / "logs" / "multi_abnormality_classification" / "version_0").is_dir()
+    for key in ("val_loss", "val/volume_auroc", "val/slice_auroc", "val/volume_ap", "val/volume_f1", "lr-AdamW"):
+        assert key in trainer.callback_metrics, key
+    # the checkpoint holds only plain data: it loads with weights_only=True
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["hyper_parameters"]["config"]["loss_type"] == "bce"
+
+
+def test_multilabel_scores_match_sklearn_and_skip_constant_classes():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, (60, 4)).astype(np.float32)
+    targets[:, 3] = 0  # one label value only: left out of the macro
+    probs = np.clip(targets * 0.3 + rng.random((60, 4)) * 0.7, 0, 1).astype(np.float32)
+    scores = multilabel_scores(torch.from_numpy(probs), torch.from_numpy(targets))
+    expected = np.mean([roc_auc_score(targets[:, j], probs[:, j]) for j in range(3)])
+    assert scores["auroc"] == pytest.approx(expected, abs=1e-5)
