@@ -71,6 +71,8 @@ class Predictor:
 
     # ------------------------------------------------------------------ tensors
     def _inputs(self, hu: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(hu, np.ndarray) and not hu.flags.writeable:
+            hu = hu.copy()  # memory-mapped cache arrays are read-only; torch wants writable memory
         tensor = torch.as_tensor(hu).to(self.device, non_blocking=True)
         x = hu_to_input(tensor, self.spec.input_windows)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
