@@ -180,6 +180,27 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ctplatform.tune.space import load_space
+    from ctplatform.tune.sweep import SweepSettings, run_sweep
+
+    base = config_from_args(args, "train")
+    space = load_space(args.space)
+    if args.metric:
+        space = type(space)(metric=args.metric, mode=args.metric_mode or space.mode, params=space.params)
+    settings = SweepSettings(name=args.name, storage_path=args.storage_path, num_samples=args.num_samples,
+                             max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
+                             gpus_per_trial=args.gpus_per_trial, cpus_per_worker=args.cpus_per_worker, seed=args.seed,
+                             searcher=args.searcher, scheduler=args.scheduler, grace_period=args.grace_period,
+                             max_failures=args.max_failures, address=args.address)
+    summary = run_sweep(base, space, settings, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "best_config"}, indent=2, default=str))
+    if summary.get("best_bundle"):
+        bundle = summary["best_bundle"]
+        print(f"best model bundle: {bundle}  (serve it: ctplatform serve --bundle {bundle})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctplatform", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -211,6 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(mode, help=text)
         add_run_args(command, mode_default=None)
         command.set_defaults(func=cmd_run, fixed_mode=mode)
+
+    tune = sub.add_parser("tune", help="hyper-parameter sweep: Optuna + ASHA over Ray Train trials")
+    add_run_args(tune, mode_default=None)
+    tune.add_argument("--space", default=None, help="search space YAML (default: the packaged default_space.yaml)")
+    tune.add_argument("--name", default="sweep", help="sweep name: <storage-path>/<name> (default sweep)")
+    tune.add_argument("--num-samples", type=int, default=8, help="trials (default 8)")
+    tune.add_argument("--max-concurrent", type=int, default=1, help="trials at once (default 1)")
+    tune.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
+    tune.add_argument("--gpus-per-trial", type=float, default=1.0, help="GPUs per trial worker (fractions allowed)")
+    tune.add_argument("--metric", default=None, help="metric to optimise (default: the space file's)")
+    tune.add_argument("--metric-mode", choices=("min", "max"), default=None)
+    tune.add_argument("--searcher", choices=("optuna", "random"), default="optuna")
+    tune.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    tune.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this --name")
+    tune.set_defaults(func=cmd_tune)
 
     score = sub.add_parser("score", help="score predictions (CSV or results.json) against a labels CSV")
     score.add_argument("--labels", required=True, help="ground-truth labels CSV")

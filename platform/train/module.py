@@ -7,6 +7,8 @@ windowing and augmentation run on the device in batches. Validation logs slice-l
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torchmetrics.functional.classification import (
@@ -49,6 +51,9 @@ class CTClassifierModule(pl.LightningModule):
         self.save_hyperparameters()
         self.cfg = TrainConfig.from_dict(config).validate()
         cfg = self.cfg
+        if (cfg.freeze_backbone or cfg.progressive_unfreeze) and cfg.weights == "none":
+            warnings.warn("--freeze-backbone/--progressive-unfreeze with --weights none freezes a randomly "
+                          "initialised backbone: it only makes sense with --weights imagenet or PATH", stacklevel=2)
         self.model = build_classifier(cfg.model, weights=cfg.weights, use_attention=cfg.use_attention,
                                       use_multiscale=cfg.use_multiscale, num_classes=NUM_CLASSES)
         self.loss = build_loss(cfg.loss_type, focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma,

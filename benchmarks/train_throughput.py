@@ -1,0 +1,154 @@
+"""Training img/s: the platform's path (Ray Train + Lightning + our model + the slice cache) against a plain
+PyTorch loop on the same model, batch, precision, augmentation and cache, in the same run.
+
+    python benchmarks/train_throughput.py [--model resnet50] [--image-size 224] [--batch-size 128] [--out DIR]
+
+On a CPU machine use e.g. `--image-size 64 --batch-size 32 --steps 12`. Steady-state img/s excludes the first
+epoch (start-up, cudnn autotuning, worker spawn) and validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import print_table, random_cache, save
+
+from ctplatform.config import TrainConfig
+from ctplatform.data.datasets import SliceDataset, load_cache_index
+from ctplatform.model.augment import BasicAugment
+from ctplatform.model.classifier import build_classifier
+from ctplatform.model.losses import FocalLoss
+from ctplatform.model.windows import hu_to_input
+from ctplatform.train.lightning_import import pl
+
+
+class EpochTimer(pl.Callback):
+    """Per training epoch: images and seconds (validation excluded), appended to a JSON-lines file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_epoch_start(self, trainer, module):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start, self.images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.images += batch[0].shape[0]
+
+    def on_train_epoch_end(self, trainer, module):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"epoch": trainer.current_epoch, "images": self.images,
+                                     "seconds": time.perf_counter() - self.start}) + "\n")
+
+
+def plain_loop(cache: Path, args, device: torch.device, from_cache: bool) -> float:
+    torch.manual_seed(0)
+    model = build_classifier(args.model).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
+    loss_fn, augment = FocalLoss(), BasicAugment()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    loader = DataLoader(SliceDataset(load_cache_index(cache), "train"), batch_size=args.batch_size, shuffle=True,
+                        num_workers=args.loader_workers, pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=args.loader_workers > 0)
+    fixed = (torch.randint(-1024, 1500, (args.batch_size, args.image_size, args.image_size), dtype=torch.int16,
+                           device=device), torch.rand(args.batch_size, 18, device=device))
+
+    def batches():
+        while True:
+            if not from_cache:
+                yield fixed
+                continue
+            for hu, labels, _volume, _item in loader:
+                yield hu.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    stream = batches()
+    images, start = 0, None
+    for step in range(args.steps * (args.epochs - 1) + args.steps):
+        if step == args.steps:  # first "epoch" is warm-up, as on the platform path
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, images = time.perf_counter(), 0
+        hu, labels = next(stream)
+        x = augment(hu_to_input(hu, "three")).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16"):
+            loss = loss_fn(model(x).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        images += hu.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images / (time.perf_counter() - start)
+
+
+def platform_path(cache: Path, args, work: Path) -> float:
+    from ctplatform.ray_session import connect, shutdown_if
+    from ctplatform.train.ray_launcher import build_torch_trainer, resolved
+
+    timings = work / "epochs.jsonl"
+    cfg = TrainConfig(slice_dir=str(cache), storage_path=str(work / "runs"), model=args.model,
+                      batch_size=args.batch_size, epochs=args.epochs, num_workers=args.loader_workers,
+                      use_mixed_precision=args.precision == "bf16", limit_train_batches=args.steps,
+                      cpus_per_worker=args.cpus_per_worker, run_name="throughput", max_failures=0)
+    started = connect(quiet=True)
+    try:
+        build_torch_trainer(resolved(cfg), worker_callbacks=[EpochTimer(str(timings))], progress_bar=False).fit()
+    finally:
+        shutdown_if(started)
+    epochs = [json.loads(line) for line in timings.read_text().splitlines()][1:]
+    return sum(e["images"] for e in epochs) / sum(e["seconds"] for e in epochs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40, help="training steps per epoch")
+    parser.add_argument("--epochs", type=int, default=3, help="the first is warm-up")
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if gpu else "fp32")
+    parser.add_argument("--loader-workers", type=int, default=8 if torch.cuda.is_available() else 1)
+    parser.add_argument("--cpus-per-worker", type=float, default=8 if torch.cuda.is_available() else 2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(int(args.cpus_per_worker))
+    torch.backends.cudnn.benchmark = True
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    try:
+        volumes = max(2, args.steps * args.batch_size // 32 + 1)
+        cache = random_cache(work / "cache", train_volumes=volumes, valid_volumes=2, slices=32, size=args.image_size)
+        plain = plain_loop(cache, args, device, from_cache=True)
+        plain_random = plain_loop(cache, args, device, from_cache=False)
+        ours = platform_path(cache, args, work)
+        rows = [
+            {"path": "plain PyTorch loop, random batch on device", "img/s": plain_random,
+             "ratio": plain_random / plain},
+            {"path": "plain PyTorch loop, slice cache (baseline)", "img/s": plain, "ratio": 1.0},
+            {"path": "platform: Ray Train + Lightning + cache", "img/s": ours, "ratio": ours / plain},
+        ]
+        print_table(f"train throughput: {args.model} {args.image_size}², batch {args.batch_size}, {args.precision}, "
+                    f"{args.steps} steps x {args.epochs - 1} timed epochs", rows)
+        save(args.out, "train_throughput", rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

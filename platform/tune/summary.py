@@ -1,0 +1,139 @@
+"""Sweep results: a trials table kept current while the sweep runs, and the final summary with plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from ray.tune import Callback
+
+from ctplatform.atomic import write_text_atomic
+from ctplatform.tune.space import SearchSpace
+
+
+def _finite(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+class LiveTrialsTable(Callback):
+    """Rewrites `trials.csv` (atomically) on every result, and prints a compact table when a trial ends."""
+
+    def __init__(self, path: Path | None, space: SearchSpace, max_epochs: int):
+        self.path, self.space, self.max_epochs = path, space, max_epochs
+        self.rows: dict[str, dict] = {}
+
+    def _update(self, trial, result: dict | None, state: str) -> None:
+        row = self.rows.setdefault(trial.trial_id, {"trial_id": trial.trial_id})
+        row.update({k: v for k, v in trial.config.items() if k in self.space.params})
+        if result is not None:
+            value = _finite(result.get(self.space.metric))
+            row["epochs"] = int(result.get("training_iteration", 0))
+            row["last_" + self.space.metric] = value
+            best = row.get("best_" + self.space.metric)
+            improves = best is None or (value > best if self.space.mode == "max" else value < best)
+            if value is not None and improves:
+                row["best_" + self.space.metric] = value
+        row["state"] = state
+        if self.path is not None:
+            write_text_atomic(self.path, pd.DataFrame(list(self.rows.values())).to_csv(index=False))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._update(trial, result, "running")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epochs = self.rows.get(trial.trial_id, {}).get("epochs", 0)
+        self._update(trial, None, "finished" if epochs >= self.max_epochs else "stopped early")
+        self._print()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._update(trial, None, "error")
+        self._print()
+
+    def _print(self) -> None:
+        frame = pd.DataFrame(list(self.rows.values()))
+        print("\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n", flush=True)
+
+
+def trials_frame(results, space: SearchSpace, max_epochs: int) -> pd.DataFrame:
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        values = frame[space.metric].dropna() if frame is not None and space.metric in frame else pd.Series([])
+        best = values.max() if space.mode == "max" else values.min()
+        epochs = int(frame["training_iteration"].max()) if frame is not None and len(frame) else 0
+        state = "error" if result.error else ("finished" if epochs >= max_epochs else "stopped early")
+        row = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name}
+        row.update({k: v for k, v in (result.config or {}).items() if k in space.params})
+        row.update({"best_" + space.metric: _finite(best) if len(values) else None, "epochs": epochs, "state": state})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def best_checkpoint(results, space: SearchSpace) -> tuple[str | None, dict]:
+    """The checkpoint of the best epoch (not the last) of the best trial, from its metrics history."""
+    best_value, best_path, best_row = None, None, {}
+    for result in results:
+        frame = result.metrics_dataframe
+        if frame is None or space.metric not in frame or "checkpoint_path" not in frame:
+            continue
+        frame = frame.dropna(subset=[space.metric, "checkpoint_path"])
+        if frame.empty:
+            continue
+        index = frame[space.metric].idxmax() if space.mode == "max" else frame[space.metric].idxmin()
+        value = float(frame.loc[index, space.metric])
+        if best_value is None or (value > best_value if space.mode == "max" else value < best_value):
+            best_value, best_path = value, str(frame.loc[index, "checkpoint_path"])
+            best_row = {"best_trial": Path(result.path).name, "best_epoch": int(frame.loc[index, "training_iteration"]),
+                        "best_" + space.metric: value, "best_config": {k: v for k, v in result.config.items()
+                                                                      if k in space.params}}
+    return best_path, best_row
+
+
+def _optuna_plots(sweep_dir: str, name: str, out: Path) -> list[str]:
+    """Optimisation history, parameter importances, parallel coordinates (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    db = Path(sweep_dir) / "optuna.db"
+    if not db.is_file():
+        return []
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    written = []
+    for filename, plot in (("optimization_history.png", ovm.plot_optimization_history),
+                           ("param_importances.png", ovm.plot_param_importances),
+                           ("parallel_coordinates.png", ovm.plot_parallel_coordinate)):
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. too few finished trials
+            print(f"skipped {filename}: {exc}")
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        figure.savefig(out / filename, dpi=100, bbox_inches="tight")
+        matplotlib.pyplot.close(figure)
+        written.append(str(out / filename))
+    return written
+
+
+def write_summary(results, space: SearchSpace, max_epochs: int, sweep_dir: str, settings) -> dict:
+    frame = trials_frame(results, space, max_epochs)
+    path, best = best_checkpoint(results, space)
+    summary = {"sweep_dir": sweep_dir, "trials": len(frame), "best_checkpoint": path, **best,
+               "epochs_trained": int(frame["epochs"].sum()) if len(frame) else 0,
+               "stopped_early": int((frame["state"] == "stopped early").sum()) if len(frame) else 0,
+               "errors": int((frame["state"] == "error").sum()) if len(frame) else 0}
+    if "://" not in sweep_dir:
+        out = Path(sweep_dir) / "summary"
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "trials.csv", frame.to_csv(index=False))
+        summary["summary_dir"] = str(out)
+        summary["plots"] = _optuna_plots(sweep_dir, settings.name, out)
+    print("\nSweep summary\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    return summary

@@ -1,0 +1,184 @@
+"""Ray Tune adapter: Optuna (seeded TPE: multivariate, group, constant liar) + ASHA over Ray Train trials.
+
+Each trial is a function that builds and fits a `TorchTrainer` named after the trial id, with Tune's
+`TuneReportCallback` in the Train run config (DESIGN.md §6), so one trial may itself use several GPUs. Layout of a
+sweep folder (`<storage>/<name>`):
+
+    optuna.db            the Optuna study (SQLite; `optuna-dashboard sqlite:///.../optuna.db` opens it)
+    trials/trial_<id>/   each trial's Train run: Ray checkpoints, the guide's checkpoints, TensorBoard logs
+    trials.csv           all trials (config, metric, epochs, state), rewritten as results arrive
+    summary/             trials.csv + optimisation history, parameter importances, parallel coordinates (PNG)
+    best/                the best trial's best epoch as a model bundle, with its evaluation report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import ray.train
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from ctplatform.config import TrainConfig
+from ctplatform.ray_session import connect, shutdown_if
+from ctplatform.train.ray_launcher import build_torch_trainer, is_uri, local_run_dir, resolved
+from ctplatform.tune.space import SearchSpace
+from ctplatform.tune.summary import LiveTrialsTable, write_summary
+
+
+@dataclass
+class SweepSettings:
+    name: str = "sweep"
+    storage_path: str = "./runs"
+    num_samples: int = 8
+    max_concurrent: int = 1
+    workers_per_trial: int = 1
+    gpus_per_trial: float = 1.0  # per Train worker; fractions share a GPU between trials
+    cpus_per_worker: float = 1.0
+    seed: int = 0
+    searcher: str = "optuna"  # optuna | random (the baseline of benchmarks/tune_efficiency.py)
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_failures: int = 2
+    address: str | None = None
+
+    def sweep_dir(self) -> str:
+        return self.storage_path.rstrip("/") + "/" + self.name if is_uri(self.storage_path) else \
+            str(Path(self.storage_path).resolve() / self.name)
+
+
+HISTORY_FILE = "tune_reports.jsonl"
+COMPLETE_FILE = "trial_complete"
+
+
+class RecordingTuneReportCallback(TuneReportCallback):
+    """Tune's report callback that also appends each report to the trial's run folder.
+
+    Tune snapshots its experiment state every few seconds, so a driver killed just after a trial finished can
+    restore that trial as unfinished and start it again. The trial then replays its recorded reports instead of
+    losing them, and trains only what is missing (Ray Train resumes from the latest checkpoint)."""
+
+    def __init__(self, history_path: str | None):
+        super().__init__()
+        self.history_path = history_path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        super().after_report(run_context, metrics, checkpoint)
+        if self.history_path is not None:
+            record = dict(metrics[0])
+            if checkpoint:
+                record["checkpoint_path"] = checkpoint.path
+            with open(self.history_path, "a") as handle:
+                handle.write(json.dumps(record, default=float) + "\n")
+
+
+def run_trial(config: dict, base: dict, trials_dir: str, metric: str, mode: str, worker_callbacks=None) -> None:
+    """One Tune trial: a Ray Train run named after the trial id (stable across `--resume`)."""
+    trial_id = tune.get_context().get_trial_id()
+    cfg = TrainConfig.from_dict(base).replace(**config, run_name=f"trial_{trial_id}", storage_path=trials_dir)
+    cfg = resolved(cfg.validate())
+    run_dir = None if is_uri(cfg.storage_path) else Path(local_run_dir(cfg))
+    history = run_dir / HISTORY_FILE if run_dir is not None else None
+    if history is not None and history.is_file():
+        for line in history.read_text().splitlines():  # a restarted trial: replay what it already reported
+            tune.report(json.loads(line))
+        if (run_dir / COMPLETE_FILE).is_file():
+            return
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    callback = RecordingTuneReportCallback(str(history) if history is not None else None)
+    trainer = build_torch_trainer(cfg, run_callbacks=[callback], progress_bar=False,
+                                  worker_callbacks=worker_callbacks, checkpoint_score=(metric, mode))
+    trainer.fit()
+    if run_dir is not None:
+        (run_dir / COMPLETE_FILE).write_text("complete\n")
+
+
+def _searcher(space: SearchSpace, settings: SweepSettings, sweep_dir: str):
+    if settings.searcher == "optuna":
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True, constant_liar=True)
+    elif settings.searcher == "random":
+        sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    else:
+        raise ValueError(f"invalid searcher {settings.searcher!r}: choose optuna or random")
+    storage = None if is_uri(sweep_dir) else optuna.storages.RDBStorage(f"sqlite:///{sweep_dir}/optuna.db")
+    searcher = OptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode, sampler=sampler,
+                            study_name=settings.name, storage=storage)
+    return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
+
+
+def _scheduler(space: SearchSpace, settings: SweepSettings, max_epochs: int):
+    if settings.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", metric=space.metric, mode=space.mode, max_t=max_epochs,
+                             grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+    if settings.scheduler == "fifo":
+        return FIFOScheduler()
+    raise ValueError(f"invalid scheduler {settings.scheduler!r}: choose asha or fifo")
+
+
+def run_sweep(base: TrainConfig, space: SearchSpace, settings: SweepSettings, *, resume: bool = False,
+              export_best: bool = True, worker_callbacks: list | None = None) -> dict:
+    """Run (or resume) a sweep; returns a summary with the best trial and where everything was written."""
+    sweep_dir = settings.sweep_dir()
+    if not is_uri(sweep_dir):
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    base = base.replace(ray_workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_trial,
+                        cpus_per_worker=settings.cpus_per_worker, max_failures=settings.max_failures,
+                        slice_dir=str(Path(base.slice_dir).resolve()))
+    started = connect(settings.address)
+    try:
+        trainable = tune.with_resources(  # the trial driver needs little; Train workers ask for their own
+            tune.with_parameters(run_trial, base=base.to_dict(), trials_dir=f"{sweep_dir}/trials",
+                                 metric=space.metric, mode=space.mode, worker_callbacks=worker_callbacks),
+            {"CPU": 0.1},
+        )
+        table = LiveTrialsTable(Path(sweep_dir) / "trials.csv" if not is_uri(sweep_dir) else None, space, base.epochs)
+        if resume:
+            if not tune.Tuner.can_restore(sweep_dir):
+                raise ValueError(f"--resume: no sweep to resume at {sweep_dir}")
+            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            if tune.Tuner.can_restore(sweep_dir):
+                raise ValueError(f"a sweep named {settings.name!r} exists at {sweep_dir}: pass --resume to continue "
+                                 "it, or choose another --name")
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=_searcher(space, settings, sweep_dir),
+                                            scheduler=_scheduler(space, settings, base.epochs),
+                                            num_samples=settings.num_samples, reuse_actors=False),
+                run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(sweep_dir).parent)
+                                          if not is_uri(sweep_dir) else settings.storage_path,
+                                          failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                                          callbacks=[table], verbose=1),
+            )
+        begin = time.perf_counter()
+        results = tuner.fit()
+        summary = write_summary(results, space, base.epochs, sweep_dir, settings)
+        summary["seconds"] = round(time.perf_counter() - begin, 1)
+        if export_best and summary.get("best_checkpoint"):
+            summary.update(export_best_bundle(summary["best_checkpoint"], base.slice_dir, sweep_dir))
+        return summary
+    finally:
+        shutdown_if(started)
+
+
+def export_best_bundle(checkpoint_dir: str, slice_dir: str, sweep_dir: str) -> dict:
+    """Evaluate the best epoch's checkpoint and export it as `<sweep>/best` (bundle + report)."""
+    from ctplatform.train.evaluate import evaluate
+
+    local = checkpoint_dir
+    if is_uri(checkpoint_dir):
+        local = ray.train.Checkpoint(checkpoint_dir).to_directory()
+    best_dir = Path(sweep_dir) / "best"
+    metrics = evaluate(os.path.join(local, "checkpoint.ckpt"), slice_dir, best_dir / "report", bundle_dir=best_dir)
+    return {"best_bundle": str(best_dir), "best_report": str(best_dir / "report" / "report.html"),
+            "best_validation_macro_auroc": metrics["macro"]["auroc"]}

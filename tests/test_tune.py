@@ -1,0 +1,135 @@
+"""Sweeps on a real local Ray: Optuna records trials, ASHA stops some, the best epoch is exported; resumable."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+from ctplatform.config import TrainConfig
+from ctplatform.model.inference import Predictor
+from ctplatform.tune.space import load_space
+from ctplatform.tune.sweep import SweepSettings, run_sweep
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+# Two learning rates far apart: a trial at 1e-7 barely moves val_loss, one at 3e-3 lowers it; ASHA (rf 2) stops a
+# trial that reaches a rung worse than the median of those recorded there before it.
+SPACE = {"metric": "val_loss", "mode": "min",
+         "params": {"learning_rate": {"type": "categorical", "choices": [0.003, 1.0e-7]},
+                    "use_attention": {"type": "categorical", "choices": ["none", "se"]}}}
+
+
+def base_config(cache, **changes) -> TrainConfig:
+    values = dict(slice_dir=str(cache), model="resnet50", batch_size=16, epochs=3, num_workers=0, use_gpu=False,
+                  limit_train_batches=3, seed=0)
+    values.update(changes)
+    return TrainConfig(**values).validate()
+
+
+@pytest.fixture()
+def space_file(tmp_path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(SPACE))
+    return path
+
+
+def test_space_file_validation(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"params": {"not_a_setting": {"type": "float", "low": 0, "high": 1}}}))
+    with pytest.raises(ValueError, match="not a training setting"):
+        load_space(bad)
+    default = load_space()
+    assert default.metric == "val/volume_auroc" and default.params["focal_alpha"]["when"] == {"loss_type": ["focal"]}
+
+
+def test_sweep_optuna_asha_fault_tolerance_and_best_epoch_bundle(tiny_cache, tmp_path, space_file):
+    from ctplatform.train.lightning_import import pl
+
+    marker = tmp_path / "killed-once"
+    starts = tmp_path / "epoch-starts"
+
+    class KillFirstTrialOnce(pl.Callback):
+        """The first trial's Train worker dies mid-epoch 1, once, as on a lost node."""
+
+        def on_train_epoch_start(self, trainer, module):
+            with open(starts, "a") as handle:
+                handle.write(f"{os.environ.get('TUNE_TRIAL_ID', '?')} {trainer.current_epoch}\n")
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 1 and not marker.exists():
+                marker.write_text("killed")
+                os.kill(os.getpid(), 9)
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             configure_logging=False, log_to_driver=False)
+    try:
+        settings = SweepSettings(name="s", storage_path=str(tmp_path / "runs"), num_samples=3, seed=0,
+                                 cpus_per_worker=1)
+        summary = run_sweep(base_config(tiny_cache), load_space(space_file), settings,
+                            worker_callbacks=[KillFirstTrialOnce()])
+    finally:
+        ray.shutdown()
+    sweep = Path(summary["sweep_dir"])
+    # Optuna's study (SQLite in the sweep folder) recorded every finished trial
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
+    # ASHA stopped at least one trial before its last epoch, and the next trials still got the 2 CPUs
+    trials = pd.read_csv(sweep / "summary" / "trials.csv")
+    assert len(trials) == 3 and (trials["state"] == "stopped early").sum() >= 1 and summary["errors"] == 0
+    # the killed worker's trial resumed from its epoch-0 checkpoint: epoch 1 started twice, epoch 0 once
+    assert marker.exists()
+    lines = [line.split()[1] for line in starts.read_text().splitlines()]
+    assert lines[:3] == ["0", "1", "1"]
+    # the exported bundle is the best epoch of the best trial (lowest val_loss over all reported epochs)
+    best_value = trials["best_val_loss"].min()
+    assert summary["best_val_loss"] == pytest.approx(best_value)
+    bundle = Path(summary["best_bundle"])
+    predictor = Predictor.from_path(bundle, device="cpu")
+    assert predictor.spec.source["checkpoint"].startswith(summary["best_checkpoint"])
+    assert predictor.spec.calibration is not None
+    slices = np.load(sorted((tiny_cache / "volumes" / "valid").glob("*.npy"))[0])
+    assert predictor.predict_prepared(slices).probabilities.shape == (18,)
+    for plot in ("optimization_history.png", "parallel_coordinates.png"):
+        assert (sweep / "summary" / plot).is_file()
+
+
+def test_sweep_driver_killed_then_resumed_runs_each_trial_once(tiny_cache, tmp_path, space_file):
+    exe = str(Path(sys.executable).with_name("ctplatform"))
+    command = [exe, "tune", "--slice-dir", str(tiny_cache), "--model", "resnet50", "--batch-size", "16",
+               "--epochs", "2", "--num-workers", "0", "--cpu", "--limit-train-batches", "3", "--num-samples", "3",
+               "--space", str(space_file), "--storage-path", str(tmp_path / "runs"), "--name", "k",
+               "--scheduler", "fifo"]
+    sweep = tmp_path / "runs" / "k"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env)
+    deadline = time.time() + 400
+    finished = pd.DataFrame()
+    while time.time() < deadline and driver.poll() is None:
+        if (sweep / "trials.csv").is_file():
+            finished = pd.read_csv(sweep / "trials.csv").query("state == 'finished'")
+            if len(finished) >= 1:
+                break
+        time.sleep(1)
+    assert len(finished) >= 1, "no trial finished before the deadline"
+    os.killpg(driver.pid, signal.SIGKILL)  # the sweep's driver (and the local Ray it started) die at once
+    driver.wait()
+    done_before = set(finished["trial_id"])
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = pd.read_csv(sweep / "summary" / "trials.csv")
+    assert len(trials) == 3 and set(trials["state"]) == {"finished"}
+    for trial_id in done_before:  # a finished trial was not trained again: one Lightning run in its folder
+        logs = sweep / "trials" / f"trial_{trial_id}" / "logs" / "multi_abnormality_classification"
+        versions = list(logs.iterdir())
+        assert len(versions) == 1, trial_id
+    assert (sweep / "best" / "metadata.json").is_file()
