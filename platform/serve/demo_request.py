@@ -1,0 +1,48 @@
+"""The demo's last step: serve a bundle on the running Ray, POST one volume over HTTP on loopback, stop serving."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+DEMO_APP = "ctplatform-demo"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_and_ask_once(bundle: str | Path, volume: str | Path, *, port: int | None = None,
+                       timeout_s: float = 300.0) -> dict:
+    """Deploy `bundle` (small CPU shares, so it fits beside a finished sweep), predict `volume` through the real
+    HTTP API, shut Serve down again; returns the URL, the HTTP status, the round-trip time and the JSON answer."""
+    import ray
+    from ray import serve
+
+    from ctplatform.ray_session import connect, shutdown_if
+    from ctplatform.serve.app import build_app
+
+    started_ray = connect(quiet=True) if not ray.is_initialized() else False
+    port = port or _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout_s})
+        serve.run(build_app(bundle, model_cpus=0.5, ingress_cpus=0.5, request_timeout_s=timeout_s), name=DEMO_APP,
+                  route_prefix="/")
+        path = Path(volume)
+        url = f"http://127.0.0.1:{port}/v1/predict/volume?" + urllib.parse.urlencode({"filename": path.name})
+        request = urllib.request.Request(url, data=path.read_bytes(), method="POST",
+                                         headers={"Content-Type": "application/octet-stream"})
+        began = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status, answer = response.status, json.loads(response.read())
+        return {"url": f"http://127.0.0.1:{port}/", "status": status,
+                "round_trip_ms": round(1000 * (time.perf_counter() - began), 1), "response": answer}
+    finally:
+        serve.shutdown()
+        shutdown_if(started_ray)

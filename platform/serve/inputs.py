@@ -1,0 +1,407 @@
+"""Untrusted upload handling for the HTTP service: body caps, multipart parsing, volume and .npy validation.
+
+No Ray and no web framework here, so every check is unit-tested in milliseconds. Each problem raises
+:class:`InputError` with an HTTP status and a reason a client can act on; the Serve ingress turns it into the
+response. The order of the checks is the point: the body is capped while it streams in, a volume's header is
+read (decompressing a few hundred bytes at most) and the voxel count and image bytes it declares are checked
+before anything else is decompressed, and `read_volume` then inflates exactly the declared bytes (a gzip bomb's
+tail is never inflated). `.npy` headers are parsed before the data, and arrays are loaded with
+``allow_pickle=False``.
+
+Status codes: 400 malformed request (empty body, broken multipart, wrong number of files), 413 too large (body,
+declared voxels or bytes, slice count), 415 not a supported file format, 422 a supported format with unusable
+content (truncated, wrong dimensionality or dtype, NaN values or spacing, blank image).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zlib
+from collections.abc import AsyncIterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from nibabel import Nifti1Header, Nifti2Header
+
+from ctplatform.data.errors import VolumeReadError
+from ctplatform.data.volume_io import Volume, read_volume
+
+MiB = 1 << 20
+NPY_MAGIC = b"\x93NUMPY"
+GZIP_MAGIC = b"\x1f\x8b"
+NIFTI_MAGICS = (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c", b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha")
+_MHA_HEADER_MAX = 64 * 1024
+_MHA_ITEMSIZE = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+                 "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+class InputError(Exception):
+    """A request the service refuses: `status` is the HTTP status, `reason` what was wrong."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Caps on what one request may make the service read, decompress and hold in memory."""
+
+    max_body_bytes: int = 512 * MiB  # CT-RATE .nii.gz volumes are 12-160 MB
+    # 1024 x 1024 x 400 voxels: every CT-RATE volume (at most 1024^2 x ~330) fits; float32 HU then take 1.6 GiB.
+    max_voxels: int = 1024 * 1024 * 400
+    max_decompressed_bytes: int = 2048 * MiB  # image bytes a header may declare (what read_volume inflates)
+    max_files: int = 64  # multipart parts per request
+    max_slices: int = 256  # 2-D slices per /v1/predict/slices request
+    max_slice_side: int = 2048
+    min_slice_side: int = 8
+
+    def __post_init__(self):
+        if min(self.max_body_bytes, self.max_voxels, self.max_decompressed_bytes, self.max_files,
+               self.max_slices, self.max_slice_side, self.min_slice_side) < 1:
+            raise ValueError("every serve limit must be a positive number")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Upload:
+    """One uploaded file: multipart part or the raw request body."""
+
+    filename: str
+    data: bytes
+    field: str = "file"
+    content_type: str = "application/octet-stream"
+
+
+# ------------------------------------------------------------------------------------------------ body
+def check_content_length(headers: dict[str, str] | None, limits: ServeLimits) -> int | None:
+    """Refuse a body whose declared Content-Length is above the cap, before reading any of it."""
+    value = (headers or {}).get("content-length")
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        raise InputError(400, f"invalid Content-Length header {value[:40]!r}") from None
+    if length < 0:
+        raise InputError(400, "invalid Content-Length header (negative)")
+    if length > limits.max_body_bytes:
+        raise InputError(413, f"request body of {length:,} bytes is above the limit of {limits.max_body_bytes:,} "
+                              "bytes")
+    return length
+
+
+async def read_body_capped(chunks: AsyncIterable[bytes], limits: ServeLimits) -> bytes:
+    """Collect a streamed body, stopping with 413 as soon as it passes the cap (chunked uploads included)."""
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limits.max_body_bytes:
+            raise InputError(413, f"request body is above the limit of {limits.max_body_bytes:,} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_multipart(body: bytes, content_type: str, limits: ServeLimits) -> list[Upload]:
+    """Parse a complete multipart/form-data body; returns the file parts (parts with a filename) in order."""
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InputError(400, "multipart/form-data without a boundary parameter")
+    parts: list[dict] = []
+    state: dict = {"field": b"", "value": b"", "ended": False}
+
+    def on_part_begin():
+        if len(parts) >= limits.max_files:
+            raise InputError(413, f"more than {limits.max_files} parts in one request")
+        parts.append({"headers": {}, "data": []})
+
+    def on_header_field(data, start, end):
+        state["field"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        state["value"] += data[start:end]
+
+    def on_header_end():
+        parts[-1]["headers"][state["field"].strip().lower()] = state["value"].strip()
+        state["field"], state["value"] = b"", b""
+
+    def on_part_data(data, start, end):
+        parts[-1]["data"].append(data[start:end])
+
+    def on_end():
+        state["ended"] = True
+
+    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                 "on_header_value": on_header_value, "on_header_end": on_header_end,
+                 "on_part_data": on_part_data, "on_end": on_end}
+    try:
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except InputError:
+        raise
+    except (MultipartParseError, ValueError) as exc:
+        raise InputError(400, f"malformed multipart body ({exc})") from None
+    if not state["ended"]:
+        raise InputError(400, "malformed multipart body (truncated: no closing boundary)")
+    uploads = []
+    for part in parts:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        filename = disposition.get(b"filename")
+        if filename is None:
+            continue  # a plain form field (e.g. a submit button): not a file
+        uploads.append(Upload(
+            filename=_clean_name(filename.decode("utf-8", "replace")),
+            data=b"".join(part["data"]),
+            field=disposition.get(b"name", b"").decode("utf-8", "replace"),
+            content_type=part["headers"].get(b"content-type", b"application/octet-stream").decode("latin-1"),
+        ))
+    return uploads
+
+
+def _clean_name(name: str) -> str:
+    """The last path component, printable, at most 200 characters (a name is echoed back, never used as a path)."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable())
+    return name[:200] or "upload"
+
+
+def uploads_from_body(body: bytes, content_type: str | None, filename: str | None, limits: ServeLimits) -> list[Upload]:
+    """The files of a request: multipart parts, or the raw body as one file named by `filename`."""
+    if not body:
+        raise InputError(400, "empty request body: upload a file (multipart field 'file' or the raw bytes)")
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+        uploads = parse_multipart(body, content_type or "", limits)
+        if not uploads:
+            raise InputError(400, "the multipart body holds no file part")
+        return uploads
+    if media in ("application/x-www-form-urlencoded", "text/plain", "application/json"):
+        raise InputError(415, f"unsupported Content-Type {media!r}: send multipart/form-data or the raw file bytes "
+                              "as application/octet-stream")
+    return [Upload(filename=_clean_name(filename or "upload"), data=body, content_type=media or "")]
+
+
+def single_upload(uploads: list[Upload]) -> Upload:
+    if len(uploads) != 1:
+        raise InputError(400, f"send exactly one volume per request, got {len(uploads)} files")
+    return uploads[0]
+
+
+# ------------------------------------------------------------------------------------------------ volumes
+@dataclass
+class DeclaredImage:
+    """What a volume file's header says, read before decompressing the image data."""
+
+    format: str  # "nifti" or "mha"
+    compressed: bool
+    shape: tuple[int, ...]
+    itemsize: int
+    spacing: tuple[float, ...] = ()  # voxel sizes the header states (NIfTI pixdim, MetaImage ElementSpacing)
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(self.shape) if self.shape else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.voxels * self.itemsize
+
+
+def sniff_volume_format(data: bytes, name: str) -> str:
+    """'nifti-gz', 'nifti' or 'mha' from the leading bytes (the name only breaks no ties); 415 otherwise."""
+    head = data[:4]
+    if head[:2] == GZIP_MAGIC:
+        return "nifti-gz"
+    if head in NIFTI_MAGICS:
+        return "nifti"
+    if head.lower() in (b"obje", b"ndim") or (name.lower().endswith(".mha") and b"ElementDataFile" in data[:4096]):
+        return "mha"
+    if data[:6] == NPY_MAGIC:
+        raise InputError(415, f"{name}: a .npy array is not a volume: send .npy slices to /v1/predict/slices, or "
+                              "the volume as .nii, .nii.gz or .mha")
+    raise InputError(415, f"{name}: not a NIfTI (.nii, .nii.gz) or MetaImage (.mha) file")
+
+
+def declared_image(data: bytes, name: str) -> DeclaredImage | None:
+    """Parse just the header (inflating at most a few KiB of a .nii.gz). None when the header cannot be parsed:
+    `read_volume` then reports the precise problem."""
+    fmt = sniff_volume_format(data, name)
+    if fmt == "mha":
+        return _declared_mha(data)
+    header_bytes = data[:1024]
+    if fmt == "nifti-gz":
+        try:
+            inflater = zlib.decompressobj(wbits=31)
+            header_bytes = inflater.decompress(data[:64 * 1024], 1024)
+        except zlib.error:
+            return None
+    if len(header_bytes) < 348:
+        return None
+    sizeof = int.from_bytes(header_bytes[:4], "little")
+    if sizeof not in (348, 540):
+        sizeof = int.from_bytes(header_bytes[:4], "big")
+    if sizeof not in (348, 540) or len(header_bytes) < sizeof:
+        return None
+    header_class = Nifti1Header if sizeof == 348 else Nifti2Header
+    try:
+        header = header_class.from_fileobj(io.BytesIO(header_bytes[:sizeof]), check=False)
+        shape = tuple(int(d) for d in header.get_data_shape())
+        itemsize = int(header.get_data_dtype().itemsize)
+        spacing = tuple(float(z) for z in header["pixdim"][1 : 1 + min(len(shape), 3)])
+    except Exception:  # a malformed header: read_volume reports it with its own message
+        return None
+    return DeclaredImage("nifti", fmt == "nifti-gz", shape, itemsize, spacing)
+
+
+def _declared_mha(data: bytes) -> DeclaredImage | None:
+    fields: dict[str, str] = {}
+    for raw_line in data[:_MHA_HEADER_MAX].split(b"\n"):
+        key, sep, value = raw_line.decode("latin-1").partition("=")
+        if not sep:
+            return None
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    try:
+        shape = tuple(int(v) for v in fields.get("DimSize", "").split())
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        spacing = tuple(float(v) for v in fields.get("ElementSpacing", fields.get("ElementSize", "")).split())
+    except ValueError:
+        return None
+    itemsize = _MHA_ITEMSIZE.get(fields.get("ElementType", ""))
+    if not shape or itemsize is None:
+        return None
+    return DeclaredImage("mha", fields.get("CompressedData", "False") == "True", shape, itemsize * max(channels, 1),
+                         spacing)
+
+
+def check_declared(declared: DeclaredImage | None, name: str, limits: ServeLimits) -> None:
+    """413 when the header declares more voxels or image bytes than the service decompresses and holds; 422 for
+    a NaN or infinite voxel spacing (even where an affine would have supplied another one)."""
+    if declared is None:
+        return
+    if not all(math.isfinite(s) for s in declared.spacing):
+        raise InputError(422, f"{name}: the header's voxel spacing {declared.spacing} is not finite (NaN pixdim)")
+    if any(d < 0 for d in declared.shape):
+        raise InputError(422, f"{name}: the header declares a negative image dimension {declared.shape}")
+    if declared.voxels > limits.max_voxels:
+        raise InputError(413, f"{name}: the header declares {declared.voxels:,} voxels {declared.shape}, above this "
+                              f"service's limit of {limits.max_voxels:,}")
+    if declared.nbytes > limits.max_decompressed_bytes:
+        raise InputError(413, f"{name}: the header declares {declared.nbytes:,} bytes of image data, above this "
+                              f"service's decompression limit of {limits.max_decompressed_bytes:,} bytes")
+
+
+def decode_volume(upload: Upload, limits: ServeLimits) -> Volume:
+    """Bytes of a .nii / .nii.gz / .mha upload -> a checked HU volume. Raises InputError, never anything else."""
+    name = upload.filename
+    data = upload.data
+    if not data:
+        raise InputError(400, f"{name}: empty file")
+    check_declared(declared_image(data, name), name, limits)
+    try:
+        volume = read_volume(data, name=name, max_voxels=limits.max_voxels)
+    except VolumeReadError as exc:
+        status = 413 if "above the limit" in exc.problem else 422
+        raise InputError(status, str(exc)) from None
+    except MemoryError:
+        raise InputError(413, f"{name}: not enough memory to decode this volume") from None
+    except Exception as exc:  # a reader bug or an input no check foresaw: a 422, never a dead replica
+        raise InputError(422, f"{name}: unreadable volume ({type(exc).__name__}: {exc})") from None
+    spacing = tuple(float(s) for s in volume.spacing)
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(422, f"{name}: voxel spacing {spacing} mm is not finite and positive (NaN or zero pixdim "
+                              "in the header)")
+    return volume
+
+
+# ------------------------------------------------------------------------------------------------ .npy slices
+@dataclass
+class SliceInput:
+    name: str  # file name, plus [i] for the i-th slice of a 3-D stack
+    hu: np.ndarray  # (H, W) float32
+    notes: list[str] = field(default_factory=list)
+
+
+def _npy_header(data: bytes, name: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    if not data:
+        raise InputError(400, f"{name}: empty file")
+    if not data.startswith(NPY_MAGIC):
+        if data[:1] == b"\x80":
+            raise InputError(415, f"{name}: a Python pickle, not a .npy array: pickles are refused")
+        raise InputError(415, f"{name}: not a .npy file (no NumPy magic bytes)")
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, SyntaxError, TypeError, OverflowError) as exc:
+        raise InputError(422, f"{name}: malformed .npy header ({exc})") from None
+    return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype), stream.tell()
+
+
+def read_npy(data: bytes, name: str, limits: ServeLimits) -> np.ndarray:
+    """A .npy upload -> ndarray, after checking its header: no object (pickled) arrays, numeric dtype, size."""
+    shape, _fortran, dtype, offset = _npy_header(data, name)
+    if dtype.hasobject:
+        raise InputError(422, f"{name}: object arrays need pickle to load, which this service refuses "
+                              "(allow_pickle=False): save a numeric array")
+    if dtype.fields is not None or dtype.kind not in "iuf":
+        raise InputError(422, f"{name}: unsupported dtype {dtype}: a slice holds integer or floating HU values")
+    if len(shape) not in (2, 3):
+        raise InputError(422, f"{name}: expected a 2-D slice (H, W) or a stack of slices (N, H, W), got shape {shape}")
+    count = math.prod(shape)
+    if count == 0:
+        raise InputError(422, f"{name}: empty array (shape {shape})")
+    if count * dtype.itemsize != len(data) - offset:
+        raise InputError(422, f"{name}: truncated or padded .npy: the header declares {count * dtype.itemsize:,} "
+                              f"bytes of data, the file holds {len(data) - offset:,}")
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # ValueError for pickles, anything else for a corrupt file
+        raise InputError(422, f"{name}: unreadable .npy ({exc})") from None
+    return array
+
+
+def decode_slices(uploads: list[Upload], limits: ServeLimits) -> list[SliceInput]:
+    """.npy uploads (each a 2-D slice or an (N, H, W) stack of HU) -> checked 2-D float32 slices."""
+    slices: list[SliceInput] = []
+    for upload in uploads:
+        array = read_npy(upload.data, upload.filename, limits)
+        stack = array[None] if array.ndim == 2 else array
+        if len(slices) + len(stack) > limits.max_slices:
+            raise InputError(413, f"more than {limits.max_slices} slices in one request")
+        height, width = stack.shape[1:]
+        if max(height, width) > limits.max_slice_side or min(height, width) < limits.min_slice_side:
+            raise InputError(422, f"{upload.filename}: slice size {height}x{width} is outside "
+                                  f"{limits.min_slice_side}..{limits.max_slice_side} pixels per side")
+        values = stack.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise InputError(422, f"{upload.filename}: contains NaN or infinite values")
+        for index, hu in enumerate(values):
+            notes = []
+            low, high = float(hu.min()), float(hu.max())
+            if low == high:
+                notes.append("blank (constant) slice")
+            elif low >= 0.0 and high <= 1.0:
+                notes.append("values lie in [0, 1]: they look normalised, not Hounsfield units")
+            name = upload.filename if array.ndim == 2 else f"{upload.filename}[{index}]"
+            slices.append(SliceInput(name, hu, notes))
+    if not slices:
+        raise InputError(400, "no slices in the request")
+    return slices
