@@ -201,6 +201,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ctplatform.demo import run_demo
+
+    run_demo(args.workdir, volumes=args.volumes, trials=args.trials, epochs=args.epochs, serve=not args.no_serve)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctplatform", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -211,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--size", default="64x64x48", help="ROWSxCOLSxSLICES (default 64x64x48; real: 512x512x300)")
     demo_data.add_argument("--seed", type=int, default=0)
     demo_data.set_defaults(func=cmd_demo_data)
+
+    demo = sub.add_parser("demo", help="the main job end to end on synthetic data (what `make demo` runs)")
+    demo.add_argument("--workdir", default="demo_run")
+    demo.add_argument("--volumes", type=int, default=96)
+    demo.add_argument("--trials", type=int, default=4)
+    demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--no-serve", action="store_true", help="stop after exporting the best bundle")
+    demo.set_defaults(func=cmd_demo)
 
     prepare = sub.add_parser("prepare", help="volumes -> resumable slice cache (parallel on Ray)")
     prepare.add_argument("--data-dir", default="./ct_rate_data", help="CT-RATE folder (default ./ct_rate_data)")

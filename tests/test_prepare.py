@@ -1,9 +1,9 @@
 """`prepare`: the slice cache from real synthetic NIfTI files; resumable, crash-safe, Ray-parallel."""
 
 import hashlib
-import shutil
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +42,7 @@ def test_cache_layout_dtype_and_labels(tiny_dataset, tiny_cache):
     for row in index.itertuples(index=False):
         array = np.load(tiny_cache / row.file, mmap_mode="r")
         assert array.dtype == np.int16 and array.shape == (8, 32, 32) and array.flags.c_contiguous
-        assert -1024 <= array.min() and array.max() <= 3071
+        assert array.min() >= -1024 and array.max() <= 3071
         assert list(row.slice_positions) == sorted(row.slice_positions)
     merged = index.set_index("VolumeName")[list(CLASS_NAMES)]
     assert (merged.to_numpy() == labels.loc[merged.index, list(CLASS_NAMES)].to_numpy()).all()

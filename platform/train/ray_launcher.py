@@ -54,6 +54,25 @@ def local_run_dir(cfg: TrainConfig) -> str:
     return str(Path(cfg.storage_path, cfg.run_name))
 
 
+class CurrentStreamRayDDPStrategy(RayDDPStrategy):
+    """RayDDPStrategy whose DDP wrapper is built on the current CUDA stream.
+
+    Lightning builds DistributedDataParallel inside a fresh side stream. The gradient accumulators then belong to
+    that stream while backward runs on the default one, so every step pays cross-stream synchronisation (PyTorch
+    warns: "AccumulateGrad node's stream does not match the stream of the node that produced the incoming
+    gradient"). `gradient_as_bucket_view` also saves one gradient copy per step.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("gradient_as_bucket_view", True)
+        super().__init__(**kwargs)
+
+    def _setup_model(self, model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the same Lightning loop as a plain run, with Ray's strategy and reporting."""
     from ctplatform.model.losses import class_pos_weights
@@ -75,7 +94,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         cfg,
         loop_config["run_dir"],
         extra_callbacks=[RayTrainReportCallback(), *loop_config.get("extra_callbacks", [])],
-        strategy=RayDDPStrategy(),
+        strategy=RayDDPStrategy() if loop_config.get("stock_ddp") else CurrentStreamRayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
         enable_progress_bar=rank == 0 and loop_config.get("progress_bar", True),
     )
@@ -90,8 +109,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def build_torch_trainer(cfg: TrainConfig, *, run_callbacks: list | None = None, progress_bar: bool = True,
-                        worker_callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer for a resolved config (also used by Tune trials, with their own run name)."""
+                        worker_callbacks: list | None = None, checkpoint_score: tuple[str, str] = ("val_loss", "min"),
+                        stock_ddp: bool = False) -> TorchTrainer:
+    """The TorchTrainer for a resolved config (also used by Tune trials, with their own run name).
+
+    `checkpoint_score` decides which Ray checkpoints are kept (3): a sweep keeps the best by its own metric, so
+    the best epoch of the best trial is still there to export when the sweep ends."""
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpus()
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
@@ -99,13 +122,13 @@ def build_torch_trainer(cfg: TrainConfig, *, run_callbacks: list | None = None, 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": local_run_dir(cfg), "progress_bar": progress_bar,
-                           "extra_callbacks": list(worker_callbacks or [])},
+                           "extra_callbacks": list(worker_callbacks or []), "stock_ddp": stock_ddp},
         scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=cfg.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=3, checkpoint_score_attribute="val_loss",
-                                               checkpoint_score_order="min"),
+            checkpoint_config=CheckpointConfig(num_to_keep=3, checkpoint_score_attribute=checkpoint_score[0],
+                                               checkpoint_score_order=checkpoint_score[1]),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=run_callbacks,
         ),

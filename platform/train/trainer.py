@@ -73,4 +73,6 @@ def build_trainer(
         limit_train_batches=cfg.limit_train_batches,
         log_every_n_steps=10,
         deterministic=False,
+        # Slices have one fixed size: let cuDNN pick the fastest kernels once (Lightning leaves it off).
+        benchmark=torch.cuda.is_available(),
     )

@@ -36,11 +36,14 @@ class SearchSpace:
                 chosen[name] = trial.suggest_int(name, spec["low"], spec["high"], step=int(spec.get("step", 1)))
 
 
+PACKAGED_SPACES = ("default_space.yaml", "demo_space.yaml")
+
+
 def load_space(path: str | Path | None = None) -> SearchSpace:
-    """Read and validate a space file; None reads the packaged default."""
-    if path is None:
-        text = resources.files("ctplatform.tune").joinpath("default_space.yaml").read_text()
-        where = "default_space.yaml"
+    """Read and validate a space file; None reads the packaged default (a packaged name reads that file)."""
+    if path is None or str(path) in PACKAGED_SPACES:
+        where = str(path or "default_space.yaml")
+        text = resources.files("ctplatform.tune").joinpath(where).read_text()
     else:
         text, where = Path(path).read_text(), str(path)
     raw = yaml.safe_load(text) or {}

@@ -1,0 +1,57 @@
+"""GPU checks of the product path (run with `pytest -m gpu` on a CUDA machine)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_ray_train_pinned_gpu_bf16(tiny_cache, tmp_path):
+    from ctplatform.config import TrainConfig
+    from ctplatform.ray_session import connect, shutdown_if
+    from ctplatform.train.lightning_import import pl
+    from ctplatform.train.ray_launcher import build_torch_trainer, resolved
+
+    seen = tmp_path / "seen.json"
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                seen.write_text(json.dumps({"visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                            "count": torch.cuda.device_count(),
+                                            "device": str(module.device), "precision": str(trainer.precision)}))
+
+    cfg = TrainConfig(slice_dir=str(tiny_cache), storage_path=str(tmp_path / "runs"), model="resnet50",
+                      batch_size=16, epochs=1, num_workers=2, gpu_device=0, use_mixed_precision=True,
+                      limit_train_batches=2)
+    started = connect(gpu_device=cfg.gpu_device, quiet=True)  # --gpu-device: Ray only sees GPU 0
+    try:
+        result = build_torch_trainer(resolved(cfg), worker_callbacks=[Probe()], progress_bar=False).fit()
+    finally:
+        shutdown_if(started)
+    info = json.loads(seen.read_text())
+    assert info["count"] == 1 and info["device"].startswith("cuda") and "bf16" in info["precision"]
+    assert result.error is None and result.metrics["epoch"] == 0
+
+
+@needs_cuda
+def test_predictor_on_cuda_matches_cpu(tmp_path):
+    from ctplatform.data.preprocess import PreprocessSettings
+    from ctplatform.model.bundle import ModelSpec, export_bundle
+    from ctplatform.model.classifier import build_classifier
+    from ctplatform.model.inference import Predictor
+
+    torch.manual_seed(0)
+    model = build_classifier("resnet50", use_attention="cbam", use_multiscale=True).eval()
+    export_bundle(tmp_path / "b", model, ModelSpec({"head": "slice", **model.architecture()}, "three",
+                                                   PreprocessSettings(image_size=64, num_slices=8).to_dict()))
+    slices = np.random.default_rng(0).integers(-1024, 1500, (8, 64, 64)).astype(np.int16)
+    cpu = Predictor.from_path(tmp_path / "b", device="cpu").predict_prepared(slices)
+    gpu = Predictor.from_path(tmp_path / "b", device="cuda").predict_prepared(slices)
+    np.testing.assert_allclose(gpu.raw_probabilities, cpu.raw_probabilities, atol=2e-3)
