@@ -232,8 +232,8 @@ def run_prepare(
     if executor == "ray":
         from ctplatform.data.prepare_ray import prepare_with_ray  # Ray stays in its adapter module
 
-        prepare_with_ray(todo, str(out), settings, keep_non_chest, address=address, workers=workers,
-                         progress=progress, on_result=on_result)
+        elapsed = prepare_with_ray(todo, str(out), settings, keep_non_chest, address=address, workers=workers,
+                                   progress=progress, on_result=on_result)
     elif executor == "local":
         from tqdm import tqdm
 
@@ -241,9 +241,9 @@ def run_prepare(
             result = prepare_volume(task, str(out), settings, keep_non_chest)
             if on_result is not None:
                 on_result(result)
+        elapsed = time.perf_counter() - started
     else:
         raise ValueError(f"invalid executor {executor!r}: choose ray or local")
-    elapsed = time.perf_counter() - started
     index = finalize_cache(out, tasks, legacy_layout=legacy_layout)
     failures = pd.read_csv(out / "failures.csv")
     return {
@@ -251,7 +251,7 @@ def run_prepare(
         "prepared_now": len(todo),
         "cached": len(index),
         "failed": len(failures),
-        "seconds": round(elapsed, 2),
+        "seconds": round(elapsed, 2),  # processing only (a Ray cluster's start-up is not counted)
         "volumes_per_second": round(len(todo) / elapsed, 2) if elapsed > 0 and todo else None,
         "index": str(out / "index.parquet"),
         "failures": str(out / "failures.csv"),

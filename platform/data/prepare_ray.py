@@ -6,6 +6,7 @@ volume's files itself, so only small records travel back to the driver.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import ray
@@ -26,9 +27,11 @@ def prepare_with_ray(
     workers: int | None = None,
     progress: bool = True,
     on_result: Callable[[dict], None] | None = None,
-) -> None:
+) -> float:
+    """Prepare `tasks` as Ray tasks; returns the seconds spent processing (Ray's start-up excluded)."""
     started_here = connect(address, num_cpus=workers, quiet=not progress)
     try:
+        begin = time.perf_counter()
         remote = ray.remote(num_cpus=1, max_retries=1)(prepare_volume)
         # Bound the tasks in flight so a 50,000-volume job does not queue 50,000 tasks' arguments at once.
         limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -43,5 +46,6 @@ def prepare_with_ray(
                     bar.update(1)
                     if on_result is not None:
                         on_result(result)
+        return time.perf_counter() - begin
     finally:
         shutdown_if(started_here)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctplatform.data.volume_io import HU_MAX, HU_MIN
+from ctplatform.data.volume_io import HU_MIN
 
 SELECTIONS = ("even", "stride")
 
@@ -74,8 +74,11 @@ def resize_slices(slices: np.ndarray, size: int) -> np.ndarray:
     tensor = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).unsqueeze(1)
     if side != size:
         tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=side > size, align_corners=False)
-    out = tensor.squeeze(1).round_().clamp_(HU_MIN, HU_MAX)
-    return out.to(torch.int16).numpy()
+    # Bilinear (antialiased or not) weights are non-negative and sum to one: outputs stay within the input's
+    # [HU_MIN, HU_MAX] range, so rounding is all the int16 cast needs.
+    out = tensor.squeeze(1).numpy()
+    np.rint(out, out=out)
+    return out.astype(np.int16)
 
 
 def preprocess_volume(hu: np.ndarray, settings: PreprocessSettings) -> tuple[np.ndarray, np.ndarray]:
