@@ -12,8 +12,6 @@ import signal
 import sys
 import time
 
-from ctplatform.serve.bundles import default_bundle_path
-
 API_KEY_ENV = "CTPLATFORM_API_KEY"
 MiB = 1 << 20
 
@@ -96,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ctplatform.ray_session import cluster_has_gpus, connect
     from ctplatform.serve.app import build_app
-    from ctplatform.serve.bundles import bundle_version, resolve_bundle_dir
+    from ctplatform.serve.bundles import bundle_version, default_bundle_path, resolve_bundle_dir
     from ctplatform.serve.inputs import ServeLimits
 
     bundle = resolve_bundle_dir(args.bundle) if args.bundle else default_bundle_path()
