@@ -152,3 +152,16 @@ def test_ray_parallel_prepare_equals_single_process(tiny_dataset, tiny_cache, tm
     assert cache_digest(out) == cache_digest(tiny_cache)
     records = [json.loads(p.read_text()) for p in (out / "records").glob("*.json")]
     assert all(r["status"] == "ok" for r in records)
+
+
+def test_prepare_path_equals_the_predict_path(tiny_dataset):
+    """prepare converts only the kept slices to HU; predict/serve convert whole volumes: same slices either way."""
+    from ctplatform.data.preprocess import preprocess_raw_volume, preprocess_volume
+    from ctplatform.data.volume_io import read_raw_volume, read_volume
+
+    for path in sorted((tiny_dataset / "dataset").rglob("*.nii.gz"))[:6]:
+        settings = PreprocessSettings(image_size=24, num_slices=5)
+        lazy, lazy_positions = preprocess_raw_volume(read_raw_volume(path), settings)
+        full, full_positions = preprocess_volume(read_volume(path).hu, settings)
+        np.testing.assert_array_equal(lazy_positions, full_positions)
+        np.testing.assert_array_equal(lazy, full)

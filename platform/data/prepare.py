@@ -37,9 +37,9 @@ from ctplatform.data.errors import DataFormatError
 from ctplatform.data.labels_csv import read_labels_csv
 from ctplatform.data.metadata import VolumeMetadata, read_metadata_csv
 from ctplatform.data.paths import dataset_root, find_label_files, find_metadata_files, find_volume, parse_volume_name
-from ctplatform.data.preprocess import PreprocessSettings, preprocess_volume
+from ctplatform.data.preprocess import PreprocessSettings, preprocess_raw_volume
 from ctplatform.data.splits import patient_of, patient_split
-from ctplatform.data.volume_io import NON_CHEST_NOTE, read_volume
+from ctplatform.data.volume_io import NON_CHEST_NOTE, read_raw_volume
 from ctplatform.labels import CLASS_NAMES, volume_stem
 
 CACHE_FORMAT = 1
@@ -111,10 +111,10 @@ def prepare_volume(task: VolumeTask, out_dir: str, settings: PreprocessSettings,
     try:
         if task.path is None:
             raise DataFormatError(task.volume_name, "volume file not found under the data directory")
-        volume = read_volume(task.path, metadata=task.metadata)
+        volume = read_raw_volume(task.path, metadata=task.metadata)
         if not keep_non_chest and any(note.startswith(NON_CHEST_NOTE) for note in volume.notes):
             raise DataFormatError(task.path, "skipped: no lung field found (head CT?); --keep-non-chest keeps it")
-        slices, positions = preprocess_volume(volume.hu, settings)
+        slices, positions = preprocess_raw_volume(volume, settings)
     except (DataFormatError, OSError, ValueError, MemoryError) as exc:
         failure = {"VolumeName": task.volume_name, "path": task.path or "", "reason": str(exc), "status": "failed"}
         write_json_atomic(out / "failed" / f"{task.stem}.json", failure)
@@ -129,7 +129,7 @@ def prepare_volume(task: VolumeTask, out_dir: str, settings: PreprocessSettings,
         "file": relative,
         "num_slices": int(slices.shape[0]),
         "slice_positions": [int(p) for p in positions],
-        "source_slices": int(volume.hu.shape[0]),
+        "source_slices": int(volume.shape[0]),
         "spacing": [float(s) for s in volume.spacing],
         "hu_source": volume.hu_source,
         "notes": "; ".join(volume.notes),

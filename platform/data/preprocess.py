@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctplatform.data.volume_io import HU_MIN
+from ctplatform.data.volume_io import HU_MIN, RawVolume
 
 SELECTIONS = ("even", "stride")
 
@@ -41,9 +41,10 @@ class PreprocessSettings:
         return cls(**values)
 
 
-def body_extent(hu: np.ndarray, settings: PreprocessSettings) -> tuple[int, int]:
+def body_extent(hu: np.ndarray, settings: PreprocessSettings, step: int | None = None) -> tuple[int, int]:
     """First and last slice index (inclusive) whose body fraction reaches the threshold; whole volume if none."""
-    step = max(1, min(hu.shape[1], hu.shape[2]) // 64)  # a 64x64 sample per slice is plenty for a fraction
+    if step is None:
+        step = max(1, min(hu.shape[1], hu.shape[2]) // 64)  # a 64x64 sample per slice is plenty for a fraction
     fractions = (hu[:, ::step, ::step] > settings.body_threshold_hu).mean(axis=(1, 2))
     inside = np.flatnonzero(fractions >= settings.body_min_fraction)
     if inside.size == 0:
@@ -54,6 +55,10 @@ def body_extent(hu: np.ndarray, settings: PreprocessSettings) -> tuple[int, int]
 def select_slices(hu: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     """Indices (ascending, int64) of the slices to keep."""
     first, last = body_extent(hu, settings)
+    return _positions(first, last, settings)
+
+
+def _positions(first: int, last: int, settings: PreprocessSettings) -> np.ndarray:
     if settings.selection == "stride":
         return np.arange(first, last + 1, settings.stride, dtype=np.int64)
     # Evenly spaced centres of K equal bins: never the very first/last body slice, which are often partial.
@@ -85,3 +90,14 @@ def preprocess_volume(hu: np.ndarray, settings: PreprocessSettings) -> tuple[np.
     """HU volume (slices, rows, cols) -> (int16 slices (K, S, S), slice positions (K,))."""
     positions = select_slices(hu, settings)
     return resize_slices(hu[positions], settings.image_size), positions
+
+
+def preprocess_raw_volume(volume: RawVolume, settings: PreprocessSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Same result as `preprocess_volume(volume.hu(), ...)`, converting only the kept slices to HU.
+
+    Slice selection looks at a 4x-strided in-plane sample, as `body_extent` does on a full volume of <= 256 px."""
+    step = max(1, min(volume.shape[1], volume.shape[2]) // 64)
+    sample = volume.hu((slice(None), slice(None, None, step), slice(None, None, step)))
+    first, last = body_extent(sample, settings, step=1)
+    positions = _positions(first, last, settings)
+    return resize_slices(volume.hu(positions), settings.image_size), positions

@@ -49,6 +49,32 @@ class Volume:
 
 
 @dataclass
+class RawVolume:
+    """A checked volume in stored values, canonically oriented, with the one rescale to HU not yet applied.
+
+    `prepare` converts only the slices it keeps (`hu(positions)`), which saves converting whole volumes."""
+
+    data: np.ndarray  # stored values (slices, rows, cols), (S, A, R) order; may be a strided view
+    slope: float
+    intercept: float
+    spacing: tuple[float, float, float]
+    hu_source: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.data.shape  # type: ignore[return-value]
+
+    def hu(self, index=slice(None)) -> np.ndarray:
+        """float32 HU of `data[index]` (clipped to the CT range): all of it by default."""
+        return _rescaled(self.data[index], self.slope, self.intercept)
+
+    def hu_sample(self, step: int = 4) -> np.ndarray:
+        """HU of every slice on a coarse in-plane grid: enough for body extents and lung checks."""
+        return self.hu((slice(None), slice(None, None, step), slice(None, None, step)))
+
+
+@dataclass
 class _Raw:
     data: np.ndarray  # (slices, rows, cols) in the file's voxel order
     affine: np.ndarray | None  # 4x4 voxel -> RAS mm
@@ -64,7 +90,19 @@ def read_volume(
     metadata: VolumeMetadata | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> Volume:
-    """Read a volume from a path or from the bytes of an upload (`name` then gives the file name)."""
+    """Read a volume from a path or from the bytes of an upload (`name` then gives the file name), in HU."""
+    raw = read_raw_volume(source, name=name, metadata=metadata, max_voxels=max_voxels)
+    return Volume(hu=raw.hu(), spacing=raw.spacing, hu_source=raw.hu_source, notes=raw.notes)
+
+
+def read_raw_volume(
+    source: str | Path | bytes,
+    *,
+    name: str | None = None,
+    metadata: VolumeMetadata | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> RawVolume:
+    """As `read_volume`, with the HU conversion left to the caller (`RawVolume.hu`)."""
     label = str(name if name is not None else source if not isinstance(source, bytes) else "<upload>")
     if isinstance(source, bytes):
         if not source:
@@ -222,33 +260,36 @@ def _inflate_capped(stream: BinaryIO, nbytes: int, label: str) -> bytes:
     return b"".join(chunks)
 
 
-def to_hounsfield(
+def hounsfield_rescale(
     data: np.ndarray,
     header_slope: float | None,
     header_intercept: float | None,
     metadata: VolumeMetadata | None,
-) -> tuple[np.ndarray, str, list[str]]:
-    """Convert stored values to HU (clipped to the CT range), applying exactly one rescale.
-
-    Returns (hu float32, a new array; source; notes)."""
+) -> tuple[float, float, str, list[str]]:
+    """Decide the one rescale that turns stored values into HU: (slope, intercept, source, notes)."""
     notes: list[str] = []
     header_scaled = header_slope is not None and (header_slope, header_intercept or 0.0) != (1.0, 0.0)
     if header_scaled:
-        hu = _rescaled(data, header_slope, header_intercept or 0.0)
         if metadata is not None and metadata.has_rescale and metadata.rescale_intercept != 0:
             notes.append("the header's scl_slope/scl_inter already give HU: the metadata CSV's rescale was not applied")
-        return hu, "header", notes
+        return float(header_slope), float(header_intercept or 0.0), "header", notes
     # Air is about -1000 HU; raw scanner values are non-negative. A minimum far below zero means HU already. A
     # strided sample decides it (air fills every CT's corners), saving a full pass over the volume.
     already_hu = float(data[::2, ::4, ::4].min()) < -200.0
     if metadata is not None and metadata.has_rescale:
         if already_hu and (metadata.rescale_intercept or 0.0) < -200.0:
             notes.append("values are already in HU: the metadata CSV's rescale was not applied a second time")
-            return _rescaled(data, 1.0, 0.0), "as-stored", notes
-        return _rescaled(data, metadata.rescale_slope, metadata.rescale_intercept), "metadata", notes
+            return 1.0, 0.0, "as-stored", notes
+        return float(metadata.rescale_slope), float(metadata.rescale_intercept), "metadata", notes
     if not already_hu:
         notes.append("no rescale in the header or metadata and no negative values: values taken as HU as stored")
-    return _rescaled(data, 1.0, 0.0), "as-stored", notes
+    return 1.0, 0.0, "as-stored", notes
+
+
+def to_hounsfield(data, header_slope, header_intercept, metadata) -> tuple[np.ndarray, str, list[str]]:
+    """Stored values -> (HU float32 clipped to the CT range, source, notes), applying exactly one rescale."""
+    slope, intercept, source, notes = hounsfield_rescale(data, header_slope, header_intercept, metadata)
+    return _rescaled(data, slope, intercept), source, notes
 
 
 def _rescaled(data: np.ndarray, slope: float, intercept: float) -> np.ndarray:
@@ -281,27 +322,28 @@ def _canonical(data: np.ndarray, affine: np.ndarray | None, zooms, label: str, n
     return xyz.transpose(2, 1, 0), (reordered[2], reordered[1], reordered[0])
 
 
-def _to_volume(raw: _Raw, metadata: VolumeMetadata | None, label: str) -> Volume:
+def _to_volume(raw: _Raw, metadata: VolumeMetadata | None, label: str) -> RawVolume:
     if raw.data.dtype.kind == "f" and not np.isfinite(raw.data).all():
         raise VolumeReadError(label, "image contains NaN or infinite values")
-    hu, source, notes = to_hounsfield(raw.data, raw.slope, raw.intercept, metadata)
-    hu, spacing = _canonical(hu, raw.affine, raw.zooms, label, notes)
+    slope, intercept, source, notes = hounsfield_rescale(raw.data, raw.slope, raw.intercept, metadata)
+    data, spacing = _canonical(raw.data, raw.affine, raw.zooms, label, notes)
     if metadata is not None:
         if metadata.z_spacing is not None:
             spacing = (metadata.z_spacing, spacing[1], spacing[2])
         elif not spacing[0] > 0:
             notes.append(f"ZSpacing missing in metadata and header: assuming {DEFAULT_Z_SPACING_MM} mm")
             spacing = (DEFAULT_Z_SPACING_MM, spacing[1], spacing[2])
-    sample = hu[::2, ::4, ::4]
-    if float(sample.max()) == float(sample.min()) and float(hu.max()) == float(hu.min()):
+    volume = RawVolume(data, slope, intercept, spacing, source, notes)
+    sample = volume.hu_sample()
+    if float(sample.max()) == float(sample.min()) and float(data.max()) == float(data.min()):
         raise VolumeReadError(label, "image is constant (blank)")
-    notes.extend(chest_check(hu))
-    return Volume(hu=hu, spacing=spacing, hu_source=source, notes=notes)
+    notes.extend(chest_check(sample, step=1))
+    return volume
 
 
-def chest_check(hu: np.ndarray) -> list[str]:
+def chest_check(hu: np.ndarray, step: int = 4) -> list[str]:
     """Flag volumes that do not look like a chest CT (head CTs are in CT-RATE): no lung field found."""
-    sample = hu[hu.shape[0] // 4 : max(hu.shape[0] * 3 // 4, hu.shape[0] // 4 + 1), ::4, ::4]
+    sample = hu[hu.shape[0] // 4 : max(hu.shape[0] * 3 // 4, hu.shape[0] // 4 + 1), ::step, ::step]
     body = sample > -500
     lung = (sample > -950) & (sample < -600)
     inside = body.sum() + lung.sum()
