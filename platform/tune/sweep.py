@@ -13,6 +13,7 @@ sweep folder (`<storage>/<name>`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -103,6 +104,19 @@ def run_trial(config: dict, base: dict, trials_dir: str, metric: str, mode: str,
         (run_dir / COMPLETE_FILE).write_text("complete\n")
 
 
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that accepts replayed results of trials its SQLite study already finished.
+
+    A driver killed right after a trial finished leaves Optuna's study (written at once) ahead of Tune's experiment
+    snapshot (written every few seconds): the resumed sweep restarts that trial, which replays its recorded reports
+    (see `run_trial`). Those intermediate values are already in the study; Optuna refuses to update a finished
+    trial, which must not fail the sweep."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            super().on_trial_result(trial_id, result)
+
+
 def _searcher(space: SearchSpace, settings: SweepSettings, sweep_dir: str):
     if settings.searcher == "optuna":
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True, constant_liar=True)
@@ -111,7 +125,7 @@ def _searcher(space: SearchSpace, settings: SweepSettings, sweep_dir: str):
     else:
         raise ValueError(f"invalid searcher {settings.searcher!r}: choose optuna or random")
     storage = None if is_uri(sweep_dir) else optuna.storages.RDBStorage(f"sqlite:///{sweep_dir}/optuna.db")
-    searcher = OptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode, sampler=sampler,
+    searcher = ResumableOptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode, sampler=sampler,
                             study_name=settings.name, storage=storage)
     return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
 
