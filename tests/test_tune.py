@@ -66,6 +66,13 @@ def test_sweep_optuna_asha_fault_tolerance_and_best_epoch_bundle(tiny_cache, tmp
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if trainer.current_epoch == 1 and batch_idx == 1 and not marker.exists():
+                # Die only once Ray Train's controller has registered the epoch-0 checkpoint (the sweep's report
+                # callback, which runs there, has recorded it): a worker lost before that restarts from scratch.
+                deadline = time.time() + 120
+                while time.time() < deadline and not any(
+                        "checkpoint_path" in history.read_text()
+                        for history in (tmp_path / "runs").glob("s/trials/*/tune_reports.jsonl")):
+                    time.sleep(0.2)
                 marker.write_text("killed")
                 os.kill(os.getpid(), 9)
 
