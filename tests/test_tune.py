@@ -140,3 +140,29 @@ def test_sweep_driver_killed_then_resumed_runs_each_trial_once(tiny_cache, tmp_p
         versions = list(logs.iterdir())
         assert len(versions) == 1, trial_id
     assert (sweep / "best" / "metadata.json").is_file()
+
+
+def test_sweep_on_object_store_uri_storage(tiny_cache, tmp_path, space_file, monkeypatch):
+    """Storage given as a URI (file:// here: the same pyarrow filesystem path an s3:// or gs:// URI takes): Ray's
+    checkpoints go there, the driver works in ./runs/<name> and mirrors its results next to them."""
+    monkeypatch.chdir(tmp_path)
+    bucket = tmp_path / "bucket"
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             configure_logging=False, log_to_driver=False)
+    try:
+        settings = SweepSettings(name="u", storage_path=f"file://{bucket}", num_samples=2, seed=0,
+                                 cpus_per_worker=1, scheduler="fifo")
+        summary = run_sweep(base_config(tiny_cache, epochs=1), load_space(space_file), settings)
+    finally:
+        ray.shutdown()
+    assert summary["sweep_dir"] == f"file://{bucket}/u" and summary["errors"] == 0 and summary["trials"] == 2
+    assert summary["workspace"] == str(tmp_path / "runs" / "u")
+    # Ray's own checkpoints were written under the URI
+    assert list((bucket / "u" / "trials").glob("trial_*/checkpoint_*/checkpoint.ckpt"))
+    # the driver's results were mirrored there, and the mirrored bundle loads and predicts
+    for name in ("optuna.db", "trials.csv", "summary/trials.csv", "best/metadata.json"):
+        assert (bucket / "u" / name).is_file(), name
+    assert len(pd.read_csv(bucket / "u" / "summary" / "trials.csv")) == 2
+    predictor = Predictor.from_path(bucket / "u" / "best", device="cpu")
+    slices = np.load(sorted((tiny_cache / "volumes" / "valid").glob("*.npy"))[0])
+    assert predictor.predict_prepared(slices).probabilities.shape == (18,)

@@ -129,11 +129,10 @@ def write_summary(results, space: SearchSpace, max_epochs: int, sweep_dir: str, 
                "epochs_trained": int(frame["epochs"].sum()) if len(frame) else 0,
                "stopped_early": int((frame["state"] == "stopped early").sum()) if len(frame) else 0,
                "errors": int((frame["state"] == "error").sum()) if len(frame) else 0}
-    if "://" not in sweep_dir:
-        out = Path(sweep_dir) / "summary"
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "trials.csv", frame.to_csv(index=False))
-        summary["summary_dir"] = str(out)
-        summary["plots"] = _optuna_plots(sweep_dir, settings.name, out)
+    out = Path(sweep_dir) / "summary"
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "trials.csv", frame.to_csv(index=False))
+    summary["summary_dir"] = str(out)
+    summary["plots"] = _optuna_plots(sweep_dir, settings.name, out)
     print("\nSweep summary\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
     return summary

@@ -51,10 +51,19 @@ class SweepSettings:
     reduction_factor: int = 2
     max_failures: int = 2
     address: str | None = None
+    # What each trial's thin driver (the function that runs its TorchTrainer) asks Ray for. Add a custom resource
+    # only some nodes advertise (e.g. {"CPU": 0.1, "sweep_driver": 1} with `ray start --resources`) to keep the
+    # drivers off the nodes whose CPUs are meant for Train workers.
+    driver_resources: dict | None = None
 
     def sweep_dir(self) -> str:
         return self.storage_path.rstrip("/") + "/" + self.name if is_uri(self.storage_path) else \
             str(Path(self.storage_path).resolve() / self.name)
+
+    def workspace_dir(self) -> str:
+        """Where the driver writes the study, the trials table, the summary and the best bundle: the sweep folder,
+        or ./runs/<name> when storage is an object-store URI (mirrored to `<uri>/<name>` when the sweep ends)."""
+        return str(Path("runs", self.name).resolve()) if is_uri(self.storage_path) else self.sweep_dir()
 
 
 HISTORY_FILE = "tune_reports.jsonl"
@@ -117,14 +126,14 @@ class ResumableOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def _searcher(space: SearchSpace, settings: SweepSettings, sweep_dir: str):
+def _searcher(space: SearchSpace, settings: SweepSettings, workspace: str):
     if settings.searcher == "optuna":
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True, constant_liar=True)
     elif settings.searcher == "random":
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
     else:
         raise ValueError(f"invalid searcher {settings.searcher!r}: choose optuna or random")
-    storage = None if is_uri(sweep_dir) else optuna.storages.RDBStorage(f"sqlite:///{sweep_dir}/optuna.db")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{workspace}/optuna.db")
     searcher = ResumableOptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode, sampler=sampler,
                             study_name=settings.name, storage=storage)
     return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
@@ -142,9 +151,8 @@ def _scheduler(space: SearchSpace, settings: SweepSettings, max_epochs: int):
 def run_sweep(base: TrainConfig, space: SearchSpace, settings: SweepSettings, *, resume: bool = False,
               export_best: bool = True, worker_callbacks: list | None = None) -> dict:
     """Run (or resume) a sweep; returns a summary with the best trial and where everything was written."""
-    sweep_dir = settings.sweep_dir()
-    if not is_uri(sweep_dir):
-        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    sweep_dir, workspace = settings.sweep_dir(), settings.workspace_dir()
+    Path(workspace).mkdir(parents=True, exist_ok=True)
     base = base.replace(ray_workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_trial,
                         cpus_per_worker=settings.cpus_per_worker, max_failures=settings.max_failures,
                         slice_dir=str(Path(base.slice_dir).resolve()))
@@ -153,9 +161,9 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: SweepSettings, *,
         trainable = tune.with_resources(  # the trial driver needs little; Train workers ask for their own
             tune.with_parameters(run_trial, base=base.to_dict(), trials_dir=f"{sweep_dir}/trials",
                                  metric=space.metric, mode=space.mode, worker_callbacks=worker_callbacks),
-            {"CPU": 0.1},
+            settings.driver_resources or {"CPU": 0.1},
         )
-        table = LiveTrialsTable(Path(sweep_dir) / "trials.csv" if not is_uri(sweep_dir) else None, space, base.epochs)
+        table = LiveTrialsTable(Path(workspace) / "trials.csv", space, base.epochs)
         if resume:
             if not tune.Tuner.can_restore(sweep_dir):
                 raise ValueError(f"--resume: no sweep to resume at {sweep_dir}")
@@ -166,7 +174,7 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: SweepSettings, *,
                                  "it, or choose another --name")
             tuner = tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(search_alg=_searcher(space, settings, sweep_dir),
+                tune_config=tune.TuneConfig(search_alg=_searcher(space, settings, workspace),
                                             scheduler=_scheduler(space, settings, base.epochs),
                                             num_samples=settings.num_samples, reuse_actors=False),
                 run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(sweep_dir).parent)
@@ -176,23 +184,50 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: SweepSettings, *,
             )
         begin = time.perf_counter()
         results = tuner.fit()
-        summary = write_summary(results, space, base.epochs, sweep_dir, settings)
-        summary["seconds"] = round(time.perf_counter() - begin, 1)
+        summary = write_summary(results, space, base.epochs, workspace, settings)
+        summary.update(sweep_dir=sweep_dir, workspace=workspace, seconds=round(time.perf_counter() - begin, 1))
         if export_best and summary.get("best_checkpoint"):
-            summary.update(export_best_bundle(summary["best_checkpoint"], base.slice_dir, sweep_dir))
+            summary.update(export_best_bundle(summary["best_checkpoint"], base.slice_dir, workspace))
+        if is_uri(sweep_dir):
+            summary["mirrored"] = mirror_to_uri(workspace, sweep_dir)
         return summary
     finally:
         shutdown_if(started)
 
 
-def export_best_bundle(checkpoint_dir: str, slice_dir: str, sweep_dir: str) -> dict:
-    """Evaluate the best epoch's checkpoint and export it as `<sweep>/best` (bundle + report)."""
+def export_best_bundle(checkpoint_dir: str, slice_dir: str, workspace: str) -> dict:
+    """Evaluate the best epoch's checkpoint (a folder or a URI) and export it as `<workspace>/best` (bundle +
+    report)."""
     from ctplatform.train.evaluate import evaluate
 
     local = checkpoint_dir
     if is_uri(checkpoint_dir):
         local = ray.train.Checkpoint(checkpoint_dir).to_directory()
-    best_dir = Path(sweep_dir) / "best"
+    best_dir = Path(workspace) / "best"
     metrics = evaluate(os.path.join(local, "checkpoint.ckpt"), slice_dir, best_dir / "report", bundle_dir=best_dir)
     return {"best_bundle": str(best_dir), "best_report": str(best_dir / "report" / "report.html"),
             "best_validation_macro_auroc": metrics["macro"]["auroc"]}
+
+
+MIRRORED = ("optuna.db", "trials.csv", "summary", "best")
+
+
+def mirror_to_uri(workspace: str, uri: str) -> list[str]:
+    """Copy the driver's results (study, trials table, summary, best bundle) next to Ray's checkpoints at `uri`."""
+    import shutil
+
+    import pyarrow.fs
+
+    remote, root = pyarrow.fs.FileSystem.from_uri(uri)
+    copied = []
+    for name in MIRRORED:
+        source = Path(workspace) / name
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        for path in files:
+            target = f"{root}/{path.relative_to(workspace).as_posix()}"
+            remote.create_dir(target.rsplit("/", 1)[0], recursive=True)  # object stores: a no-op
+            with open(path, "rb") as src, remote.open_output_stream(target) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        if files:
+            copied.append(f"{uri.rstrip('/')}/{name}")
+    return copied
