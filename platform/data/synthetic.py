@@ -82,6 +82,8 @@ class SyntheticSummary:
     labels_csv: Mapping[str, Path]  # split ("train", "valid") -> path
     metadata_csv: Mapping[str, Path]
     volume_paths: Mapping[str, Path] = field(repr=False)  # volume name -> file
+    # volume name -> {finding: (first, last) slice index along the file's z axis, inclusive}; not written to disk
+    finding_slices: Mapping[str, Mapping[str, tuple[int, int]]] = field(repr=False)
     fixed_volumes: tuple[str, ...] = field(repr=False)  # names stored in the `_fixed` trees
     nan_affine_volume: str | None = None  # the train volume whose affine is all NaN
 
@@ -186,6 +188,7 @@ class _Canvas:
         self.v = ((np.arange(rows, dtype=np.float32) + 0.5) / rows * 2 - 1)[:, None, None]
         self.z = ((np.arange(slices, dtype=np.float32) + 0.5) / slices)[None, None, :]
         self.hu = np.full(size, -1000.0, np.float32)
+        self.tally: np.ndarray | None = None
 
     def ks(self, z0: float, z1: float) -> slice:
         """Slice indices covering [z0, z1) (at least one)."""
@@ -200,6 +203,8 @@ class _Canvas:
     def paint(self, mask: np.ndarray, value, ks: slice = slice(None)) -> None:
         sub = self.hu[:, :, ks]
         mask = np.broadcast_to(mask, sub.shape)
+        if self.tally is not None:  # voxels painted per slice for the finding being drawn
+            self.tally[ks] += mask.sum(axis=(0, 1))
         if np.ndim(value) == 0:
             np.putmask(sub, mask, np.float32(value))
         else:
@@ -277,6 +282,8 @@ class _Chest:
         self.keepout = np.zeros(self.c.size, bool)  # mediastinal structures the lung findings must not cover
         self.lung = np.zeros(self.c.size, bool)
         self.lungs: list[tuple] = []
+        self._eroded: dict[int, np.ndarray] = {}
+        self.counts: dict[str, np.ndarray] = {}  # finding -> voxels painted per slice
 
     @staticmethod
     def _taper(z):
@@ -289,15 +296,29 @@ class _Chest:
         self._mediastinum_masks()
         self.lung &= ~self.keepout
         self.c.paint(self.lung, self._lung_values())
-        self._parenchyma_findings()
-        self._lung_vessels_and_airways()
-        self._airway_findings()
-        self._heart()
-        self._vessels_and_mediastinum()
-        self._dense_lung_findings()
-        self._bones()
-        self._devices()
+        for step in (self._parenchyma_findings, self._lung_vessels_and_airways, self._airway_findings, self._heart,
+                     self._vessels_and_mediastinum, self._dense_lung_findings, self._bones, self._devices):
+            step()
+            self._end()
         return self.c.hu
+
+    def _begin(self, name: str) -> np.random.Generator:
+        """Start drawing finding `name`: count the voxels it paints per slice; returns its random stream."""
+        self.c.tally = self.counts.setdefault(name, np.zeros(self.c.size[2], np.int64))
+        return self.fr[name]
+
+    def _end(self) -> np.random.Generator:
+        self.c.tally = None
+        return self.rng
+
+    def extents(self, min_voxels: int = 3) -> dict[str, tuple[int, int]]:
+        """Per finding present: (first, last) slice index (inclusive) with at least `min_voxels` voxels of it."""
+        out = {}
+        for name, counts in self.counts.items():
+            hit = np.flatnonzero(counts >= min_voxels)
+            if hit.size:
+                out[name] = (int(hit[0]), int(hit[-1]))
+        return out
 
     def _body(self) -> None:
         c, r = self.c, self.rng
@@ -415,13 +436,18 @@ class _Chest:
         fat = self.fat_hu + r.uniform(0, 20)
         c.paint(heart(self.epi_t * 2 + self.peri_t) & present, fat)  # paracardiac fat
         if self.has["Pericardial effusion"]:  # fluid between the pericardium and the epicardial fat
+            self._begin("Pericardial effusion")
             c.paint(heart(self.epi_t + self.peri_t) & present, self.fr["Pericardial effusion"].uniform(5, 15))
+            self._end()
             c.paint(heart(self.epi_t) & present, fat)
+        if self.has["Cardiomegaly"]:
+            self._begin("Cardiomegaly")
         c.paint(heart(0.0) & present, r.uniform(35, 48))
+        self._end()
         if self.contrast:  # enhanced ventricular cavity
             c.paint(heart(-0.45 * rz) & present, self.blood_hu)
         if self.has["Coronary artery wall calcification"]:
-            r = self.fr["Coronary artery wall calcification"]
+            r = self._begin("Coronary artery wall calcification")
             z0, z1 = _zrange(r, self.heart_z[0] + 0.05, self.heart_z[1], (0.15, 0.3))
             ks = c.ks(z0, z1)
             zs = c.zs(ks)
@@ -430,8 +456,8 @@ class _Chest:
                 phi = phi0 + r.uniform(-1.5, 1.5) * (zs - z0)
                 rad = rz[:, :, ks] * 0.93
                 pu, pv = hu0 + rad * np.cos(phi), hv0 + 0.85 * rad * np.sin(phi)
-                dot = (c.u - pu) ** 2 + (c.v - pv) ** 2 <= r.uniform(0.035, 0.05) ** 2
-                c.paint(dot & (rz[:, :, ks] > 0.05), r.uniform(500, 1100), ks)
+                dot = (c.u - pu) ** 2 + (c.v - pv) ** 2 <= r.uniform(0.04, 0.055) ** 2
+                c.paint(dot & (rz[:, :, ks] > 0.05), r.uniform(600, 1200), ks)
 
     def _vessels_and_mediastinum(self) -> None:
         c, r = self.c, self.rng
@@ -443,24 +469,26 @@ class _Chest:
         k = c.ks(self.heart_z[1] - 0.05, 0.95)
         c.paint(_ellipse(c.u, c.v, self.asc[0] - 0.13, self.asc[1] + 0.02, 0.04, 0.045), self.blood_hu, k)
         if self.has["Arterial wall calcification"]:
-            r = self.fr["Arterial wall calcification"]
+            r = self._begin("Arterial wall calcification")
             z0, z1 = _zrange(r, 0.15, self.z_arch + 0.03)
             ks = c.ks(z0, z1)
-            for _ in range(r.integers(2, 4)):
+            for centre, radius in ((self.desc, self.aorta_r), (self.asc, self.aorta_r * 1.15)):
+                if centre is self.asc and r.random() < 0.5:
+                    continue
                 a0 = r.uniform(-np.pi, np.pi)
-                width = r.uniform(1.2, 2.4)
-                ang = np.arctan2(c.v - self.desc[1], c.u - self.desc[0])
+                width = r.uniform(1.5, 2.8)
+                ang = np.arctan2(c.v - centre[1], c.u - centre[0])
                 dang = np.angle(np.exp(1j * (ang - a0)))
-                d2 = (c.u - self.desc[0]) ** 2 + (c.v - self.desc[1]) ** 2
-                arc = (d2 >= (self.aorta_r - 0.035) ** 2) & (d2 <= (self.aorta_r + 0.01) ** 2)
-                arc &= np.abs(dang) < width / 2
-                c.paint(arc, r.uniform(500, 1200), ks)
+                d2 = (c.u - centre[0]) ** 2 + (c.v - centre[1]) ** 2
+                arc = (d2 >= (radius - 0.04) ** 2) & (d2 <= (radius + 0.012) ** 2) & (np.abs(dang) < width / 2)
+                kk = ks if centre is self.desc else c.ks(max(z0, self.heart_z[1] - 0.1), max(z1, self.z_arch))
+                c.paint(arc, r.uniform(700, 1400), kk)
             if z1 > self.z_arch - 0.04:  # plaques on the arch too
                 ka = c.ks(self.z_arch - 0.04, self.z_arch + 0.04)
                 d2 = _segment_dist2(c.u, c.v, self.asc, self.desc)
                 rim = (d2 >= (self.aorta_r - 0.03) ** 2) & (d2 <= (self.aorta_r + 0.01) ** 2) & (c.v < self.asc[1])
-                c.paint(rim, r.uniform(500, 1200), ka)
-        r = self.rng
+                c.paint(rim, r.uniform(700, 1400), ka)
+        r = self._end()
         # esophagus (with a little air) and trachea / main bronchi
         c.paint(_ellipse(c.u, c.v, *self.esoph, 0.04, 0.035), self.muscle_hu)
         if r.random() < 0.5:
@@ -484,7 +512,7 @@ class _Chest:
             ks = c.ks(zc - 0.04, zc + 0.04)
             c.paint(_ellipse(c.u, c.v, su, sv, 0.025, 0.025), r.uniform(30, 45), ks)
         if self.has["Lymphadenopathy"]:
-            r = self.fr["Lymphadenopathy"]
+            r = self._begin("Lymphadenopathy")
             z0, z1 = _zrange(r, self.z_carina - 0.2, self.z_carina + 0.25)
             chosen = r.permutation(len(sites))[: r.integers(2, 4)]
             for i in chosen:
@@ -493,43 +521,63 @@ class _Chest:
                 rad = r.uniform(0.07, 0.09) * _profile(c.zs(ks), z0, z1)
                 c.paint((c.u - su) ** 2 + (c.v - sv) ** 2 <= rad**2, r.uniform(35, 50), ks)
         if self.has["Hiatal hernia"]:
-            r = self.fr["Hiatal hernia"]
+            r = self._begin("Hiatal hernia")
             z0, z1 = _zrange(r, self.z_base, self.heart_z[0] + 0.25, (0.15, 0.3))
             ks = c.ks(z0, z1)
-            rad = r.uniform(0.11, 0.14) * _profile(c.zs(ks), z0, z1)
-            hu_, hv_ = self.esoph[0] + 0.04, self.esoph[1] - 0.06
+            rad = r.uniform(0.14, 0.18) * _profile(c.zs(ks), z0, z1)
+            hu_, hv_ = self.esoph[0] + 0.04, self.esoph[1] - 0.08
             blob = (c.u - hu_) ** 2 + (c.v - hv_) ** 2 <= rad**2
             c.paint(blob, r.uniform(10, 30), ks)
             c.paint(blob & (c.v < hv_ - r.uniform(-0.02, 0.04)), -1000, ks)  # air-fluid level, air anterior
 
     # ------------------------------------------------------------------------------------------- lungs
-    def _lung_point(self, r: np.random.Generator, zlo: float, zhi: float, rho=(0.0, 0.75), side=None):
-        """A (u, v, z, side) inside the lung mask at height in [zlo, zhi]."""
-        c = self.c
-        for _ in range(40):
-            s = side if side is not None else int(r.choice((-1, 1)))
-            zc = r.uniform(zlo, zhi)
-            lu, lv, au, av = (float(x) for x in self._lung_ellipse(s, np.float32(zc)))
-            rr, th = np.sqrt(r.uniform(rho[0] ** 2, rho[1] ** 2)), r.uniform(0, 2 * np.pi)
-            pu, pv = lu + rr * au * np.cos(th), lv + rr * av * np.sin(th)
-            if self.lung[c.index(pu, pv, zc)]:
-                return pu, pv, zc, s
-        return lu, lv, zc, s
+    def _inner(self, margin: float) -> np.ndarray:
+        """Lung voxels at least `margin` (normalised units) from the lung's edge, in-plane."""
+        steps = int(round(margin * min(self.c.size[:2]) / 2))  # noqa: RUF046 (numpy scalars round to floats)
+        if steps not in self._eroded:
+            self._eroded[steps] = _erode(self.lung, steps)
+        return self._eroded[steps]
 
-    def _periphery(self, ks: slice, inner: float):
-        """Lung voxels of slab `ks` outside `inner` of each lung's ellipse (subpleural zone)."""
+    def _side(self, side: int):
+        return (self.c.u - self.cav0[0]) * side > 0
+
+    def _lung_point(self, r: np.random.Generator, zlo: float, zhi: float, margin: float = 0.0, side=None):
+        """A random (u, v, z, side) in the lung, at least `margin` from its edge, at height in [zlo, zhi]."""
         c = self.c
-        zs = c.zs(ks)
-        out = np.zeros(self.lung[:, :, ks].shape, bool)
-        for side in (-1, 1):
-            lu, lv, au, av = self._lung_ellipse(side, zs)
-            out |= _rho2(c.u, c.v, lu, lv, au, av) > inner**2
-        return out & self.lung[:, :, ks]
+        ks = c.ks(zlo, zhi)
+        rows, cols, _ = c.size
+        for m in (margin, margin / 2, 0.0):
+            mask = self._inner(m)[:, :, ks]
+            if side is not None:
+                mask = mask & self._side(side)
+            flat = np.flatnonzero(mask)
+            if flat.size:
+                break
+        else:  # no lung in that range: the middle of the requested lung
+            s = side or 1
+            lu, lv, _, _ = self._lung_ellipse(s, np.float32((zlo + zhi) / 2))
+            return float(lu), float(lv), (zlo + zhi) / 2, s
+        row, col, k = np.unravel_index(flat[r.integers(flat.size)], mask.shape)
+        u = (col + r.uniform(0.25, 0.75)) / cols * 2 - 1
+        v = (row + r.uniform(0.25, 0.75)) / rows * 2 - 1
+        z = (ks.start + k + 0.5) / c.size[2]
+        return float(u), float(v), float(z), (1 if u > self.cav0[0] else -1)
+
+    def _periphery(self, ks: slice, margin: float):
+        """Subpleural lung: lung voxels of slab `ks` within `margin` of the lung's edge."""
+        return self.lung[:, :, ks] & ~self._inner(margin)[:, :, ks]
+
+    def _height_above_back(self, mask: np.ndarray) -> np.ndarray:
+        """For each voxel of `mask`, its distance (normalised v) above the mask's posterior edge in its column."""
+        rows = mask.shape[0]
+        last = rows - 1 - np.argmax(mask[::-1], axis=0)  # lowest (most posterior) row per (col, slice)
+        dist = (last[None] - np.arange(rows)[:, None, None]) * (2.0 / rows)
+        return np.where(mask, dist, np.inf).astype(np.float32)
 
     def _parenchyma_findings(self) -> None:
         c, r = self.c, self.rng
         if self.has["Mosaic attenuation pattern"]:
-            r = self.fr["Mosaic attenuation pattern"]
+            r = self._begin("Mosaic attenuation pattern")
             z0, z1 = _zrange(r, 0.1, 0.95)
             ks = c.ks(z0, z1)
             field_ = np.zeros((c.size[0], c.size[1], 1), np.float32)
@@ -538,22 +586,24 @@ class _Chest:
                 field_ = field_ + np.cos(k * (c.u * np.cos(th) + c.v * np.sin(th)) + ph)
             field_ = field_ + 0.8 * np.cos(r.uniform(10, 20) * c.zs(ks) + r.uniform(0, 6))
             lung = self.lung[:, :, ks]
-            c.paint(lung & (field_ > 0), r.uniform(-770, -730), ks)
-            c.paint(lung & (field_ <= 0), r.uniform(-920, -890), ks)
+            c.paint(lung & (field_ > 0), r.uniform(-760, -740), ks)
+            c.paint(lung & (field_ <= 0), r.uniform(-905, -890), ks)
         if self.has["Emphysema"]:
-            r = self.fr["Emphysema"]
+            r = self._begin("Emphysema")
             z0, z1 = _zrange(r, 0.55, self.z_apex)
-            for _ in range(r.integers(10, 20)):
-                pu, pv, zc, _ = self._lung_point(r, z0, z1, (0.0, 0.85))
-                rad, hz = r.uniform(0.045, 0.075), r.uniform(0.04, 0.07)
+            clusters = [self._lung_point(r, z0, z1, 0.1) for _ in range(r.integers(2, 4))]
+            for _ in range(r.integers(18, 30)):  # centrilobular holes, clustered, in the upper lobes
+                cu_, cv_, _, _ = clusters[r.integers(len(clusters))]
+                pu, pv, zc = cu_ + r.normal(0, 0.07), cv_ + r.normal(0, 0.07), r.uniform(z0, z1)
+                rad, hz = r.uniform(0.05, 0.08), r.uniform(0.04, 0.07)
                 ks = c.ks(zc - hz, zc + hz)
                 rr = rad * _profile(c.zs(ks), zc - hz, zc + hz, 2)
                 hole = ((c.u - pu) ** 2 + (c.v - pv) ** 2 <= rr**2) & self.lung[:, :, ks]
-                c.paint(hole, r.uniform(-1000, -980), ks)
+                c.paint(hole, r.uniform(-1000, -985), ks)
         if self.has["Lung opacity"]:
-            r = self.fr["Lung opacity"]
+            r = self._begin("Lung opacity")
             z0, z1 = _zrange(r, 0.15, 0.95)
-            pu, pv, _, _side = self._lung_point(r, z0 + 0.3 * (z1 - z0), z1 - 0.3 * (z1 - z0), (0.1, 0.6))
+            pu, pv, _, _ = self._lung_point(r, z0 + 0.3 * (z1 - z0), z1 - 0.3 * (z1 - z0), 0.1)
             ks = c.ks(z0, z1)
             prof = _profile(c.zs(ks), z0, z1, 2.5)
             mask = np.zeros(self.lung[:, :, ks].shape, bool)
@@ -572,15 +622,15 @@ class _Chest:
         # vessels: thinner than a voxel at this resolution, so partial volume makes them faint (-450..-200 HU)
         vessel_hu = r.uniform(-250, -150) + (100 if self.contrast else 0)
         for _ in range(r.integers(15, 40)):
-            pu, pv, zc, _ = self._lung_point(r, 0.05, 0.95, (0.05, 0.85))
+            pu, pv, zc, _ = self._lung_point(r, 0.05, 0.95)
             h = r.uniform(0.08, 0.25)
             ks = c.ks(zc - h, zc + h)
             tu, tv = self._tube(ks, pu, pv, zc, *r.uniform(-0.4, 0.4, 2))
             rad = r.uniform(0.012, 0.025)
             mask = ((c.u - tu) ** 2 + (c.v - tv) ** 2 <= rad**2) & self.lung[:, :, ks]
             c.paint(mask, vessel_hu + r.uniform(-50, 50), ks)
-        for _ in range(r.integers(4, 12)):  # small airways with thin walls
-            pu, pv, zc, _ = self._lung_point(r, 0.15, 0.85, (0.1, 0.6))
+        for _ in range(r.integers(2, 7)):  # small airways with thin walls
+            pu, pv, zc, _ = self._lung_point(r, 0.15, 0.85, 0.05)
             h = r.uniform(0.08, 0.2)
             ks = c.ks(zc - h, zc + h)
             tu, tv = self._tube(ks, pu, pv, zc, *r.uniform(-0.2, 0.2, 2))
@@ -592,17 +642,17 @@ class _Chest:
     def _airway_findings(self) -> None:
         c, r = self.c, self.rng
         for finding, count, lumen_r, wall_r, wall_hu, zone in (
-            ("Peribronchial thickening", (5, 9), (0.025, 0.035), (0.04, 0.05), (-20, 40), (0.2, 0.8)),
-            ("Bronchiectasis", (4, 8), (0.06, 0.08), (0.025, 0.03), (-60, 0), (0.08, 0.7)),
+            ("Peribronchial thickening", (8, 14), (0.025, 0.032), (0.05, 0.06), (-120, -40), (0.2, 0.8)),
+            ("Bronchiectasis", (4, 8), (0.08, 0.1), (0.03, 0.035), (0, 40), (0.08, 0.7)),
         ):
             if not self.has[finding]:
                 continue
-            r = self.fr[finding]
+            r = self._begin(finding)
             z0, z1 = _zrange(r, *zone)
             side = int(r.choice((-1, 1))) if r.random() < 0.6 else None
             ks = c.ks(z0, z1)
             for _ in range(r.integers(*count)):
-                pu, pv, zc, _ = self._lung_point(r, z0, z1, (0.15, 0.7), side=side)
+                pu, pv, zc, _ = self._lung_point(r, z0, z1, 0.08, side=side)
                 tu, tv = self._tube(ks, pu, pv, zc, *r.uniform(-0.15, 0.15, 2))
                 d2 = (c.u - tu) ** 2 + (c.v - tv) ** 2
                 lumen = r.uniform(*lumen_r)
@@ -614,7 +664,7 @@ class _Chest:
     def _dense_lung_findings(self) -> None:
         c, r = self.c, self.rng
         if self.has["Interlobular septal thickening"]:
-            r = self.fr["Interlobular septal thickening"]
+            r = self._begin("Interlobular septal thickening")
             z0, z1 = _zrange(r, 0.1, 0.9)
             ks = c.ks(z0, z1)
             sp, th, off = r.uniform(0.11, 0.15), r.uniform(0, np.pi / 2), r.uniform(0, 1, 2)
@@ -622,80 +672,82 @@ class _Chest:
             b = (-c.u * np.sin(th) + c.v * np.cos(th)) / sp + off[1]
             w = 0.018 / sp
             grid = (np.abs(a - np.round(a)) < w) | (np.abs(b - np.round(b)) < w)
-            c.paint(grid & self._periphery(ks, 0.65), r.uniform(-330, -270), ks)
+            c.paint(grid & self._periphery(ks, 0.14), r.uniform(-330, -270), ks)
         if self.has["Pulmonary fibrotic sequela"]:
-            r = self.fr["Pulmonary fibrotic sequela"]
+            r = self._begin("Pulmonary fibrotic sequela")
             z0, z1 = _zrange(r, 0.05, 0.55)
             ks = c.ks(z0, z1)
             zs = c.zs(ks)
-            periph = self._periphery(ks, 0.55)
-            for _ in range(r.integers(6, 11)):
-                side = int(r.choice((-1, 1)))
-                th = r.uniform(0, 2 * np.pi)
-                lu, lv, au, av = self._lung_ellipse(side, np.float32((z0 + z1) / 2))
-                a = (float(lu + 0.95 * au * np.cos(th)), float(lv + 0.95 * av * np.sin(th)))
+            periph = self._periphery(ks, 0.2)
+            for _ in range(r.integers(8, 13)):
+                # a band from the pleura inward: start near the edge, point toward the lung's middle
+                pu, pv, zc, side = self._lung_point(r, z0, z1)
+                edge = self._periphery(c.ks(zc, zc + 0.01), 0.05)[:, :, 0]
+                rows_, cols_ = np.nonzero(edge & self._side(side)[:, :, 0])
+                if rows_.size:
+                    i = r.integers(rows_.size)
+                    pu = (cols_[i] + 0.5) / c.size[1] * 2 - 1
+                    pv = (rows_[i] + 0.5) / c.size[0] * 2 - 1
+                lu, lv, _, _ = self._lung_ellipse(side, np.float32(zc))
+                th = float(np.arctan2(lv - pv, lu - pu)) + r.uniform(-0.6, 0.6)
                 length = r.uniform(0.18, 0.3)
-                th2 = th + np.pi + r.uniform(-0.7, 0.7)  # pointing inward from the pleura
-                b = (a[0] + length * np.cos(th2), a[1] + length * np.sin(th2))
+                a = (pu, pv)
+                b = (pu + length * np.cos(th), pv + length * np.sin(th))
                 du, dv = r.uniform(-0.2, 0.2, 2)
-                d2 = _segment_dist2(c.u - du * (zs - z0), c.v - dv * (zs - z0), a, b)
-                c.paint((d2 <= r.uniform(0.028, 0.04) ** 2) & periph, r.uniform(-50, 30), ks)
+                d2 = _segment_dist2(c.u - du * (zs - zc), c.v - dv * (zs - zc), a, b)
+                c.paint((d2 <= r.uniform(0.035, 0.045) ** 2) & periph, r.uniform(-150, -50), ks)
         if self.has["Consolidation"]:
-            r = self.fr["Consolidation"]
+            r = self._begin("Consolidation")
             z0, z1 = _zrange(r, 0.08, 0.85)
-            pu, pv, _, side = self._lung_point(r, z0 + 0.3 * (z1 - z0), z1 - 0.3 * (z1 - z0), (0.2, 0.6))
+            pu, pv, _, _ = self._lung_point(r, z0 + 0.3 * (z1 - z0), z1 - 0.3 * (z1 - z0), 0.1)
             ks = c.ks(z0, z1)
             prof = _profile(c.zs(ks), z0, z1, 3)
             mask = np.zeros(self.lung[:, :, ks].shape, bool)
             for _ in range(r.integers(2, 4)):
                 du, dv = r.uniform(-0.06, 0.06, 2)
-                ra, rb = r.uniform(0.1, 0.16), r.uniform(0.09, 0.14)
+                ra, rb = r.uniform(0.2, 0.27), r.uniform(0.17, 0.23)
                 mask |= _rho2(c.u, c.v, pu + du, pv + dv, ra * prof + 1e-3, rb * prof + 1e-3) <= 1
             mask &= self.lung[:, :, ks]
-            c.paint(mask, r.uniform(20, 40), ks)
+            c.paint(mask, r.uniform(25, 45), ks)
             for _ in range(r.integers(2, 4)):  # air bronchograms
                 th = r.uniform(0, 2 * np.pi)
-                length = r.uniform(0.1, 0.16)
+                length = r.uniform(0.14, 0.2)
                 a = (pu - 0.03 * np.cos(th), pv - 0.03 * np.sin(th))
                 b = (pu + length * np.cos(th), pv + length * np.sin(th))
-                c.paint((_segment_dist2(c.u, c.v, a, b) <= 0.02**2) & mask, -950, ks)
+                c.paint((_segment_dist2(c.u, c.v, a, b) <= 0.028**2) & mask, -950, ks)
         if self.has["Atelectasis"]:
-            r = self.fr["Atelectasis"]
-            z0, z1 = _zrange(r, 0.02, 0.5)
+            # a tall wedge rising from the posterior (dependent) edge of a lower lobe: apex toward the hilum
+            r = self._begin("Atelectasis")
+            z0, z1 = _zrange(r, 0.2, 0.7)
             ks = c.ks(z0, z1)
             zs = c.zs(ks)
             for side in (-1, 1) if r.random() < 0.35 else (int(r.choice((-1, 1))),):
-                lu, lv, au, av = self._lung_ellipse(side, zs)
-                th = np.pi / 2 + side * r.uniform(0.1, 0.6)  # posterior (dependent) base
-                bu, bv = lu + au * np.cos(th), lv + av * np.sin(th)
-                depth = r.uniform(0.16, 0.26) * _profile(zs, z0, z1, 3)
-                half = r.uniform(0.1, 0.15) * _profile(zs, z0, z1, 3)
-                # wedge: apex points toward the hilum, base on the posterior pleura
-                nu, nv = -np.cos(th), -np.sin(th)
-                along = (c.u - bu) * nu + (c.v - bv) * nv
-                across = np.abs(-(c.u - bu) * nv + (c.v - bv) * nu)
-                wedge = (along > -0.05) & (along < depth) & (across < half * (1 - along / (depth + 1e-3)))
-                c.paint(wedge & self.lung[:, :, ks], r.uniform(30, 50), ks)
+                mask = self.lung[:, :, ks] & self._side(side)
+                height = self._height_above_back(mask)
+                lu, _, au, _ = self._lung_ellipse(side, zs)
+                u0 = lu + side * au * r.uniform(-0.2, 0.35)
+                tent = np.clip(1 - np.abs(c.u - u0) / r.uniform(0.16, 0.22), 0, 1)
+                peak = r.uniform(0.3, 0.4) * _profile(zs, z0, z1, 3)
+                c.paint(height < peak * tent, r.uniform(50, 70), ks)
         if self.has["Pleural effusion"]:
-            r = self.fr["Pleural effusion"]
+            # dependent fluid: a layer of even depth along the whole posterior edge, deepest at the base
+            r = self._begin("Pleural effusion")
             z0, z1 = _zrange(r, 0.0, 0.55)
             z0 = min(z0, r.uniform(0.0, 0.08))  # dependent fluid reaches the costophrenic recess
             ks = c.ks(z0, z1)
             zs = c.zs(ks)
-            sides = (-1, 1) if r.random() < 0.5 else (int(r.choice((-1, 1))),)
-            depth = r.uniform(0.12, 0.2) * np.clip((z1 - zs) / (z1 - z0) * 1.6, 0, 1)
-            for side in sides:
-                lu, lv, au, av = self._lung_ellipse(side, zs)
-                crescent = ~_ellipse(c.u, c.v, lu, lv - depth, au, av) & (c.v > lv)
-                c.paint(crescent & self.lung[:, :, ks], r.uniform(5, 15), ks)
+            depth = r.uniform(0.14, 0.22) * np.clip((z1 - zs) / (z1 - z0) * 1.6, 0, 1)
+            for side in (-1, 1) if r.random() < 0.5 else (int(r.choice((-1, 1))),):
+                height = self._height_above_back(self.lung[:, :, ks] & self._side(side))
+                c.paint(height < depth, r.uniform(5, 15), ks)
         if self.has["Lung nodule"]:
-            r = self.fr["Lung nodule"]
-            length = r.uniform(0.12, 0.18)
-            pu, pv, zc, _ = self._lung_point(r, 0.15, 0.9, (0.1, 0.7))
+            r = self._begin("Lung nodule")
+            length = r.uniform(0.14, 0.2)
+            pu, pv, zc, _ = self._lung_point(r, 0.2, 0.85, 0.16)
             z0, z1 = zc - length / 2, zc + length / 2
             ks = c.ks(z0, z1)
-            rad = r.uniform(0.08, 0.11) * _profile(c.zs(ks), z0, z1, 3)
-            c.paint(((c.u - pu) ** 2 + (c.v - pv) ** 2 <= rad**2) & self.lung[:, :, ks], r.uniform(20, 60), ks)
+            rad = r.uniform(0.11, 0.14) * _profile(c.zs(ks), z0, z1, 3)
+            c.paint(((c.u - pu) ** 2 + (c.v - pv) ** 2 <= rad**2) & self.lung[:, :, ks], r.uniform(30, 60), ks)
 
     # ------------------------------------------------------------------------------------------- bones
     def _bones(self) -> None:
@@ -734,16 +786,16 @@ class _Chest:
             ks = c.ks(zc - hz, zc + hz)
             if r.random() < 0.5:
                 pu, pv = cu + r.uniform(-0.07, 0.07), sv + r.uniform(-0.05, 0.05)
-            else:
-                th = r.uniform(0, 2 * np.pi)
+            else:  # posterior ribs (costovertebral sclerosis)
+                th = r.uniform(0.2, np.pi - 0.2)
                 pu, pv = cu + ring_a * np.cos(th), cv + ring_b * np.sin(th)
             rad = r.uniform(0.025, 0.06)
             c.paint(_ellipse(c.u, c.v, pu, pv, rad, rad * r.uniform(0.6, 1.4)), r.uniform(1600, 3100), ks)
 
     def _devices(self) -> None:
-        c, r = self.c, self.fr["Medical material"]
         if not self.has["Medical material"]:
             return
+        c, r = self.c, self._begin("Medical material")
         ba, bb = self.body_axes
         z0, z1 = _zrange(r, 0.35, 0.98)
         ks = c.ks(z0, z1)
@@ -763,6 +815,20 @@ class _Chest:
         c.paint(lead & (prof > 0.2), r.uniform(1200, 2200), ks)
 
 
+def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    """In-plane binary erosion by `steps` voxels (4-neighbourhood, repeated)."""
+    out = mask.copy()
+    for _ in range(steps):
+        prev = out.copy()
+        out[1:] &= prev[:-1]
+        out[:-1] &= prev[1:]
+        out[:, 1:] &= prev[:, :-1]
+        out[:, :-1] &= prev[:, 1:]
+        out[0] = out[-1] = False
+        out[:, 0] = out[:, -1] = False
+    return out
+
+
 def _blur(vol: np.ndarray, weight: float) -> np.ndarray:
     """Separable in-plane [w, 1-2w, w] filter (edge-replicated): partial-volume blur / a soft kernel."""
     out = vol
@@ -776,9 +842,16 @@ def _blur(vol: np.ndarray, weight: float) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def synthesize_scan(seed: int, key: int, scan_index: int, size: tuple[int, int, int], labels) -> np.ndarray:
-    """Noise-free HU phantom of one scan, (rows, cols, slices) float32 (exposed for tests and benchmarks)."""
-    return _Chest(_check_size(tuple(size)), tuple(int(x) for x in labels), seed, key, scan_index).build()
+def synthesize_scan(
+    seed: int, key: int, scan_index: int, size: tuple[int, int, int], labels
+) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+    """Noise-free HU phantom of one scan: (rows, cols, slices) float32, and each finding's slice range.
+
+    The ranges are (first, last) slice indices, inclusive, of the slices showing at least 3 voxels of the finding:
+    ground truth that volume labels lack (for tests, and for checking slice-level models).
+    """
+    chest = _Chest(_check_size(tuple(size)), tuple(int(x) for x in labels), seed, key, scan_index)
+    return chest.build(), chest.extents()
 
 
 def reconstruct(clean: np.ndarray, seed: int, key: int, scan_index: int, recon: int) -> np.ndarray:
@@ -980,12 +1053,14 @@ def generate_dataset(
     label_rows: dict[str, list] = {"train": [], "valid": []}
     meta_rows: dict[str, list] = {"train": [], "valid": []}
     paths: dict[str, Path] = {}
-    cache: tuple[tuple[int, int], np.ndarray] | None = None
+    extents: dict[str, dict[str, tuple[int, int]]] = {}
+    cache: tuple[tuple[int, int], np.ndarray, dict] | None = None
     for vol in plan:
         scan_id = (vol.key, vol.scan_index)
         if cache is None or cache[0] != scan_id:
-            cache = (scan_id, synthesize_scan(seed, vol.key, vol.scan_index, size, vol.labels))
+            cache = (scan_id, *synthesize_scan(seed, vol.key, vol.scan_index, size, vol.labels))
         hu = reconstruct(cache[1], seed, vol.key, vol.scan_index, vol.recon)
+        extents[vol.name] = dict(cache[2])
         geometry, meta = _scan_meta(seed, vol, size)
         payload = _nifti_bytes(hu, vol.fixed, geometry.affine(), (geometry.xy, geometry.xy, geometry.zsp),
                                nan_affine=vol is nan_pick)
@@ -1014,6 +1089,7 @@ def generate_dataset(
         labels_csv=labels_csv,
         metadata_csv=metadata_csv,
         volume_paths=paths,
+        finding_slices=extents,
         fixed_volumes=tuple(v.name for v in plan if v.fixed),
         nan_affine_volume=nan_pick.name,
     )
