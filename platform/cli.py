@@ -93,7 +93,25 @@ def add_run_args(parser: argparse.ArgumentParser, *, mode_default: str | None = 
     # beyond the guide
     parser.add_argument("--weights", default=defaults.weights, help="imagenet | none | PATH (default none)")
     parser.add_argument("--input-windows", choices=c.INPUT_WINDOWS, default=defaults.input_windows)
-    parser.add_argument("--head", choices=c.HEADS, default=defaults.head)
+    parser.add_argument("--head", choices=c.HEADS, default=defaults.head,
+                        help="slice: slices trained on volume labels, then --aggregation; attention-mil: gated "
+                             "attention over a volume's slices, trained on volume labels")
+    parser.add_argument("--mil-pooling", choices=c.MIL_POOLINGS, default=defaults.mil_pooling,
+                        help="attention-mil: one attention distribution per class or one shared (default per-class)")
+    parser.add_argument("--mil-hidden", type=int, default=defaults.mil_hidden,
+                        help="attention-mil: width of the gated attention (default 128)")
+    parser.add_argument("--mil-slices", type=int, default=None,
+                        help="attention-mil: K slices per volume in training, evenly spread (default: all cached); "
+                             "a batch holds max(1, --batch-size // K) volumes")
+    parser.add_argument("--mil-grad-checkpoint", action="store_true",
+                        help="attention-mil: gradient checkpointing of the slice encoder (less memory, more compute)")
+    parser.add_argument("--mil-chunk-slices", type=int, default=None,
+                        help="attention-mil: at most this many slices per encoder call")
+    parser.add_argument("--mil-frozen-encoder", action="store_true",
+                        help="attention-mil: keep the slice encoder fixed and train the pooling on cached slice "
+                             "features (fast sweeps; use with --weights imagenet or PATH)")
+    parser.add_argument("--mil-feature-dir", default=None,
+                        help="attention-mil: cached feature folder (default <slice-dir>/mil_features)")
     parser.add_argument("--aggregation", choices=c.AGGREGATIONS, default=defaults.aggregation,
                         help="slice -> volume probability (default mean)")
     parser.add_argument("--topk", type=int, default=defaults.topk)

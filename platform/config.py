@@ -19,6 +19,7 @@ PREDICT_TYPES = ("slices", "volumes")
 AGGREGATIONS = ("mean", "max", "topk")
 INPUT_WINDOWS = ("single", "three")
 HEADS = ("slice", "attention-mil")
+MIL_POOLINGS = ("per-class", "shared")
 
 
 @dataclass
@@ -58,11 +59,20 @@ class TrainConfig:
     weights: str = "none"  # imagenet | none | PATH
     input_windows: str = "three"
     head: str = "slice"
-    aggregation: str = "mean"
+    aggregation: str = "mean"  # slice head only: slice -> volume probability
     topk: int = 3
     image_size: int | None = None  # None: the cache's size
     seed: int = 0
     limit_train_batches: float | int = 1.0
+    # --- attention-MIL head (`--head attention-mil`); a MIL batch holds max(1, batch_size // K) volumes of K slices,
+    # so --batch-size stays the number of slices per step (the memory bound) for both heads ---
+    mil_pooling: str = "per-class"  # gated attention: one distribution over slices per class, or one shared
+    mil_hidden: int = 128  # width of the gated attention's projections
+    mil_slices: int | None = None  # K slices per volume in training (subsampled evenly, random offsets); None: all
+    mil_grad_checkpoint: bool = False  # gradient checkpointing of the slice encoder
+    mil_chunk_slices: int | None = None  # at most this many slices per encoder call (None: the whole batch)
+    mil_frozen_encoder: bool = False  # fixed slice encoder, features computed once and cached (MIL head only)
+    mil_feature_dir: str | None = None  # where cached features go (default <slice-dir>/mil_features)
     # --- Ray Train ---
     address: str | None = None
     ray_workers: int = 1
@@ -85,6 +95,7 @@ class TrainConfig:
             "aggregation": AGGREGATIONS,
             "input_windows": INPUT_WINDOWS,
             "head": HEADS,
+            "mil_pooling": MIL_POOLINGS,
         }
         for name, valid in choices.items():
             value = getattr(self, name)
@@ -94,6 +105,12 @@ class TrainConfig:
             raise ValueError("--batch-size and --epochs must be at least 1")
         if not 0.0 <= self.cutmix_prob <= 1.0:
             raise ValueError(f"--cutmix-prob must be in [0, 1], got {self.cutmix_prob}")
+        if self.mil_hidden < 1 or (self.mil_slices is not None and self.mil_slices < 1) or (
+                self.mil_chunk_slices is not None and self.mil_chunk_slices < 1):
+            raise ValueError("--mil-hidden, --mil-slices and --mil-chunk-slices must be at least 1")
+        if self.head == "attention-mil" and self.use_advanced_aug:
+            raise ValueError("--use-advanced-aug (CutMix/MixUp of slices) is for the slice head; the attention-mil "
+                             "head trains on whole volumes")
         return self
 
     def to_dict(self) -> dict[str, Any]:

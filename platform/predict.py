@@ -1,7 +1,9 @@
 """`--mode predict`: files in, per-class probabilities and decisions out (table, CSV and JSON).
 
 `--predict-type volumes` reads .nii/.nii.gz/.mha through the training preprocessing; `slices` reads 2-D .npy HU
-slices (allow_pickle=False). `--checkpoint` takes a bundle folder or a Lightning checkpoint.
+slices (allow_pickle=False). `--checkpoint` takes a bundle folder or a Lightning checkpoint. For an attention-MIL
+bundle the JSON also holds each volume's `slice_attention` (per class, the weight of every used slice, at
+`slice_positions` of the source volume): which slices drove each finding.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def predict_files(checkpoint: str, inputs: list[str], predict_type: str, output:
     ]
     for record, detail in zip(records, details, strict=False):
         record.update({"key_slices": detail["key_slices"], "notes": detail["notes"]})
+        if "slice_attention" in detail:  # attention-MIL: each slice's weight per finding
+            record.update({"slice_positions": detail["slice_positions"], "slice_attention": detail["slice_attention"]})
     if output:
         out = Path(output)
         csv_path = out if out.suffix == ".csv" else out.with_suffix(".csv")

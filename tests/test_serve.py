@@ -232,6 +232,60 @@ def test_slice_probabilities_equal_offline_predictor(service, offline):
     assert served["model_version"] == service["versions"]["a"]
 
 
+def make_mil_bundle(path, seed=2, image_size=64):
+    import torch
+
+    from ctplatform.data.preprocess import PreprocessSettings
+    from ctplatform.model.bundle import ModelSpec, export_bundle
+    from ctplatform.model.calibration import Calibration
+    from ctplatform.model.mil import build_mil_model
+
+    torch.manual_seed(seed)
+    model = build_mil_model("resnet50", mil_pooling="per-class", mil_hidden=32)
+    with torch.no_grad():  # spread the random attention so slices get clearly different weights
+        model.pool.attention_w.weight.mul_(30.0)
+    spec = ModelSpec(architecture={"head": "attention-mil", **model.architecture()}, input_windows="three",
+                     preprocess=PreprocessSettings(image_size=image_size, num_slices=8).to_dict(),
+                     calibration=Calibration(np.full(18, 1.0), np.linspace(-2.0, 2.0, 18)),
+                     source={"run_name": "test-mil"})
+    return export_bundle(path, model.eval(), spec)
+
+
+def test_attention_mil_bundle_serves_attention_weights(service):
+    from ray import serve
+
+    from ctplatform.data.volume_io import read_volume
+    from ctplatform.model.inference import Predictor
+    from ctplatform.serve.app import build_app
+
+    bundle = make_mil_bundle(service["root"] / "mil")
+    serve.run(build_app(bundle, **app_options()), name="mil", route_prefix="/mil")
+    try:
+        data = nifti_gz(chest(seed=4))
+        response = service["client"].post("/mil/v1/predict/volume", files={"file": ("scan.nii.gz", data)},
+                                          headers=AUTH)
+        assert response.status_code == 200, response.text
+        served = response.json()
+        volume = read_volume(data, name="scan.nii.gz")
+        expected = Predictor.from_path(bundle, device="cpu").predict_volume(volume.hu, volume.notes).to_dict()
+        np.testing.assert_allclose([served["raw_probabilities"][c] for c in expected["raw_probabilities"]],
+                                   list(expected["raw_probabilities"].values()), atol=1e-5, rtol=0)
+        attention = served["slice_attention"]
+        assert set(attention) == set(expected["probabilities"])
+        for name, weights in attention.items():
+            assert len(weights) == len(served["slice_positions"]) == 8
+            assert sum(weights) == pytest.approx(1.0, abs=1e-4)
+            np.testing.assert_allclose(weights, expected["slice_attention"][name], atol=1e-5)
+        assert served["findings"], "the calibration makes some classes positive"
+        for finding in served["findings"]:  # the key slices are the most attended ones, with their weights
+            weights = attention[finding["class"]]
+            assert finding["key_slice_attention"][0] == pytest.approx(max(weights), abs=1e-6)
+        info = service["client"].get("/mil/v1/model", headers=AUTH).json()
+        assert info["serving"]["mil_head"] is True and info["architecture"]["head"] == "attention-mil"
+    finally:
+        serve.delete("mil")
+
+
 def test_concurrent_requests_are_batched(service):
     hu = chest(seed=4)
 

@@ -81,3 +81,35 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(local_ray, tiny_cache, 
     # epoch 0 finished and was checkpointed; epoch 1 died, restarted from that checkpoint, then 1 and 2 ran
     assert started == [0, 1, 1, 2]
     assert result.metrics["epoch"] == 2
+
+
+def test_attention_mil_trains_exports_a_bundle_and_predicts_with_attention(local_ray, tiny_cache, tiny_dataset,
+                                                                          tmp_path):
+    import json
+
+    import numpy as np
+
+    from ctplatform.model.bundle import load_bundle
+    from ctplatform.model.mil import AttentionMILClassifier
+    from ctplatform.predict import predict_files
+    from ctplatform.train.evaluate import evaluate
+
+    # 16 slices per step: bags of 8 cached slices -> 2 volumes per batch
+    outcome = run_training(config(tiny_cache, tmp_path, head="attention-mil", mil_pooling="shared", epochs=1,
+                                  limit_train_batches=3))
+    assert outcome.run_name.startswith("resnet50-attention-mil-")
+    assert "val/volume_auroc" in outcome.metrics and "val/slice_auroc" not in outcome.metrics
+    bundle = tmp_path / "bundle"
+    metrics = evaluate(outcome.best_checkpoint, tiny_cache, tmp_path / "report", bundle_dir=bundle, device="cpu")
+    assert metrics["macro"]["auroc"] is not None
+    model, spec = load_bundle(bundle)
+    assert isinstance(model, AttentionMILClassifier)
+    assert spec.architecture["head"] == "attention-mil" and spec.architecture["mil_pooling"] == "shared"
+    volume = sorted(tiny_dataset.rglob("*.nii.gz"))[0]
+    table = predict_files(str(bundle), [str(volume)], "volumes", output=str(tmp_path / "pred.csv"), device="cpu")
+    assert table.shape == (1, 19)
+    record = json.loads((tmp_path / "pred.json").read_text())[0]
+    weights = np.array(list(record["slice_attention"].values()))  # (classes, slices)
+    assert weights.shape == (18, len(record["slice_positions"]))
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(weights, weights[:1].repeat(18, axis=0))  # shared pooling: one distribution

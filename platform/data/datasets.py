@@ -159,3 +159,91 @@ class VolumeDataset(Dataset):
         row = int(self.rows[i])
         array = self.files.get(self.index.files[row])
         return torch.from_numpy(np.array(array, dtype=np.int16)), self.labels[row], row
+
+
+def bag_positions(count: int, k: int | None, generator: torch.Generator | None = None) -> np.ndarray:
+    """Which of a volume's ``count`` cached slices a bag of at most ``k`` slices uses (ascending indices).
+
+    All of them when ``k`` is None or ``count <= k``; else one slice from each of ``k`` equal bins: the bin centres
+    without a generator (evaluation), a random slice per bin with one (training: every epoch sees other slices
+    with the same coverage of the body)."""
+    if k is None or count <= k:
+        return np.arange(count, dtype=np.int64)
+    edges = np.arange(k + 1) * count / k
+    offsets = np.full(k, 0.5) if generator is None else torch.rand(k, generator=generator).double().numpy()
+    picks = np.floor(edges[:-1] + offsets * (edges[1:] - edges[:-1])).astype(np.int64)
+    return np.clip(picks, 0, count - 1)
+
+
+class SliceBagDataset(Dataset):
+    """Every cached volume of one split as a bag of slices, for volume-level (attention-MIL) training.
+
+    Item = (int16 HU (k, S, S), labels (C,), volume row, item, positions (k,) of the kept slices within the cached
+    volume). ``slices_per_volume`` caps k (see :func:`bag_positions`); ``random_subsample`` draws the kept slices
+    anew on every access (training) instead of taking the bin centres. Cache layout only."""
+
+    def __init__(self, index: CacheIndex, split: str, slices_per_volume: int | None = None,
+                 random_subsample: bool = False):
+        if index.layout != "cache":
+            raise DataFormatError(index.root, "volume-level items need a prepared cache (ctplatform prepare)")
+        self.index = index
+        self.rows = index.split_volumes(split)
+        if not len(self.rows):
+            raise DataFormatError(index.root, f"no volumes of split {split!r} in the cache")
+        self.labels = torch.tensor(index.labels())
+        self.counts = index.volumes["num_slices"].to_numpy(dtype=np.int64)
+        self.slices_per_volume = slices_per_volume
+        self.random_subsample = random_subsample
+        self.files = _MappedFiles(index.root, capacity=256)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def max_slices(self) -> int:
+        """The largest bag this dataset gives."""
+        largest = int(self.counts[self.rows].max())
+        return min(largest, self.slices_per_volume) if self.slices_per_volume else largest
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        array = self.files.get(self.index.files[row])
+        # torch's default generator: seeded per DataLoader worker, and by seed_everything in the main process
+        generator = torch.default_generator if self.random_subsample else None
+        keep = bag_positions(len(array), self.slices_per_volume, generator)
+        hu = torch.from_numpy(np.array(array[keep], dtype=np.int16))
+        return hu, self.labels[row], row, i, torch.from_numpy(keep)
+
+
+class FeatureBagDataset(Dataset):
+    """Bags of precomputed slice features (a frozen encoder's embeddings): item as :class:`SliceBagDataset`, with
+    float features (k, D) in place of HU slices. ``features[j]`` belongs to volume row ``rows[j]``."""
+
+    def __init__(self, features: list[np.ndarray], rows: np.ndarray, labels: np.ndarray):
+        if len(features) != len(rows):
+            raise ValueError(f"{len(features)} feature bags for {len(rows)} volumes")
+        self.features, self.rows = features, np.asarray(rows)
+        self.labels = torch.tensor(np.array(labels, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        bag = torch.from_numpy(np.asarray(self.features[i], dtype=np.float32))
+        row = int(self.rows[i])
+        return bag, self.labels[row], row, i, torch.arange(len(bag))
+
+
+def collate_bags(items: list[tuple]) -> tuple[torch.Tensor, ...]:
+    """Bags of different sizes -> (padded (B, Kmax, ...), mask (B, Kmax) bool, labels (B, C), rows (B,), items (B,),
+    positions (B, Kmax) with -1 on padding). Padding is zeros; the mask marks the real slices."""
+    bags, labels, rows, numbers, positions = zip(*items, strict=True)
+    longest = max(len(b) for b in bags)
+    padded = bags[0].new_zeros((len(bags), longest, *bags[0].shape[1:]))
+    mask = torch.zeros((len(bags), longest), dtype=torch.bool)
+    kept = torch.full((len(bags), longest), -1, dtype=torch.int64)
+    for j, (bag, where) in enumerate(zip(bags, positions, strict=True)):
+        padded[j, : len(bag)] = bag
+        mask[j, : len(bag)] = True
+        kept[j, : len(bag)] = where
+    return (padded, mask, torch.stack(labels), torch.as_tensor(rows, dtype=torch.int64),
+            torch.as_tensor(numbers, dtype=torch.int64), kept)

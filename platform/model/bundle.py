@@ -39,7 +39,7 @@ class BundleError(ValueError):
 class ModelSpec:
     """What a model needs besides its weights (the serialisable part of a bundle)."""
 
-    architecture: dict[str, Any]  # build_classifier kwargs plus "head"
+    architecture: dict[str, Any]  # build_classifier (or build_mil_model) kwargs plus "head"
     input_windows: str
     preprocess: dict[str, Any]  # PreprocessSettings.to_dict()
     aggregation: str = "mean"
@@ -49,13 +49,13 @@ class ModelSpec:
     source: dict[str, Any] | None = None
 
     def build_model(self) -> torch.nn.Module:
-        architecture = dict(self.architecture)
+        architecture = {k: v for k, v in self.architecture.items() if k != "weights"}  # weights come from the bundle
         head = architecture.pop("head", "slice")
         if head == "attention-mil":
             from ctplatform.model.mil import build_mil_model
 
-            return build_mil_model(**architecture)
-        return build_classifier(**{k: v for k, v in architecture.items() if k != "weights"}, weights="none")
+            return build_mil_model(**architecture, weights="none")
+        return build_classifier(**architecture, weights="none")
 
 
 def _versions() -> dict[str, str]:
@@ -155,10 +155,14 @@ def _read_lightning_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Mod
     if not hparams or "config" not in hparams:
         raise BundleError(f"{path}: not a ctplatform Lightning checkpoint (no hyper_parameters.config)")
     config = hparams["config"]
+    architecture = {"head": config.get("head", "slice"), "model": config["model"],
+                    "use_attention": config["use_attention"], "use_multiscale": config["use_multiscale"],
+                    "num_classes": len(CLASS_NAMES)}
+    if architecture["head"] == "attention-mil":
+        architecture.update(mil_pooling=config.get("mil_pooling", "per-class"),
+                            mil_hidden=config.get("mil_hidden", 128))
     spec = ModelSpec(
-        architecture={"head": config.get("head", "slice"), "model": config["model"],
-                      "use_attention": config["use_attention"], "use_multiscale": config["use_multiscale"],
-                      "num_classes": len(CLASS_NAMES)},
+        architecture=architecture,
         input_windows=config["input_windows"],
         preprocess=hparams.get("preprocess") or {},
         aggregation=config.get("aggregation", "mean"),

@@ -40,8 +40,15 @@ class VolumePrediction:
         order = np.argsort(-evidence, axis=0, kind="stable")[:top]
         return {name: [int(self.slice_positions[k]) for k in order[:, j]] for j, name in enumerate(CLASS_NAMES)}
 
+    def slice_attention(self) -> dict[str, list[float]] | None:
+        """Per class, the attention weight of each slice (in `slice_positions` order; sums to one), or None for a
+        slice head. Which slices drove each finding."""
+        if self.slice_weights is None:
+            return None
+        return {name: [round(float(w), 6) for w in self.slice_weights[:, j]] for j, name in enumerate(CLASS_NAMES)}
+
     def to_dict(self) -> dict:
-        return {
+        out = {
             "probabilities": dict(zip(CLASS_NAMES, map(float, self.probabilities), strict=True)),
             "raw_probabilities": dict(zip(CLASS_NAMES, map(float, self.raw_probabilities), strict=True)),
             "decisions": dict(zip(CLASS_NAMES, map(bool, self.decisions), strict=True)),
@@ -50,6 +57,10 @@ class VolumePrediction:
             "slice_positions": [int(p) for p in self.slice_positions],
             "notes": self.notes,
         }
+        attention = self.slice_attention()
+        if attention is not None:
+            out["slice_attention"] = attention
+        return out
 
 
 class Predictor:
@@ -63,6 +74,8 @@ class Predictor:
         self.settings = PreprocessSettings.from_dict(spec.preprocess)
         self.batch_size = batch_size
         self.is_mil = spec.architecture.get("head") == "attention-mil"
+        if self.is_mil:  # a whole volume in one call: bound the slices per encoder forward
+            self.model.chunk_slices = batch_size
 
     @classmethod
     def from_path(cls, path: str | Path, device: str | None = None, batch_size: int = 64) -> Predictor:

@@ -479,6 +479,11 @@ class Preprocessor:
         result["findings"] = sorted(
             ({"class": name, "probability": result["probabilities"][name], "key_slices": result["key_slices"][name]}
              for name in result["key_slices"]), key=lambda f: -f["probability"])
+        if "slice_attention" in result:  # attention-MIL: the weight of each key slice for its finding
+            where = {int(p): k for k, p in enumerate(result["slice_positions"])}
+            for finding in result["findings"]:
+                weights = result["slice_attention"][finding["class"]]
+                finding["key_slice_attention"] = [weights[where[p]] for p in finding["key_slices"]]
         result["volume"] = {"filename": upload.filename, "shape": shape, "spacing_mm": spacing, "hu_source": source,
                             "slices_used": len(positions)}
         result["decision_threshold"] = DECISION_THRESHOLD

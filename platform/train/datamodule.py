@@ -1,12 +1,27 @@
-"""LightningDataModule over the slice cache: int16 HU slices in, windowing and augmentation on the device."""
+"""LightningDataModules over the slice cache: int16 HU in, windowing and augmentation on the device.
+
+:class:`CTDataModule` serves slices (the slice head); :class:`VolumeBagDataModule` serves volumes as padded bags of
+K slices with a mask (the attention-MIL head), or bags of cached slice features with a frozen encoder.
+:func:`build_datamodule` picks the one a configuration needs.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ctplatform.data.datasets import CacheIndex, SliceDataset, load_cache_index
+from ctplatform.config import TrainConfig
+from ctplatform.data.datasets import (
+    CacheIndex,
+    FeatureBagDataset,
+    SliceBagDataset,
+    SliceDataset,
+    collate_bags,
+    load_cache_index,
+)
 from ctplatform.train.lightning_import import pl
 
 
@@ -49,3 +64,62 @@ class CTDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
+
+
+class VolumeBagDataModule(CTDataModule):
+    """Volumes as bags of slices for the attention-MIL head.
+
+    A batch is ``collate_bags``' tuple: padded int16 HU ``(B, K, S, S)``, mask ``(B, K)``, labels, volume rows,
+    items and slice positions. ``batch_size`` counts slices, as for the slice head: a batch holds
+    ``max(1, batch_size // K)`` volumes, K being the largest training bag (``slices_per_volume`` or the cache's
+    slice count), so one step runs about as many slices through the encoder as a slice-head step.
+    """
+
+    def __init__(self, slice_dir: str, batch_size: int = 32, num_workers: int = 2, seed: int = 0,
+                 slices_per_volume: int | None = None):
+        super().__init__(slice_dir, batch_size, num_workers, seed)
+        self.slices_per_volume = slices_per_volume
+        self.volumes_per_batch = 1
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.index is None:
+            self.index = load_cache_index(self.slice_dir)
+            self.train_set = SliceBagDataset(self.index, "train", self.slices_per_volume, random_subsample=True)
+            self.val_set = SliceBagDataset(self.index, "valid")
+            self.volumes_per_batch = max(1, self.batch_size // self.train_set.max_slices())
+
+    def use_features(self, extract: Callable[[torch.Tensor], torch.Tensor], key: str,
+                     feature_dir: str | None = None, batch_size: int = 64) -> None:
+        """Serve bags of frozen-encoder features instead of HU slices (all cached slices of each volume)."""
+        from ctplatform.train.slice_features import cached_slice_features
+
+        self.setup()
+        features = cached_slice_features(extract, key, self.index, feature_dir, batch_size)
+        labels = self.index.labels()
+        for name, split in (("train_set", "train"), ("val_set", "valid")):
+            rows = self.index.split_volumes(split)
+            setattr(self, name, FeatureBagDataset([features[r] for r in rows], rows, labels))
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        workers = self.num_workers
+        size = self.volumes_per_batch
+        return DataLoader(
+            dataset,
+            batch_size=size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) > size,
+            num_workers=workers,
+            collate_fn=collate_bags,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            prefetch_factor=2 if workers > 0 else None,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+
+def build_datamodule(cfg: TrainConfig) -> CTDataModule:
+    """The data module for a configuration: slices for the slice head, bags of slices for attention-MIL."""
+    if cfg.head == "attention-mil":
+        return VolumeBagDataModule(cfg.slice_dir, cfg.batch_size, cfg.num_workers, seed=cfg.seed,
+                                   slices_per_volume=cfg.mil_slices)
+    return CTDataModule(cfg.slice_dir, cfg.batch_size, cfg.num_workers, seed=cfg.seed)

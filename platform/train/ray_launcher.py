@@ -76,14 +76,14 @@ class CurrentStreamRayDDPStrategy(RayDDPStrategy):
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the same Lightning loop as a plain run, with Ray's strategy and reporting."""
     from ctplatform.model.losses import class_pos_weights
-    from ctplatform.train.datamodule import CTDataModule
+    from ctplatform.train.datamodule import build_datamodule
     from ctplatform.train.lightning_import import pl
     from ctplatform.train.module import CTClassifierModule
     from ctplatform.train.trainer import build_trainer
 
     cfg = TrainConfig.from_dict(loop_config["config"])
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = CTDataModule(cfg.slice_dir, cfg.batch_size, cfg.num_workers, seed=cfg.seed)
+    datamodule = build_datamodule(cfg)  # slices, or bags of slices for --head attention-mil
     datamodule.setup()
     pos_weight = class_pos_weights(datamodule.train_labels()).tolist() if cfg.loss_type == "bce" else None
     settings = datamodule.index.settings

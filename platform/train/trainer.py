@@ -42,7 +42,8 @@ def build_callbacks(cfg: TrainConfig, run_dir: str | Path) -> list:
         pl.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience),
         pl.callbacks.LearningRateMonitor(logging_interval="epoch"),
     ]
-    if cfg.freeze_backbone or cfg.progressive_unfreeze:
+    frozen_encoder = cfg.head == "attention-mil" and cfg.mil_frozen_encoder  # fixed already (cached features)
+    if (cfg.freeze_backbone or cfg.progressive_unfreeze) and not frozen_encoder:
         callbacks.append(BackboneFreezeUnfreeze(cfg.unfreeze_epoch if cfg.progressive_unfreeze else None))
     return callbacks
 
