@@ -43,6 +43,9 @@ class TrainConfig:
     use_multiscale: bool = False
     use_mixed_precision: bool = False
     early_stopping_patience: int = 10
+    # the guide's checkpoint files (top 3 + last.ckpt) in <run>/checkpoints; sweep trials turn them off: Ray's
+    # own checkpoints are what a trial resumes from and exports, and each resnet50 one is ~270 MB
+    guide_checkpoints: bool = True
     num_workers: int = 2
     checkpoint: str | None = None
     predict_input: list[str] = field(default_factory=list)

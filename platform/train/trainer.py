@@ -38,7 +38,9 @@ def build_callbacks(cfg: TrainConfig, run_dir: str | Path) -> list:
             save_top_k=3,
             save_last=True,
             auto_insert_metric_name=False,
-        ),
+        )
+    ] if cfg.guide_checkpoints else []
+    callbacks += [
         pl.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience),
         pl.callbacks.LearningRateMonitor(logging_interval="epoch"),
     ]
@@ -69,6 +71,7 @@ def build_trainer(
         precision=precision_for(cfg),
         callbacks=build_callbacks(cfg, run_dir) + list(extra_callbacks or []),
         logger=logger,
+        enable_checkpointing=cfg.guide_checkpoints,  # else Lightning adds its own default checkpoint callback
         enable_progress_bar=enable_progress_bar,
         num_sanity_val_steps=0,
         limit_train_batches=cfg.limit_train_batches,

@@ -94,7 +94,8 @@ class RecordingTuneReportCallback(TuneReportCallback):
 def run_trial(config: dict, base: dict, trials_dir: str, metric: str, mode: str, worker_callbacks=None) -> None:
     """One Tune trial: a Ray Train run named after the trial id (stable across `--resume`)."""
     trial_id = tune.get_context().get_trial_id()
-    cfg = TrainConfig.from_dict(base).replace(**config, run_name=f"trial_{trial_id}", storage_path=trials_dir)
+    cfg = TrainConfig.from_dict(base).replace(**config, run_name=f"trial_{trial_id}", storage_path=trials_dir,
+                                              guide_checkpoints=False)  # Ray's checkpoints suffice (disk)
     cfg = resolved(cfg.validate())
     run_dir = None if is_uri(cfg.storage_path) else Path(local_run_dir(cfg))
     history = run_dir / HISTORY_FILE if run_dir is not None else None
