@@ -531,6 +531,17 @@ class _Chest:
             c.paint(blob & (c.v < hv_ - r.uniform(-0.02, 0.04)), -1000, ks)  # air-fluid level, air anterior
 
     # ------------------------------------------------------------------------------------------- lungs
+    def _lobules(self, r, pu, pv, ks: slice, prof, spread: float, ra: tuple, rb: tuple) -> np.ndarray:
+        """2-3 overlapping ellipses around (pu, pv), radii scaled per slice by `prof`: a lobulated airspace
+        process (opacity, consolidation) over the slices `ks`."""
+        c = self.c
+        mask = np.zeros(self.lung[:, :, ks].shape, bool)
+        for _ in range(r.integers(2, 4)):
+            du, dv = r.uniform(-spread, spread, 2)
+            a, b = r.uniform(*ra), r.uniform(*rb)
+            mask |= _rho2(c.u, c.v, pu + du, pv + dv, a * prof + 1e-3, b * prof + 1e-3) <= 1
+        return mask
+
     def _inner(self, margin: float) -> np.ndarray:
         """Lung voxels at least `margin` (normalised units) from the lung's edge, in-plane."""
         steps = int(round(margin * min(self.c.size[:2]) / 2))  # noqa: RUF046 (numpy scalars round to floats)
@@ -606,11 +617,7 @@ class _Chest:
             pu, pv, _, _ = self._lung_point(r, z0 + 0.3 * (z1 - z0), z1 - 0.3 * (z1 - z0), 0.1)
             ks = c.ks(z0, z1)
             prof = _profile(c.zs(ks), z0, z1, 2.5)
-            mask = np.zeros(self.lung[:, :, ks].shape, bool)
-            for _ in range(r.integers(2, 4)):
-                du, dv = r.uniform(-0.08, 0.08, 2)
-                ra, rb = r.uniform(0.15, 0.22), r.uniform(0.12, 0.18)
-                mask |= _rho2(c.u, c.v, pu + du, pv + dv, ra * prof + 1e-3, rb * prof + 1e-3) <= 1
+            mask = self._lobules(r, pu, pv, ks, prof, 0.08, (0.15, 0.22), (0.12, 0.18))
             c.paint(mask & self.lung[:, :, ks], r.uniform(-600, -500), ks)
 
     def _tube(self, ks: slice, pu: float, pv: float, zc: float, du: float, dv: float):
@@ -702,11 +709,7 @@ class _Chest:
             pu, pv, _, _ = self._lung_point(r, z0 + 0.3 * (z1 - z0), z1 - 0.3 * (z1 - z0), 0.1)
             ks = c.ks(z0, z1)
             prof = _profile(c.zs(ks), z0, z1, 3)
-            mask = np.zeros(self.lung[:, :, ks].shape, bool)
-            for _ in range(r.integers(2, 4)):
-                du, dv = r.uniform(-0.06, 0.06, 2)
-                ra, rb = r.uniform(0.2, 0.27), r.uniform(0.17, 0.23)
-                mask |= _rho2(c.u, c.v, pu + du, pv + dv, ra * prof + 1e-3, rb * prof + 1e-3) <= 1
+            mask = self._lobules(r, pu, pv, ks, prof, 0.06, (0.2, 0.27), (0.17, 0.23))
             mask &= self.lung[:, :, ks]
             c.paint(mask, r.uniform(25, 45), ks)
             for _ in range(r.integers(2, 4)):  # air bronchograms

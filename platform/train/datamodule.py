@@ -26,6 +26,9 @@ from ctplatform.train.lightning_import import pl
 
 
 class CTDataModule(pl.LightningDataModule):
+    collate_fn: Callable | None = None  # DataLoader's default: stack slices
+    prefetch_factor = 4
+
     def __init__(self, slice_dir: str, batch_size: int = 32, num_workers: int = 2, seed: int = 0):
         super().__init__()
         self.slice_dir = slice_dir
@@ -45,17 +48,21 @@ class CTDataModule(pl.LightningDataModule):
         self.setup()
         return self.index.labels()[self.index.split_volumes("train")]
 
+    def loader_batch_size(self) -> int:
+        return self.batch_size
+
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        workers = self.num_workers
+        workers, size = self.num_workers, self.loader_batch_size()
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=size,
             shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > self.batch_size,  # no tiny last batch for BatchNorm in training
+            drop_last=shuffle and len(dataset) > size,  # no tiny last batch for BatchNorm in training
             num_workers=workers,
+            collate_fn=self.collate_fn,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
@@ -74,6 +81,9 @@ class VolumeBagDataModule(CTDataModule):
     ``max(1, batch_size // K)`` volumes, K being the largest training bag (``slices_per_volume`` or the cache's
     slice count), so one step runs about as many slices through the encoder as a slice-head step.
     """
+
+    collate_fn = staticmethod(collate_bags)
+    prefetch_factor = 2
 
     def __init__(self, slice_dir: str, batch_size: int = 32, num_workers: int = 2, seed: int = 0,
                  slices_per_volume: int | None = None):
@@ -100,21 +110,8 @@ class VolumeBagDataModule(CTDataModule):
             rows = self.index.split_volumes(split)
             setattr(self, name, FeatureBagDataset([features[r] for r in rows], rows, labels))
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        workers = self.num_workers
-        size = self.volumes_per_batch
-        return DataLoader(
-            dataset,
-            batch_size=size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > size,
-            num_workers=workers,
-            collate_fn=collate_bags,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            prefetch_factor=2 if workers > 0 else None,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+    def loader_batch_size(self) -> int:
+        return self.volumes_per_batch
 
 
 def build_datamodule(cfg: TrainConfig) -> CTDataModule:

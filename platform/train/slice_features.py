@@ -11,8 +11,6 @@ the last rename wins with identical content.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctplatform.atomic import write_atomic
 from ctplatform.data.datasets import CacheIndex
 
 
@@ -89,15 +88,8 @@ def _compute(extract: Callable[[torch.Tensor], torch.Tensor], index: CacheIndex,
 
 
 def _write(path: Path, features: np.ndarray) -> None:
-    temporary = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".features-", suffix=".npy")
-        with os.fdopen(handle, "wb") as out:
-            np.save(out, features, allow_pickle=False)
-        os.replace(temporary, path)
+        write_atomic(path, lambda handle: np.save(handle, features, allow_pickle=False))
     except OSError as exc:
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)
         warnings.warn(f"could not cache slice features at {path} ({exc}); they stay in memory for this run",
                       stacklevel=3)
