@@ -139,10 +139,6 @@ class AttentionMILClassifier(nn.Module):
                 p.requires_grad_(flag)
         self.train(self.training)
 
-    @property
-    def encoder_frozen(self) -> bool:
-        return self._encoder_frozen
-
     # Backbone freezing (`--freeze-backbone`, `--progressive-unfreeze`) acts on the encoder's backbone, as for the
     # slice head; the callback in ctplatform.train.finetune calls these.
     def backbone_parameters(self) -> list[nn.Parameter]:
