@@ -265,8 +265,12 @@ def test_benchmark_maps_true_finding_extents_onto_cached_slices(tmp_path):
         positions = np.asarray(record["slice_positions"])
         labels = index.labels()[row]
         weights = np.full((len(positions), 18), 1.0 / len(positions))
+        mask = bench.finding_mask(data, record["VolumeName"], positions)  # the oracle's slice labels
         for j, name in enumerate(bench.CLASS_NAMES):
             extent = data.finding_slices[record["VolumeName"]].get(name)
+            expected = np.zeros(len(positions), bool) if extent is None else (
+                (positions >= extent[0]) & (positions <= extent[1]))
+            np.testing.assert_array_equal(mask[:, j], expected)
             if labels[j] > 0.5 and extent is not None:
                 inside = (positions >= extent[0]) & (positions <= extent[1])  # axial, z up: no flip here
                 if inside.any():
