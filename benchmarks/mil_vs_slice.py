@@ -45,7 +45,6 @@ from ctplatform.metrics import score_predictions
 from ctplatform.model.aggregate import aggregate_slices
 from ctplatform.model.bundle import ModelSpec
 from ctplatform.model.inference import Predictor
-from ctplatform.model.windows import hu_to_input
 from ctplatform.train.datamodule import build_datamodule
 from ctplatform.train.lightning_import import pl
 from ctplatform.train.module import CTClassifierModule
@@ -162,8 +161,8 @@ def train_on_slice_labels(cfg: TrainConfig, data: BenchData) -> CTClassifierModu
     module.train()
     for _ in range(cfg.epochs):
         for batch in torch.randperm(len(hu)).split(cfg.batch_size):
-            x = hu_to_input(hu[batch], cfg.input_windows).contiguous(memory_format=torch.channels_last)
-            loss = module.loss(module.model(module.basic_augment(x)).float(), y[batch])
+            x, target, _, _ = module.on_after_batch_transfer((hu[batch], y[batch], None, None), 0)
+            loss = module.loss(module.model(module.basic_augment(x)).float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -67,9 +67,8 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: str | torch.device | None = None,
                  batch_size: int = 64):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # NHWC model and input on every device, as in training (CPU too: resnet50 at 224² infers 24 vs 17 img/s)
+        self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
         self.spec = spec
         self.settings = PreprocessSettings.from_dict(spec.preprocess)
         self.batch_size = batch_size
@@ -88,7 +87,7 @@ class Predictor:
             hu = hu.copy()  # memory-mapped cache arrays are read-only; torch wants writable memory
         tensor = torch.as_tensor(hu).to(self.device, non_blocking=True)
         x = hu_to_input(tensor, self.spec.input_windows)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        return x.contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def slice_logits(self, hu_slices: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -74,15 +74,10 @@ class AttentionMILClassifier(nn.Module):
         """Embeddings ``(N, D)`` of windowed slices ``(N, 3, H, W)``, chunked and checkpointed as configured."""
         step = self.chunk_slices or max(1, len(x))
         use_checkpoint = self.checkpointing and self.training and torch.is_grad_enabled() and not self._encoder_frozen
-        # NHWC input where the encoder is NHWC (training always; inference on CUDA): formats never mix per conv
-        stem = next((p for p in self.encoder.backbone.parameters() if p.dim() == 4), None)
-        nhwc = x.is_cuda or (stem is not None and not stem.is_contiguous()
-                             and stem.is_contiguous(memory_format=torch.channels_last))
         parts = []
         for start in range(0, len(x), step):
-            chunk = x[start : start + step]
-            if nhwc:
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            # NHWC, like the encoder's weights (the training module and the Predictor keep the model channels_last)
+            chunk = x[start : start + step].contiguous(memory_format=torch.channels_last)
             if use_checkpoint:
                 parts.append(checkpoint(self.encoder.embed, chunk, use_reentrant=False))
             else:
