@@ -81,23 +81,24 @@ def file_z_to_position(path: Path, num_file_slices: int):
     return (lambda z: num_file_slices - 1 - z) if flipped else (lambda z: z)
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> CTClassifierModule:
+def train(cfg: TrainConfig, run_dir: Path, device: str = "cpu") -> CTClassifierModule:
     """The plain Lightning loop (the same module, data module and trainer as a Ray Train worker runs)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     datamodule.setup()
     module = CTClassifierModule(cfg.to_dict(), preprocess=datamodule.index.settings.to_dict())
-    trainer = build_trainer(cfg, run_dir, enable_progress_bar=False, accelerator="cpu")
+    trainer = build_trainer(cfg, run_dir, enable_progress_bar=False, accelerator="gpu" if device == "cuda" else "cpu",
+                            devices=1)
     trainer.fit(module, datamodule=datamodule)
     return module
 
 
-def predictor_for(module: CTClassifierModule, cache: Path) -> Predictor:
-    model = module.model.cpu().eval()
+def predictor_for(module: CTClassifierModule, cache: Path, device: str = "cpu") -> Predictor:
+    model = module.model.to(device).eval()
     spec = ModelSpec(architecture={"head": module.cfg.head, **model.architecture()},
                      input_windows=module.cfg.input_windows,
                      preprocess=load_cache_index(cache).settings.to_dict())
-    return Predictor(model, spec, device="cpu")
+    return Predictor(model, spec, device=device)
 
 
 def predict_valid(predictor: Predictor, data: BenchData) -> list[dict]:
@@ -144,9 +145,10 @@ def attention_mass(results: list[dict], data: BenchData) -> tuple[float, float, 
             len(masses))
 
 
-def train_on_slice_labels(cfg: TrainConfig, data: BenchData) -> CTClassifierModule:
+def train_on_slice_labels(cfg: TrainConfig, data: BenchData, device: str = "cpu") -> CTClassifierModule:
     """The oracle: the slice head trained on true slice labels with a plain loop (constant learning rate, as the
-    Lightning runs keep theirs over a budget this short: ReduceLROnPlateau waits 5 epochs)."""
+    Lightning runs keep theirs over a budget this short: ReduceLROnPlateau waits 5 epochs; bf16 autocast where the
+    Lightning runs use mixed precision)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     index = load_cache_index(data.cache)
     slices, targets = [], []
@@ -156,13 +158,16 @@ def train_on_slice_labels(cfg: TrainConfig, data: BenchData) -> CTClassifierModu
         targets.append(finding_mask(data, record["VolumeName"], np.asarray(record["slice_positions"])))
     hu = torch.from_numpy(np.concatenate(slices))
     y = torch.from_numpy(np.concatenate(targets).astype(np.float32))
-    module = CTClassifierModule(cfg.to_dict(), preprocess=index.settings.to_dict())
+    module = CTClassifierModule(cfg.to_dict(), preprocess=index.settings.to_dict()).to(device)
     optimizer = module.configure_optimizers()["optimizer"]
     module.train()
     for _ in range(cfg.epochs):
         for batch in torch.randperm(len(hu)).split(cfg.batch_size):
-            x, target, _, _ = module.on_after_batch_transfer((hu[batch], y[batch], None, None), 0)
-            loss = module.loss(module.model(module.basic_augment(x)).float(), target)
+            batch_on_device = (hu[batch].to(device), y[batch].to(device), None, None)
+            x, target, _, _ = module.on_after_batch_transfer(batch_on_device, 0)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.use_mixed_precision):
+                logits = module.model(module.basic_augment(x))
+            loss = module.loss(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -171,42 +176,51 @@ def train_on_slice_labels(cfg: TrainConfig, data: BenchData) -> CTClassifierModu
 
 def compare(data: BenchData, workdir: Path, *, model: str = "resnet50", epochs: int = 8, batch_size: int = 16,
             learning_rate: float = 1e-3, seed: int = 0, loss_type: str = "bce", frozen_encoder: bool = False,
-            mil_pooling: str = "per-class", mil_slices: int | None = None, oracle: bool = False) -> list[dict]:
-    """Train both heads with the same settings and score them; one row per method."""
+            mil_pooling: str = "per-class", mil_slices: int | None = None, oracle: bool = False,
+            device: str = "cpu", loader_workers: int = 0, report=None) -> list[dict]:
+    """Train both heads with the same settings and score them; one row per method. `report(rows)` is called after
+    each method, so a run stopped by a time limit keeps what it finished."""
     base = TrainConfig(slice_dir=str(data.cache), model=model, epochs=epochs, batch_size=batch_size,
-                       learning_rate=learning_rate, seed=seed, loss_type=loss_type, num_workers=0, use_gpu=False,
+                       learning_rate=learning_rate, seed=seed, loss_type=loss_type, num_workers=loader_workers,
+                       use_gpu=device == "cuda", use_mixed_precision=device == "cuda",
                        early_stopping_patience=epochs + 1).validate()
-    rows = []
+    rows: list[dict] = []
+
+    def add(new_rows: list[dict]) -> None:
+        rows.extend(new_rows)
+        if report:
+            report(rows)
+
     started = time.perf_counter()
-    slice_module = train(base, workdir / "slice")
+    slice_module = train(base, workdir / "slice", device)
     slice_seconds = time.perf_counter() - started
-    slice_results = predict_valid(predictor_for(slice_module, data.cache), data)
+    slice_results = predict_valid(predictor_for(slice_module, data.cache, device), data)
     y_true = np.stack([r["labels"] for r in slice_results])
-    for method in ("mean", "max"):
-        probs = np.stack([aggregate_slices(r["prediction"].slice_probabilities, method) for r in slice_results])
-        rows.append({"method": f"slice-level + {method}", "volume_macro_auroc": macro_auroc(y_true, probs),
-                     "attention_on_finding": float("nan"), "uniform_mass": float("nan"),
-                     "train_s": slice_seconds})
+    add([{"method": f"slice-level + {method}",
+          "volume_macro_auroc": macro_auroc(y_true, np.stack([aggregate_slices(r["prediction"].slice_probabilities,
+                                                                               method) for r in slice_results])),
+          "attention_on_finding": float("nan"), "uniform_mass": float("nan"), "train_s": slice_seconds}
+         for method in ("mean", "max")])
     mil_cfg = base.replace(head="attention-mil", mil_pooling=mil_pooling, mil_frozen_encoder=frozen_encoder,
                            mil_slices=mil_slices, mil_feature_dir=str(workdir / "features")).validate()
     started = time.perf_counter()
-    mil_module = train(mil_cfg, workdir / "mil")
+    mil_module = train(mil_cfg, workdir / "mil", device)
     mil_seconds = time.perf_counter() - started
-    mil_results = predict_valid(predictor_for(mil_module, data.cache), data)
+    mil_results = predict_valid(predictor_for(mil_module, data.cache, device), data)
     probs = np.stack([r["prediction"].raw_probabilities for r in mil_results])
     mass, chance, pairs = attention_mass(mil_results, data)
-    rows.append({"method": f"attention-MIL ({mil_pooling})", "volume_macro_auroc": macro_auroc(y_true, probs),
-                 "attention_on_finding": mass, "uniform_mass": chance, "train_s": mil_seconds, "pairs": pairs})
+    add([{"method": f"attention-MIL ({mil_pooling})", "volume_macro_auroc": macro_auroc(y_true, probs),
+          "attention_on_finding": mass, "uniform_mass": chance, "train_s": mil_seconds, "pairs": pairs}])
     if oracle:
         started = time.perf_counter()
-        oracle_module = train_on_slice_labels(base, data)
+        oracle_module = train_on_slice_labels(base, data, device)
         oracle_seconds = time.perf_counter() - started
-        oracle_results = predict_valid(predictor_for(oracle_module, data.cache), data)
-        for method in ("mean", "max"):
-            probs = np.stack([aggregate_slices(r["prediction"].slice_probabilities, method) for r in oracle_results])
-            rows.append({"method": f"oracle: slice labels + {method}", "volume_macro_auroc": macro_auroc(y_true, probs),
-                         "attention_on_finding": float("nan"), "uniform_mass": float("nan"),
-                         "train_s": oracle_seconds})
+        oracle_results = predict_valid(predictor_for(oracle_module, data.cache, device), data)
+        add([{"method": f"oracle: slice labels + {method}",
+              "volume_macro_auroc": macro_auroc(y_true, np.stack([
+                  aggregate_slices(r["prediction"].slice_probabilities, method) for r in oracle_results])),
+              "attention_on_finding": float("nan"), "uniform_mass": float("nan"), "train_s": oracle_seconds}
+             for method in ("mean", "max")])
     return rows
 
 
@@ -229,6 +243,10 @@ def main() -> None:
     parser.add_argument("--frozen-encoder", action="store_true", help="attention-MIL on cached frozen features")
     parser.add_argument("--oracle", action="store_true",
                         help="add the slice head trained on true slice labels (a reference CT-RATE lacks)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda: Lightning on one GPU with bf16 mixed precision, inference on the GPU")
+    parser.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 4 on "
+                        "a GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="folder for the JSON results")
@@ -236,13 +254,19 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_mil_"))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = make_data(workdir, args.volumes, parse_size(args.size), args.seed, args.image_size, args.num_slices)
-    rows = compare(data, workdir, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                   learning_rate=args.learning_rate, seed=args.seed, loss_type=args.loss_type,
-                   frozen_encoder=args.frozen_encoder, mil_pooling=args.mil_pooling, mil_slices=args.mil_slices,
-                   oracle=args.oracle)
-    print_table(f"attention-MIL vs slice-level training ({args.model}, {args.volumes} volumes {args.size}, "
-                f"{args.num_slices} slices of {args.image_size} px, {args.epochs} epochs, seed {args.seed})", rows)
-    save(args.out, "mil_vs_slice", rows)
+    title = (f"attention-MIL vs slice-level training ({args.model}, {args.volumes} volumes {args.size}, "
+             f"{args.num_slices} slices of {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, "
+             f"{args.device}, seed {args.seed})")
+
+    def report(rows: list[dict]) -> None:
+        print_table(title, rows)
+        save(args.out, f"mil_vs_slice_seed{args.seed}", rows)
+
+    loader_workers = args.loader_workers if args.loader_workers is not None else (4 if args.device == "cuda" else 0)
+    compare(data, workdir, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+            learning_rate=args.learning_rate, seed=args.seed, loss_type=args.loss_type,
+            frozen_encoder=args.frozen_encoder, mil_pooling=args.mil_pooling, mil_slices=args.mil_slices,
+            oracle=args.oracle, device=args.device, loader_workers=loader_workers, report=report)
 
 
 if __name__ == "__main__":

@@ -112,21 +112,22 @@ def _steady_img_per_s(timings: Path) -> float:
     return sum(e["images"] for e in epochs) / sum(e["seconds"] for e in epochs)
 
 
-def lightning_alone(cache: Path, args, work: Path) -> float:
+def lightning_alone(cache: Path, args, work: Path, ddp: bool = False) -> float:
     """The platform's module, data module and Trainer (same callbacks, precision, logging) in this process on one
-    device: no Ray, no DDP wrapper. Against the Ray rows it splits the gap between Lightning and Ray Train."""
+    device: no Ray, and no DDP wrapper unless `ddp` (Lightning's own DDP for a world of one, as Ray Train's worker
+    runs it). Against the Ray rows they split the gap into Lightning, DDP and the Ray worker."""
     from ctplatform.train.datamodule import build_datamodule
     from ctplatform.train.module import CTClassifierModule
     from ctplatform.train.trainer import build_trainer
 
-    timings = work / "epochs-lightning.jsonl"
-    cfg = _config(cache, args, work, "throughput-lightning")
+    timings = work / f"epochs-lightning-{ddp}.jsonl"
+    cfg = _config(cache, args, work, f"throughput-lightning-{ddp}")
     pl.seed_everything(0, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     datamodule.setup()
     module = CTClassifierModule(cfg.to_dict(), preprocess=datamodule.index.settings.to_dict())
-    trainer = build_trainer(cfg, work / "lightning", extra_callbacks=[StepTimer(str(timings))], devices=1,
-                            enable_progress_bar=False)
+    trainer = build_trainer(cfg, work / f"lightning-{ddp}", extra_callbacks=[StepTimer(str(timings))], devices=1,
+                            strategy=pl.strategies.DDPStrategy() if ddp else "auto", enable_progress_bar=False)
     trainer.fit(module, datamodule=datamodule)
     return _steady_img_per_s(timings)
 
@@ -170,6 +171,7 @@ def main() -> None:
         plain = plain_loop(cache, args, device, from_cache=True)
         plain_random = plain_loop(cache, args, device, from_cache=False)
         alone = lightning_alone(cache, args, work)
+        alone_ddp = lightning_alone(cache, args, work, ddp=True)
         stock = platform_path(cache, args, work, stock_ddp=True)
         ours = platform_path(cache, args, work, stock_ddp=False)
         rows = [
@@ -178,6 +180,7 @@ def main() -> None:
             {"path": "plain PyTorch loop, slice cache (baseline)", "img/s": plain, "ratio": 1.0},
             {"path": "Lightning alone: same module, data module, Trainer; no Ray, no DDP", "img/s": alone,
              "ratio": alone / plain},
+            {"path": "Lightning + DDP for a world of one; no Ray", "img/s": alone_ddp, "ratio": alone_ddp / plain},
             {"path": "platform, stock RayDDPStrategy (DDP built in a side stream)", "img/s": stock,
              "ratio": stock / plain},
             {"path": "platform: Ray Train + Lightning + cache (DDP on current stream)", "img/s": ours,

@@ -55,3 +55,34 @@ def test_predictor_on_cuda_matches_cpu(tmp_path):
     cpu = Predictor.from_path(tmp_path / "b", device="cpu").predict_prepared(slices)
     gpu = Predictor.from_path(tmp_path / "b", device="cuda").predict_prepared(slices)
     np.testing.assert_allclose(gpu.raw_probabilities, cpu.raw_probabilities, atol=2e-3)
+
+
+@needs_cuda
+def test_attention_mil_bf16_checkpointed_step_and_cuda_predictor_match_cpu(tmp_path):
+    from ctplatform.data.preprocess import PreprocessSettings
+    from ctplatform.model.bundle import ModelSpec, export_bundle
+    from ctplatform.model.inference import Predictor
+    from ctplatform.model.mil import build_mil_model
+    from ctplatform.model.windows import hu_to_input
+
+    torch.manual_seed(0)
+    model = build_mil_model("efficientnet_b0", use_attention="se", checkpointing=True, chunk_slices=4)
+    model = model.cuda().to(memory_format=torch.channels_last).train()
+    hu = torch.randint(-1024, 1500, (2, 6, 64, 64), dtype=torch.int16, device="cuda")
+    x = hu_to_input(hu.flatten(0, 1), "three").unflatten(0, (2, 6))
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2], device="cuda")  # the second volume has 4 slices
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(x, mask)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), torch.ones_like(logits.float())).backward()
+    stem = next(p for p in model.encoder.backbone.parameters())
+    assert logits.shape == (2, 18) and stem.grad is not None and torch.isfinite(stem.grad).all()
+
+    model = model.eval().cpu()
+    export_bundle(tmp_path / "b", model, ModelSpec({"head": "attention-mil", **model.architecture()}, "three",
+                                                    PreprocessSettings(image_size=64, num_slices=6).to_dict()))
+    slices = hu[0].cpu().numpy()
+    cpu = Predictor.from_path(tmp_path / "b", device="cpu").predict_prepared(slices)
+    gpu = Predictor.from_path(tmp_path / "b", device="cuda").predict_prepared(slices)
+    np.testing.assert_allclose(gpu.raw_probabilities, cpu.raw_probabilities, atol=2e-3)
+    np.testing.assert_allclose(gpu.slice_weights, cpu.slice_weights, atol=2e-3)
+    np.testing.assert_allclose(gpu.slice_weights.sum(axis=0), 1.0, atol=1e-4)
