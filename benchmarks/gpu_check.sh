@@ -15,7 +15,7 @@ python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >/dev/n
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 echo "ready after ${SECONDS}s"
 
-timeout 240 python3 benchmarks/train_throughput.py --out "$OUT" 2>&1 | grep -v "^\s*$" | tail -25 \
+timeout 240 python3 benchmarks/train_throughput.py --epochs "${THROUGHPUT_EPOCHS:-3}" --out "$OUT" 2>&1 | grep -v "^\s*$" | tail -25 \
     | tee "$OUT/train_throughput.txt"
 echo "throughput done after ${SECONDS}s; $(left)s left"
 

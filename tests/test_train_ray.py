@@ -49,6 +49,28 @@ def test_two_ddp_workers_match_one_worker(local_ray, tiny_cache, tmp_path):
     assert two.metrics["val/volume_auroc"] == pytest.approx(offline["auroc"], abs=2e-3)
 
 
+def test_ddp_wraps_the_model_only_for_a_world_of_more_than_one(local_ray, tiny_cache, tmp_path):
+    """A single worker trains its LightningModule unwrapped (DDP would only copy gradients to average them with
+    nobody); two workers get DistributedDataParallel with gradient bucket views."""
+    from ctplatform.train.lightning_import import pl
+
+    seen = tmp_path / "wrappers"
+
+    class RecordWrapper(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            model = trainer.strategy.model
+            views = getattr(model, "gradient_as_bucket_view", None)
+            with open(seen, "a") as handle:
+                handle.write(f"{trainer.world_size} {type(model).__name__} {views}\n")
+
+    for workers in (1, 2):
+        cfg = resolved(config(tiny_cache, tmp_path, run_name=f"wrap{workers}", epochs=1, ray_workers=workers,
+                              batch_size=8, limit_train_batches=1, guide_checkpoints=False))
+        assert build_torch_trainer(cfg, worker_callbacks=[RecordWrapper()], progress_bar=False).fit().error is None
+    assert sorted(set(seen.read_text().splitlines())) == [
+        "1 CTClassifierModule None", "2 DistributedDataParallel True"]
+
+
 def test_rerun_resumes_and_more_epochs_continue(local_ray, tiny_cache, tmp_path):
     first = run_training(config(tiny_cache, tmp_path, epochs=1))
     assert first.metrics["epoch"] == 0
