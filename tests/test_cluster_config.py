@@ -135,6 +135,11 @@ def test_token_auth_on_every_node(config):
     assert "-e RAY_AUTH_TOKEN_PATH=/home/ray/.ray/auth_token" in run_options
 
 
+def test_ray_workers_run_at_default_priority(config):
+    # as the embedded Ray does (ctplatform.ray_session.WORKER_NICENESS); Ray's own default is 15
+    assert "-e RAY_worker_niceness=0" in config["docker"]["run_options"]
+
+
 def test_dashboard_is_loopback_only(config):
     head_start = ray_start(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start

@@ -82,6 +82,8 @@ def test_image_is_built_on_the_pinned_ray():
     assert re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.M) == [f"rayproject/ray:{ray.__version__}-py311-gpu"]
     assert f'"ray[default,train,tune,serve]=={ray.__version__}"' in dockerfile
     assert f"{PROJECT['name']}-*.whl" in dockerfile
+    # Ray workers at the default priority (as the embedded Ray and cluster.yaml run them); Ray's default is 15
+    assert re.findall(r"^ENV\s+RAY_worker_niceness=(\S+)", dockerfile, flags=re.M) == ["0"]
 
 
 def test_head_schedules_nothing_and_has_no_gpu(manifest):

@@ -60,8 +60,8 @@ class LeanRayDDPStrategy(RayDDPStrategy):
 
     - A world of one is not wrapped in DistributedDataParallel (as Lightning leaves a module unwrapped outside
       fitting): with nothing to average, the wrapper still copies every gradient into its buckets and launches a
-      collective each step. H200, resnet50 224² bf16: Lightning alone 3,484 img/s, with DDP for a world of one
-      3,341 (BENCHMARKS.md).
+      collective each step. H200, resnet50 224² bf16, Lightning without Ray: 3,842 img/s alone, 3,483 with DDP
+      for a world of one (BENCHMARKS.md).
     - Otherwise DDP is built on the current CUDA stream. Lightning builds it inside a fresh side stream; the
       gradient accumulators then belong to that stream while backward runs on the default one, so every step pays
       cross-stream synchronisation (PyTorch warns: "AccumulateGrad node's stream does not match the stream of the
