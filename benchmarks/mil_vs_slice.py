@@ -22,6 +22,7 @@ those positions (flipped when the file's z axis runs inferior-wards).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -62,7 +63,8 @@ def make_data(workdir: str | Path, volumes: int = 96, size: tuple[int, int, int]
               image_size: int = 64, num_slices: int = 16) -> BenchData:
     """Generate the synthetic data set and prepare its slice cache (in-process, no Ray)."""
     workdir = Path(workdir)
-    summary = generate_dataset(workdir / "data", num_volumes=volumes, size=size, seed=seed)
+    summary = generate_dataset(workdir / "data", num_volumes=volumes, size=size, seed=seed,
+                               workers=min(16, os.cpu_count() or 1))
     cache = workdir / "cache"
     run_prepare(workdir / "data", cache, PreprocessSettings(image_size=image_size, num_slices=num_slices),
                 executor="local", progress=False)

@@ -33,7 +33,8 @@ def _prepare_settings(args: argparse.Namespace):
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from ctplatform.data.synthetic import generate_dataset, parse_size
 
-    summary = generate_dataset(args.out, num_volumes=args.volumes, size=parse_size(args.size), seed=args.seed)
+    summary = generate_dataset(args.out, num_volumes=args.volumes, size=parse_size(args.size), seed=args.seed,
+                               workers=args.workers)
     print(f"synthetic CT-RATE data set: {summary}")
     return 0
 
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--volumes", type=int, default=120, help="number of volumes (default 120)")
     demo_data.add_argument("--size", default="64x64x48", help="ROWSxCOLSxSLICES (default 64x64x48; real: 512x512x300)")
     demo_data.add_argument("--seed", type=int, default=0)
+    demo_data.add_argument("--workers", type=int, default=1,
+                           help="processes drawing scans in parallel (default 1); the files are the same for any value")
     demo_data.set_defaults(func=cmd_demo_data)
 
     demo = sub.add_parser("demo", help="the main job end to end on synthetic data (what `make demo` runs)")

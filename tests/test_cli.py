@@ -58,3 +58,14 @@ def test_missing_cache_is_a_clear_cli_error(tmp_path):
     out = subprocess.run([str(exe), "prepare", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c"),
                           "--no-ray"], capture_output=True, text=True)
     assert out.returncode == 2 and "no label CSV found" in out.stderr and str(tmp_path) in out.stderr
+
+
+def test_demo_data_in_parallel_writes_the_data_set(tmp_path):
+    exe = Path(sys.executable).with_name("ctplatform")
+    out = subprocess.run([str(exe), "demo-data", "--out", str(tmp_path / "d"), "--volumes", "6", "--size",
+                          "16x16x8", "--workers", "2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert len(list((tmp_path / "d" / "dataset").rglob("*.nii.gz"))) == 6
+    bad = subprocess.run([str(exe), "demo-data", "--out", str(tmp_path / "e"), "--workers", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "workers must be an int >= 1" in bad.stderr

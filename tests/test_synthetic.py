@@ -210,6 +210,19 @@ def test_deterministic_byte_identical(tmp_path):
     assert a[first] == d[first]
 
 
+def test_parallel_workers_write_the_same_bytes_and_summary(tmp_path):
+    args = {"num_volumes": 20, "size": (32, 32, 16), "seed": 5}
+    serial = generate_dataset(tmp_path / "serial", **args)
+    parallel = generate_dataset(tmp_path / "parallel", workers=3, **args)
+    assert tree_digest(tmp_path / "serial") == tree_digest(tmp_path / "parallel")
+    assert parallel.finding_slices == serial.finding_slices and any(serial.finding_slices.values())
+    assert {k: p.relative_to(tmp_path / "parallel") for k, p in parallel.volume_paths.items()} == {
+        k: p.relative_to(tmp_path / "serial") for k, p in serial.volume_paths.items()}
+    assert parallel.nan_affine_volume == serial.nan_affine_volume
+    with pytest.raises(ValueError, match="workers"):
+        generate_dataset(tmp_path / "x", workers=0, **args)
+
+
 def test_generation_speed(tmp_path):
     start = time.perf_counter()
     generate_dataset(tmp_path, num_volumes=10, size=(64, 64, 48), seed=0)

@@ -1027,10 +1027,12 @@ def generate_dataset(
     seed: int = 0,
     valid_fraction: float = 0.25,
     fixed_fraction: float = 0.5,
+    workers: int = 1,
 ) -> SyntheticSummary:
     """Write a CT-RATE-shaped data set of `num_volumes` volumes of `size` (rows, cols, slices) under `out_dir`.
 
-    The same arguments always give byte-identical files. Patients are split train/valid by patient
+    The same arguments always give byte-identical files, whatever `workers` (processes drawing scans in parallel:
+    each scan's content depends only on the seed and its patient). Patients are split train/valid by patient
     (`valid_fraction` of them, at least 2); about `fixed_fraction` of the patients of each split are stored in the
     `_fixed` trees. Existing files of an earlier run are overwritten; volume files under the split trees that
     this run would not write are an error (mixing two data sets silently would corrupt both).
@@ -1042,6 +1044,8 @@ def generate_dataset(
         raise ValueError(f"valid_fraction must be in (0, 1); got {valid_fraction}")
     if not 0 <= fixed_fraction <= 1:
         raise ValueError(f"fixed_fraction must be in [0, 1]; got {fixed_fraction}")
+    if int(workers) != workers or workers < 1:
+        raise ValueError(f"workers must be an int >= 1; got {workers!r}")
     out = Path(out_dir)
     root = out / "dataset"
     plan = _plan(int(num_volumes), int(seed), float(valid_fraction), float(fixed_fraction))
@@ -1053,23 +1057,26 @@ def generate_dataset(
         )
     train = [v for v in plan if v.split == "train"]
     nan_pick = next((v for v in train if v.patient == 2), train[0])
+    scans: dict[tuple[int, int], list[_Volume]] = {}  # the reconstructions of one scan share its drawing
+    for vol in plan:
+        scans.setdefault((vol.key, vol.scan_index), []).append(vol)
+    jobs = [(seed, size, root, group, nan_pick.name) for group in scans.values()]
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        # spawn: the caller may hold threads (Ray, torch) that a forked child would inherit half-copied
+        with ProcessPoolExecutor(min(int(workers), len(jobs)), mp_context=get_context("spawn")) as pool:
+            written = [w for group in pool.map(_write_scan, jobs, chunksize=8) for w in group]
+    else:
+        written = [w for job in jobs for w in _write_scan(job)]
     label_rows: dict[str, list] = {"train": [], "valid": []}
     meta_rows: dict[str, list] = {"train": [], "valid": []}
     paths: dict[str, Path] = {}
     extents: dict[str, dict[str, tuple[int, int]]] = {}
-    cache: tuple[tuple[int, int], np.ndarray, dict] | None = None
-    for vol in plan:
-        scan_id = (vol.key, vol.scan_index)
-        if cache is None or cache[0] != scan_id:
-            cache = (scan_id, *synthesize_scan(seed, vol.key, vol.scan_index, size, vol.labels))
-        hu = reconstruct(cache[1], seed, vol.key, vol.scan_index, vol.recon)
-        extents[vol.name] = dict(cache[2])
-        geometry, meta = _scan_meta(seed, vol, size)
-        payload = _nifti_bytes(hu, vol.fixed, geometry.affine(), (geometry.xy, geometry.xy, geometry.zsp),
-                               nan_affine=vol is nan_pick)
-        path = root / vol.relpath()
-        _write_atomic(path, gzip.compress(payload, compresslevel=6, mtime=0))
+    for vol, path, extent, meta in written:  # in plan order: a patient's scans and reconstructions are consecutive
         paths[vol.name] = path
+        extents[vol.name] = extent
         label_rows[vol.split].append([vol.name, *vol.labels])
         meta_rows[vol.split].append([vol.name, *(meta[col] for col in METADATA_COLUMNS[1:])])
     labels_csv, metadata_csv = {}, {}
@@ -1096,6 +1103,22 @@ def generate_dataset(
         fixed_volumes=tuple(v.name for v in plan if v.fixed),
         nan_affine_volume=nan_pick.name,
     )
+
+
+def _write_scan(job) -> list[tuple[_Volume, Path, dict[str, tuple[int, int]], dict]]:
+    """Draw one scan and write each of its reconstructions; returns (volume, path, finding extents, metadata)."""
+    seed, size, root, volumes, nan_affine_name = job
+    clean, extents = synthesize_scan(seed, volumes[0].key, volumes[0].scan_index, size, volumes[0].labels)
+    written = []
+    for vol in volumes:
+        hu = reconstruct(clean, seed, vol.key, vol.scan_index, vol.recon)
+        geometry, meta = _scan_meta(seed, vol, size)
+        payload = _nifti_bytes(hu, vol.fixed, geometry.affine(), (geometry.xy, geometry.xy, geometry.zsp),
+                               nan_affine=vol.name == nan_affine_name)
+        path = root / vol.relpath()
+        _write_atomic(path, gzip.compress(payload, compresslevel=6, mtime=0))
+        written.append((vol, path, dict(extents), meta))
+    return written
 
 
 def _stale_volumes(root: Path, expected: set[Path]) -> list[Path]:
