@@ -126,7 +126,8 @@ def test_sweep_driver_killed_then_resumed_runs_each_trial_once(tiny_cache, tmp_p
     finished = pd.DataFrame()
     while time.time() < deadline and driver.poll() is None:
         if (sweep / "trials.csv").is_file():
-            finished = pd.read_csv(sweep / "trials.csv").query("state == 'finished'")
+            # trial ids are hex: one like "5314810e2" would read as the float 531481000.0
+            finished = pd.read_csv(sweep / "trials.csv", dtype={"trial_id": str}).query("state == 'finished'")
             if len(finished) >= 1:
                 break
         time.sleep(1)
