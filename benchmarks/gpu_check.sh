@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device-machine check (one run): unpack the offline site archive, install the project, then
-#   1. the training throughput benchmark, alone on the GPU (its figures are timings);
+#   1. the training throughput benchmark, alone on the GPU (its figures are timings), with a torch.profiler
+#      summary of each path's warm-up steps under $OUT/profiles (GPU busy share, DataLoader waits, top operators);
 #   2. the attention-MIL benchmark (two seeds) next to the GPU tests: only accuracy and attention are read from
 #      those, so they may share the GPU.
 # Every phase has a time limit inside DEADLINE_S (from the script's start), so one call with a timeout a little
@@ -15,7 +16,8 @@ python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >/dev/n
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 echo "ready after ${SECONDS}s"
 
-timeout 240 python3 benchmarks/train_throughput.py --epochs "${THROUGHPUT_EPOCHS:-3}" --out "$OUT" 2>&1 | grep -v "^\s*$" | tail -25 \
+timeout 240 python3 benchmarks/train_throughput.py --epochs "${THROUGHPUT_EPOCHS:-3}" --out "$OUT" \
+    --profile "$OUT/profiles" 2>&1 | grep -v "^\s*$" | tail -25 \
     | tee "$OUT/train_throughput.txt"
 echo "throughput done after ${SECONDS}s; $(left)s left"
 

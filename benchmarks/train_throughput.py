@@ -4,7 +4,8 @@ PyTorch loop on the same model, batch, precision, augmentation and cache, in the
     python benchmarks/train_throughput.py [--model resnet50] [--image-size 224] [--batch-size 128] [--out DIR]
 
 On a CPU machine use e.g. `--image-size 64 --batch-size 32 --steps 12`. Steady-state img/s excludes the first
-epoch (start-up, cudnn autotuning, worker spawn) and validation.
+epoch (start-up, cudnn autotuning, worker spawn) and validation. `--profile DIR` also records a few steps of each
+path's warm-up epoch with torch.profiler (outside the timed epochs) and writes one summary per path to DIR.
 """
 
 from __future__ import annotations
@@ -33,12 +34,48 @@ from ctplatform.model.windows import hu_to_input
 from ctplatform.train.lightning_import import pl
 
 
+class StepProfile:
+    """`--profile DIR`: a torch.profiler window of `steps` training steps, written as `<name>.txt`: wall time per
+    step, the summed self time of GPU kernels per step (GPU busy share = kernels / wall) and the top operators by
+    CPU time, among them the DataLoader's `__next__` (waiting for data). Comparing the paths' files tells whether
+    a slower path's GPU waits for the CPU, for data, or does more work."""
+
+    def __init__(self, out_dir: str | None, name: str, start: int = 10, steps: int = 10):
+        self.out_dir, self.name, self.start, self.steps = out_dir, name, start, steps
+        self.profiler, self.started = None, 0.0
+
+    def step(self, index: int) -> None:
+        """Call at the start of every training step `index` (0-based, counting from the first epoch)."""
+        if not self.out_dir:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        if index == self.start:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+            self.started = time.perf_counter()
+        elif index == self.start + self.steps and self.profiler is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = (time.perf_counter() - self.started) / self.steps
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6 / self.steps
+            table = events.table(sort_by="self_cpu_time_total", row_limit=25)
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.out_dir) / f"{self.name}.txt").write_text(
+                f"{self.name}: {self.steps} steps; wall {wall * 1e3:.2f} ms/step (profiler on); GPU kernels "
+                f"{gpu * 1e3:.2f} ms/step; GPU busy share {gpu / wall:.2f}\n\n{table}\n")
+            self.profiler = None
+
+
 class StepTimer(pl.Callback):
     """Steady-state training img/s: from the start of batch `skip` to the end of the epoch's last batch, so the
     per-epoch work (validation, checkpoint save and upload) is left out; it is reported separately."""
 
-    def __init__(self, path: str, skip: int = 5):
-        self.path, self.skip = path, skip
+    def __init__(self, path: str, skip: int = 5, profile: StepProfile | None = None):
+        self.path, self.skip, self.profile = path, skip, profile
 
     def _now(self) -> float:
         if torch.cuda.is_available():
@@ -46,6 +83,8 @@ class StepTimer(pl.Callback):
         return time.perf_counter()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.profile is not None:
+            self.profile.step(trainer.global_step)
         if batch_idx == self.skip:
             self.start, self.images = self._now(), 0
 
@@ -60,7 +99,14 @@ class StepTimer(pl.Callback):
                                      "seconds": (self.end or self._now()) - self.start}) + "\n")
 
 
-def plain_loop(cache: Path, args, device: torch.device, from_cache: bool) -> float:
+def _profile(args, name: str) -> StepProfile:
+    """A window in the second half of the warm-up epoch: past cuDNN's autotuning, outside the timed epochs (the
+    profiler slows the steps it records)."""
+    steps = max(1, min(10, args.steps // 2))
+    return StepProfile(args.profile, name, start=args.steps - steps, steps=steps)
+
+
+def plain_loop(cache: Path, args, device: torch.device, from_cache: bool, profile: StepProfile | None = None) -> float:
     torch.manual_seed(0)
     model = build_classifier(args.model).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
@@ -83,6 +129,8 @@ def plain_loop(cache: Path, args, device: torch.device, from_cache: bool) -> flo
     stream = batches()
     images, start = 0, None
     for step in range(args.steps * (args.epochs - 1) + args.steps):
+        if profile is not None:
+            profile.step(step)
         if step == args.steps + 5:  # first "epoch" and 5 steps are warm-up, as on the platform path
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -126,7 +174,8 @@ def lightning_alone(cache: Path, args, work: Path, ddp: bool = False) -> float:
     datamodule = build_datamodule(cfg)
     datamodule.setup()
     module = CTClassifierModule(cfg.to_dict(), preprocess=datamodule.index.settings.to_dict())
-    trainer = build_trainer(cfg, work / f"lightning-{ddp}", extra_callbacks=[StepTimer(str(timings))], devices=1,
+    timer = StepTimer(str(timings), profile=_profile(args, f"lightning-ddp-{ddp}"))
+    trainer = build_trainer(cfg, work / f"lightning-{ddp}", extra_callbacks=[timer], devices=1,
                             strategy=pl.strategies.DDPStrategy() if ddp else "auto", enable_progress_bar=False)
     trainer.fit(module, datamodule=datamodule)
     return _steady_img_per_s(timings)
@@ -140,8 +189,8 @@ def platform_path(cache: Path, args, work: Path, stock_ddp: bool) -> float:
     cfg = _config(cache, args, work, f"throughput-{stock_ddp}")
     started = connect(quiet=True)
     try:
-        build_torch_trainer(resolved(cfg), worker_callbacks=[StepTimer(str(timings))], progress_bar=False,
-                            stock_ddp=stock_ddp).fit()
+        timer = StepTimer(str(timings), profile=_profile(args, f"platform-stock-{stock_ddp}"))
+        build_torch_trainer(resolved(cfg), worker_callbacks=[timer], progress_bar=False, stock_ddp=stock_ddp).fit()
     finally:
         shutdown_if(started)
     return _steady_img_per_s(timings)
@@ -159,6 +208,8 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, default=8 if torch.cuda.is_available() else 1)
     parser.add_argument("--cpus-per-worker", type=float, default=8 if torch.cuda.is_available() else 2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="write a torch.profiler summary of a few timed steps of each path to DIR")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -168,7 +219,7 @@ def main() -> None:
     try:
         volumes = max(2, args.steps * args.batch_size // 32 + 1)
         cache = random_cache(work / "cache", train_volumes=volumes, valid_volumes=2, slices=32, size=args.image_size)
-        plain = plain_loop(cache, args, device, from_cache=True)
+        plain = plain_loop(cache, args, device, from_cache=True, profile=_profile(args, "plain-loop"))
         plain_random = plain_loop(cache, args, device, from_cache=False)
         alone = lightning_alone(cache, args, work)
         alone_ddp = lightning_alone(cache, args, work, ddp=True)
