@@ -1,6 +1,6 @@
 """Synthetic data generation: volumes/s with one process against several (`generate_dataset(workers=N)`).
 
-    python benchmarks/synthetic.py [--volumes 64] [--size 64x64x48] [--workers N] [--out DIR]
+    python benchmarks/synthetic.py [--volumes 240] [--size 64x64x48] [--workers N] [--out DIR]
 
 Both runs write the same bytes (tests/test_synthetic.py checks that); the ratio is the parallel speed-up, which is
 what lets a short GPU session generate thousands of volumes for mil_vs_slice.py.
@@ -25,7 +25,7 @@ from ctplatform.data.synthetic import generate_dataset, parse_size
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--volumes", type=int, default=64)
+    parser.add_argument("--volumes", type=int, default=240)
     parser.add_argument("--size", default="64x64x48")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=None, help="folder for a JSON copy of the results")
