@@ -96,7 +96,7 @@ def train(cfg: TrainConfig, run_dir: Path, device: str = "cpu") -> CTClassifierM
 
 
 def predictor_for(module: CTClassifierModule, cache: Path, device: str = "cpu") -> Predictor:
-    model = module.model.to(device).eval()
+    model = module.model  # the Predictor moves it to `device` and sets eval mode
     spec = ModelSpec(architecture={"head": module.cfg.head, **model.architecture()},
                      input_windows=module.cfg.input_windows,
                      preprocess=load_cache_index(cache).settings.to_dict())
@@ -145,6 +145,15 @@ def attention_mass(results: list[dict], data: BenchData) -> tuple[float, float, 
             chance.append(float(inside.mean()))
     return (float(np.mean(masses)) if masses else float("nan"), float(np.mean(chance)) if chance else float("nan"),
             len(masses))
+
+
+def aggregated_rows(label: str, results: list[dict], y_true: np.ndarray, train_s: float) -> list[dict]:
+    """Volume-level rows of a slice classifier: its slice probabilities aggregated by mean and by max."""
+    return [{"method": f"{label} + {method}",
+             "volume_macro_auroc": macro_auroc(y_true, np.stack([
+                 aggregate_slices(r["prediction"].slice_probabilities, method) for r in results])),
+             "attention_on_finding": float("nan"), "uniform_mass": float("nan"), "train_s": train_s}
+            for method in ("mean", "max")]
 
 
 def train_on_slice_labels(cfg: TrainConfig, data: BenchData, device: str = "cpu") -> CTClassifierModule:
@@ -198,11 +207,7 @@ def compare(data: BenchData, workdir: Path, *, model: str = "resnet50", epochs: 
     slice_seconds = time.perf_counter() - started
     slice_results = predict_valid(predictor_for(slice_module, data.cache, device), data)
     y_true = np.stack([r["labels"] for r in slice_results])
-    add([{"method": f"slice-level + {method}",
-          "volume_macro_auroc": macro_auroc(y_true, np.stack([aggregate_slices(r["prediction"].slice_probabilities,
-                                                                               method) for r in slice_results])),
-          "attention_on_finding": float("nan"), "uniform_mass": float("nan"), "train_s": slice_seconds}
-         for method in ("mean", "max")])
+    add(aggregated_rows("slice-level", slice_results, y_true, slice_seconds))
     mil_cfg = base.replace(head="attention-mil", mil_pooling=mil_pooling, mil_frozen_encoder=frozen_encoder,
                            mil_slices=mil_slices, mil_feature_dir=str(workdir / "features")).validate()
     started = time.perf_counter()
@@ -218,11 +223,7 @@ def compare(data: BenchData, workdir: Path, *, model: str = "resnet50", epochs: 
         oracle_module = train_on_slice_labels(base, data, device)
         oracle_seconds = time.perf_counter() - started
         oracle_results = predict_valid(predictor_for(oracle_module, data.cache, device), data)
-        add([{"method": f"oracle: slice labels + {method}",
-              "volume_macro_auroc": macro_auroc(y_true, np.stack([
-                  aggregate_slices(r["prediction"].slice_probabilities, method) for r in oracle_results])),
-              "attention_on_finding": float("nan"), "uniform_mass": float("nan"), "train_s": oracle_seconds}
-             for method in ("mean", "max")])
+        add(aggregated_rows("oracle: slice labels", oracle_results, y_true, oracle_seconds))
     return rows
 
 

@@ -40,7 +40,7 @@ class StepProfile:
     CPU time, among them the DataLoader's `__next__` (waiting for data). Comparing the paths' files tells whether
     a slower path's GPU waits for the CPU, for data, or does more work."""
 
-    def __init__(self, out_dir: str | None, name: str, start: int = 10, steps: int = 10):
+    def __init__(self, out_dir: str | None, name: str, start: int, steps: int):
         self.out_dir, self.name, self.start, self.steps = out_dir, name, start, steps
         self.profiler, self.started = None, 0.0
 
@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=8 if torch.cuda.is_available() else 2)
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", default=None, metavar="DIR",
-                        help="write a torch.profiler summary of a few timed steps of each path to DIR")
+                        help="write a torch.profiler summary of a few warm-up steps of each path to DIR")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":

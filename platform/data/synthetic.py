@@ -26,6 +26,7 @@ Everything is numpy and deterministic: each patient's content comes from a ``num
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import io
 import math
@@ -1060,16 +1061,16 @@ def generate_dataset(
     scans: dict[tuple[int, int], list[_Volume]] = {}  # the reconstructions of one scan share its drawing
     for vol in plan:
         scans.setdefault((vol.key, vol.scan_index), []).append(vol)
-    jobs = [(seed, size, root, group, nan_pick.name) for group in scans.values()]
-    if workers > 1 and len(jobs) > 1:
+    write_scan = functools.partial(_write_scan, seed, size, root, nan_pick.name)
+    if workers > 1 and len(scans) > 1:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
 
         # spawn: the caller may hold threads (Ray, torch) that a forked child would inherit half-copied
-        with ProcessPoolExecutor(min(int(workers), len(jobs)), mp_context=get_context("spawn")) as pool:
-            written = [w for group in pool.map(_write_scan, jobs, chunksize=8) for w in group]
+        with ProcessPoolExecutor(min(int(workers), len(scans)), mp_context=get_context("spawn")) as pool:
+            written = [w for group in pool.map(write_scan, scans.values(), chunksize=8) for w in group]
     else:
-        written = [w for job in jobs for w in _write_scan(job)]
+        written = [w for group in scans.values() for w in write_scan(group)]
     label_rows: dict[str, list] = {"train": [], "valid": []}
     meta_rows: dict[str, list] = {"train": [], "valid": []}
     paths: dict[str, Path] = {}
@@ -1105,9 +1106,9 @@ def generate_dataset(
     )
 
 
-def _write_scan(job) -> list[tuple[_Volume, Path, dict[str, tuple[int, int]], dict]]:
+def _write_scan(seed: int, size: tuple[int, int, int], root: Path, nan_affine_name: str,
+                volumes: list[_Volume]) -> list[tuple[_Volume, Path, dict[str, tuple[int, int]], dict]]:
     """Draw one scan and write each of its reconstructions; returns (volume, path, finding extents, metadata)."""
-    seed, size, root, volumes, nan_affine_name = job
     clean, extents = synthesize_scan(seed, volumes[0].key, volumes[0].scan_index, size, volumes[0].labels)
     written = []
     for vol in volumes:
