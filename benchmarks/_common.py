@@ -27,7 +27,7 @@ def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}\nmachine: {machine()}")
     if not rows:
         return
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(column for row in rows for column in row))  # rows may add columns
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for row in rows:
@@ -35,6 +35,8 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)

@@ -7,7 +7,9 @@ generator records each finding's true slice extent. Both heads get the same back
 step (`--batch-size` counts slices for both), trained with the plain Lightning loop on one split and scored on the
 other. Reported per method: volume-level macro AUROC on the validation split and, for attention-MIL, the mean
 attention mass that falls on the cached slices truly holding each positive finding, next to the mass a uniform
-distribution over the slices would put there (chance).
+distribution over the slices would put there (chance). The same figures on the training split tell a model that
+cannot fit its training volumes (an optimisation problem: more steps, other learning rates, pretrained weights)
+from one that fits them and does not generalise (a data problem: more volumes).
 
 `--oracle` adds a reference row CT-RATE cannot have: the same slice classifier trained on *slice* labels (the
 generator's true extents) in a plain loop with the same windows, augmentation, loss, optimiser, learning rate,
@@ -103,11 +105,11 @@ def predictor_for(module: CTClassifierModule, cache: Path, device: str = "cpu") 
     return Predictor(model, spec, device=device)
 
 
-def predict_valid(predictor: Predictor, data: BenchData) -> list[dict]:
+def predict_split(predictor: Predictor, data: BenchData, split: str = "valid") -> list[dict]:
     index = load_cache_index(data.cache)
     labels = index.labels()
     out = []
-    for row in index.split_volumes("valid"):
+    for row in index.split_volumes(split):
         record = index.volumes.iloc[row]
         slices = np.load(index.root / record["file"], mmap_mode="r")
         prediction = predictor.predict_prepared(np.asarray(slices), np.asarray(record["slice_positions"]))
@@ -147,11 +149,24 @@ def attention_mass(results: list[dict], data: BenchData) -> tuple[float, float, 
             len(masses))
 
 
-def aggregated_rows(label: str, results: list[dict], y_true: np.ndarray, train_s: float) -> list[dict]:
-    """Volume-level rows of a slice classifier: its slice probabilities aggregated by mean and by max."""
+def volume_probabilities(results: list[dict], method: str | None = None) -> np.ndarray:
+    """``(N, C)`` volume probabilities: a slice classifier's slice probabilities aggregated by `method` ("mean",
+    "max"), or attention-MIL's own volume probabilities (`method` None)."""
+    if method is None:
+        return np.stack([r["prediction"].raw_probabilities for r in results])
+    return np.stack([aggregate_slices(r["prediction"].slice_probabilities, method) for r in results])
+
+
+def labels_of(results: list[dict]) -> np.ndarray:
+    return np.stack([r["labels"] for r in results])
+
+
+def aggregated_rows(label: str, results: list[dict], train_results: list[dict], train_s: float) -> list[dict]:
+    """Volume-level rows of a slice classifier: its slice probabilities aggregated by mean and by max, scored on the
+    validation split (`results`) and on the training split it was fitted on (`train_results`)."""
     return [{"method": f"{label} + {method}",
-             "volume_macro_auroc": macro_auroc(y_true, np.stack([
-                 aggregate_slices(r["prediction"].slice_probabilities, method) for r in results])),
+             "volume_macro_auroc": macro_auroc(labels_of(results), volume_probabilities(results, method)),
+             "train_split_auroc": macro_auroc(labels_of(train_results), volume_probabilities(train_results, method)),
              "attention_on_finding": float("nan"), "uniform_mass": float("nan"), "train_s": train_s}
             for method in ("mean", "max")]
 
@@ -202,28 +217,32 @@ def compare(data: BenchData, workdir: Path, *, model: str = "resnet50", epochs: 
         if report:
             report(rows)
 
+    def scored(module: CTClassifierModule) -> tuple[list[dict], list[dict]]:
+        predictor = predictor_for(module, data.cache, device)
+        return predict_split(predictor, data, "valid"), predict_split(predictor, data, "train")
+
     started = time.perf_counter()
     slice_module = train(base, workdir / "slice", device)
     slice_seconds = time.perf_counter() - started
-    slice_results = predict_valid(predictor_for(slice_module, data.cache, device), data)
-    y_true = np.stack([r["labels"] for r in slice_results])
-    add(aggregated_rows("slice-level", slice_results, y_true, slice_seconds))
+    add(aggregated_rows("slice-level", *scored(slice_module), slice_seconds))
     mil_cfg = base.replace(head="attention-mil", mil_pooling=mil_pooling, mil_frozen_encoder=frozen_encoder,
                            mil_slices=mil_slices, mil_feature_dir=str(workdir / "features")).validate()
     started = time.perf_counter()
     mil_module = train(mil_cfg, workdir / "mil", device)
     mil_seconds = time.perf_counter() - started
-    mil_results = predict_valid(predictor_for(mil_module, data.cache, device), data)
-    probs = np.stack([r["prediction"].raw_probabilities for r in mil_results])
+    mil_results, mil_train_results = scored(mil_module)
     mass, chance, pairs = attention_mass(mil_results, data)
-    add([{"method": f"attention-MIL ({mil_pooling})", "volume_macro_auroc": macro_auroc(y_true, probs),
-          "attention_on_finding": mass, "uniform_mass": chance, "train_s": mil_seconds, "pairs": pairs}])
+    train_mass, train_chance, _ = attention_mass(mil_train_results, data)
+    add([{"method": f"attention-MIL ({mil_pooling})",
+          "volume_macro_auroc": macro_auroc(labels_of(mil_results), volume_probabilities(mil_results)),
+          "train_split_auroc": macro_auroc(labels_of(mil_train_results), volume_probabilities(mil_train_results)),
+          "attention_on_finding": mass, "uniform_mass": chance, "train_split_attention": train_mass,
+          "train_split_uniform": train_chance, "train_s": mil_seconds, "pairs": pairs}])
     if oracle:
         started = time.perf_counter()
         oracle_module = train_on_slice_labels(base, data, device)
         oracle_seconds = time.perf_counter() - started
-        oracle_results = predict_valid(predictor_for(oracle_module, data.cache, device), data)
-        add(aggregated_rows("oracle: slice labels", oracle_results, y_true, oracle_seconds))
+        add(aggregated_rows("oracle: slice labels", *scored(oracle_module), oracle_seconds))
     return rows
 
 
