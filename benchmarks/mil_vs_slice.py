@@ -39,7 +39,7 @@ from nibabel import orientations
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ctplatform.config import TrainConfig
-from ctplatform.data.datasets import load_cache_index
+from ctplatform.data.datasets import CacheIndex, load_cache_index
 from ctplatform.data.prepare import run_prepare
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.data.synthetic import generate_dataset, parse_size
@@ -97,16 +97,16 @@ def train(cfg: TrainConfig, run_dir: Path, device: str = "cpu") -> CTClassifierM
     return module
 
 
-def predictor_for(module: CTClassifierModule, cache: Path, device: str = "cpu") -> Predictor:
+def predictor_for(module: CTClassifierModule, index: CacheIndex, device: str = "cpu") -> Predictor:
     model = module.model  # the Predictor moves it to `device` and sets eval mode
     spec = ModelSpec(architecture={"head": module.cfg.head, **model.architecture()},
-                     input_windows=module.cfg.input_windows,
-                     preprocess=load_cache_index(cache).settings.to_dict())
+                     input_windows=module.cfg.input_windows, preprocess=index.settings.to_dict())
     return Predictor(model, spec, device=device)
 
 
-def predict_split(predictor: Predictor, data: BenchData, split: str = "valid") -> list[dict]:
-    index = load_cache_index(data.cache)
+def volume_predictions(predictor: Predictor, index: CacheIndex, split: str) -> list[dict]:
+    """Each cached volume of `split` with its labels and whole `Prediction` (slice weights and positions, which the
+    attention mass needs; `ctplatform.train.evaluate.predict_split` keeps only the stacked probabilities)."""
     labels = index.labels()
     out = []
     for row in index.split_volumes(split):
@@ -157,16 +157,16 @@ def volume_probabilities(results: list[dict], method: str | None = None) -> np.n
     return np.stack([aggregate_slices(r["prediction"].slice_probabilities, method) for r in results])
 
 
-def labels_of(results: list[dict]) -> np.ndarray:
-    return np.stack([r["labels"] for r in results])
+def auroc_of(results: list[dict], method: str | None = None) -> float:
+    """Volume-level macro AUROC of `results` (see :func:`volume_probabilities` for `method`)."""
+    return macro_auroc(np.stack([r["labels"] for r in results]), volume_probabilities(results, method))
 
 
 def aggregated_rows(label: str, results: list[dict], train_results: list[dict], train_s: float) -> list[dict]:
     """Volume-level rows of a slice classifier: its slice probabilities aggregated by mean and by max, scored on the
     validation split (`results`) and on the training split it was fitted on (`train_results`)."""
     return [{"method": f"{label} + {method}",
-             "volume_macro_auroc": macro_auroc(labels_of(results), volume_probabilities(results, method)),
-             "train_split_auroc": macro_auroc(labels_of(train_results), volume_probabilities(train_results, method)),
+             "volume_macro_auroc": auroc_of(results, method), "train_split_auroc": auroc_of(train_results, method),
              "attention_on_finding": float("nan"), "uniform_mass": float("nan"), "train_s": train_s}
             for method in ("mean", "max")]
 
@@ -217,9 +217,11 @@ def compare(data: BenchData, workdir: Path, *, model: str = "resnet50", epochs: 
         if report:
             report(rows)
 
+    index = load_cache_index(data.cache)
+
     def scored(module: CTClassifierModule) -> tuple[list[dict], list[dict]]:
-        predictor = predictor_for(module, data.cache, device)
-        return predict_split(predictor, data, "valid"), predict_split(predictor, data, "train")
+        predictor = predictor_for(module, index, device)
+        return volume_predictions(predictor, index, "valid"), volume_predictions(predictor, index, "train")
 
     started = time.perf_counter()
     slice_module = train(base, workdir / "slice", device)
@@ -234,8 +236,7 @@ def compare(data: BenchData, workdir: Path, *, model: str = "resnet50", epochs: 
     mass, chance, pairs = attention_mass(mil_results, data)
     train_mass, train_chance, _ = attention_mass(mil_train_results, data)
     add([{"method": f"attention-MIL ({mil_pooling})",
-          "volume_macro_auroc": macro_auroc(labels_of(mil_results), volume_probabilities(mil_results)),
-          "train_split_auroc": macro_auroc(labels_of(mil_train_results), volume_probabilities(mil_train_results)),
+          "volume_macro_auroc": auroc_of(mil_results), "train_split_auroc": auroc_of(mil_train_results),
           "attention_on_finding": mass, "uniform_mass": chance, "train_split_attention": train_mass,
           "train_split_uniform": train_chance, "train_s": mil_seconds, "pairs": pairs}])
     if oracle:
