@@ -99,3 +99,44 @@ def test_model_trains_in_channels_last_like_its_input(head):
         x, mask, *_ = module.on_after_batch_transfer(bags, 0)
         module.model(x, mask)
     assert seen == [True]
+
+
+class CountHostReads(pl.Callback):
+    """Counts `Tensor.item()` calls between the first and the last training step's start that would make a GPU
+    run wait for the device: every one except the optimizer's step counters, which torch keeps on the CPU when the
+    model is on a GPU (AdamW reads them once per parameter)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        self.at_step_start: list[int] = []
+        self.host_counters: set[int] = set()
+        item = torch.Tensor.item
+
+        def counted(tensor):
+            if id(tensor) not in self.host_counters:
+                self.calls += 1
+            return item(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "item", counted)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.host_counters = {id(state["step"]) for optimizer in trainer.optimizers
+                              for state in optimizer.state.values() if "step" in state}
+        self.at_step_start.append(self.calls)
+
+
+@pytest.mark.slow
+def test_training_steps_do_not_read_the_loss_back_every_step(tiny_cache, tmp_path, monkeypatch):
+    # A metric logged with prog_bar=True is read back with .item() after every step by Lightning itself (bar or no
+    # bar); on a GPU the CPU then waits for each step to finish before it can queue the next one.
+    cfg = tiny_config(tiny_cache, epochs=1, batch_size=4)
+    counter = CountHostReads(monkeypatch)
+    trainer = build_trainer(cfg, tmp_path, extra_callbacks=[counter], enable_progress_bar=True, accelerator="cpu")
+    module = CTClassifierModule(cfg.to_dict())
+    trainer.fit(module, datamodule=CTDataModule(cfg.slice_dir, cfg.batch_size, 0))
+    # from step 1 on: step 0 creates the optimizer's step counters, which are not in the exclusion set yet
+    steps = len(counter.at_step_start) - 2
+    reads = counter.at_step_start[-1] - counter.at_step_start[1]
+    assert steps >= 20
+    assert reads <= steps / 4, f"{reads} host reads over {steps} training steps"
+    assert "train_loss" in trainer.progress_bar_callback.get_metrics(trainer, module)  # the bar still shows it

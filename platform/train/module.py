@@ -136,15 +136,20 @@ class CTClassifierModule(pl.LightningModule):
         if self.is_mil:
             x, mask, y, _, _ = batch
             loss = self.loss(self._mil_forward(x, mask, augment=True).float(), y)
-            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+            self._log_train_loss(loss, x.shape[0])
             return loss
         x, y, _, _ = batch
         x = self.basic_augment(x)
         if self.advanced_augment is not None:
             x, y = self.advanced_augment(x, y)
         loss = self.loss(self.model(x).float(), y)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        self._log_train_loss(loss, x.shape[0])
         return loss
+
+    def _log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        # Not prog_bar=True: Lightning reads progress-bar metrics back from the device after every step, which
+        # stalls a GPU once per step. The trainer's StepLossProgressBar shows it at each redraw instead.
+        self.log("train_loss", loss, on_step=True, on_epoch=True, batch_size=batch_size)
 
     def validation_step(self, batch, batch_idx: int):
         if self.is_mil:
