@@ -86,3 +86,42 @@ def test_attention_mil_bf16_checkpointed_step_and_cuda_predictor_match_cpu(tmp_p
     np.testing.assert_allclose(gpu.raw_probabilities, cpu.raw_probabilities, atol=2e-3)
     np.testing.assert_allclose(gpu.slice_weights, cpu.slice_weights, atol=2e-3)
     np.testing.assert_allclose(gpu.slice_weights.sum(axis=0), 1.0, atol=1e-4)
+
+
+@needs_cuda
+def test_lightning_training_steps_do_not_wait_for_the_gpu(tiny_cache, tmp_path):
+    """No host-device synchronisation in the steady-state training step (bf16, progress bar on): the CPU queues
+    step N+1 while the GPU still runs step N. Lightning reads prog_bar metrics back after every step; the logger and
+    the bar may read once per LOG_EVERY_N_STEPS steps."""
+    import warnings
+
+    from ctplatform.config import TrainConfig
+    from ctplatform.train.datamodule import CTDataModule
+    from ctplatform.train.lightning_import import pl
+    from ctplatform.train.module import CTClassifierModule
+    from ctplatform.train.trainer import build_trainer
+
+    caught: list[warnings.WarningMessage] = []
+    at_step_start: list[int] = []  # len(caught) when each training step starts
+
+    class Mark(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            at_step_start.append(len(caught))
+
+    cfg = TrainConfig(slice_dir=str(tiny_cache), model="efficientnet_b0", batch_size=4, epochs=1, num_workers=0,
+                      use_gpu=True, use_mixed_precision=True).validate()
+    trainer = build_trainer(cfg, tmp_path, extra_callbacks=[Mark()], accelerator="gpu", devices=1)
+    with warnings.catch_warnings(record=True) as recorded:
+        warnings.simplefilter("always")
+        caught = recorded
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.fit(CTClassifierModule(cfg.to_dict()), datamodule=CTDataModule(cfg.slice_dir, cfg.batch_size, 0))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    # from step 1: step 0 creates state (optimizer, cuDNN benchmark) and may synchronise
+    steps = len(at_step_start) - 2
+    window = caught[at_step_start[1]:at_step_start[-1]]
+    syncs = [w for w in window if "synchroniz" in str(w.message)]
+    assert steps >= 20
+    assert len(syncs) <= steps / 4, f"{len(syncs)} synchronising CUDA calls over {steps} steps: {syncs[:3]}"
