@@ -16,6 +16,12 @@ generator's true extents) in a plain loop with the same windows, augmentation, l
 batch, epochs and seed. It separates "the backbone cannot see the findings in this budget" from "volume labels
 are too weak a signal in this budget".
 
+`--pretrain-volumes N` starts both heads (and the oracle) from the same pretrained encoder instead of random
+weights, as the challenge's winner starts from ImageNet: offline, the stand-in is the slice classifier trained on
+the true slice labels of N *other* synthetic volumes (another seed: other patients, other findings), saved as a
+`--weights PATH` file. It separates "the pooling cannot find the finding's slices" from "the encoder has not learnt
+to see findings from volume labels in this budget". The volumes compared are still trained on volume labels only.
+
 True extents are along the file's z axis; the cache keeps K slices within the body and records which source slices
 it kept (`slice_positions`, in the reader's canonical S-A-R order), so an extent is mapped onto cache slices through
 those positions (flipped when the file's z axis runs inferior-wards).
@@ -200,15 +206,23 @@ def train_on_slice_labels(cfg: TrainConfig, data: BenchData, device: str = "cpu"
     return module.eval()
 
 
+def pretrain_encoder(pretrain: BenchData, out: Path, cfg: TrainConfig, device: str = "cpu") -> Path:
+    """Train the slice classifier on the true slice labels of another data set (`pretrain`) and save its weights
+    as a `--weights PATH` file (a SliceClassifier state dict: the backbone keys are taken, the head is dropped)."""
+    module = train_on_slice_labels(cfg.replace(slice_dir=str(pretrain.cache)).validate(), pretrain, device)
+    torch.save(module.model.state_dict(), out)
+    return out
+
+
 def compare(data: BenchData, workdir: Path, *, model: str = "resnet50", epochs: int = 8, batch_size: int = 16,
             learning_rate: float = 1e-3, seed: int = 0, loss_type: str = "bce", frozen_encoder: bool = False,
             mil_pooling: str = "per-class", mil_slices: int | None = None, oracle: bool = False,
-            device: str = "cpu", loader_workers: int = 0, report=None) -> list[dict]:
-    """Train both heads with the same settings and score them; one row per method. `report(rows)` is called after
-    each method, so a run stopped by a time limit keeps what it finished."""
+            device: str = "cpu", loader_workers: int = 0, weights: str = "none", report=None) -> list[dict]:
+    """Train both heads with the same settings and initial `weights` and score them; one row per method.
+    `report(rows)` is called after each method, so a run stopped by a time limit keeps what it finished."""
     base = TrainConfig(slice_dir=str(data.cache), model=model, epochs=epochs, batch_size=batch_size,
                        learning_rate=learning_rate, seed=seed, loss_type=loss_type, num_workers=loader_workers,
-                       use_gpu=device == "cuda", use_mixed_precision=device == "cuda",
+                       use_gpu=device == "cuda", use_mixed_precision=device == "cuda", weights=weights,
                        early_stopping_patience=epochs + 1).validate()
     rows: list[dict] = []
 
@@ -266,6 +280,11 @@ def main() -> None:
     parser.add_argument("--frozen-encoder", action="store_true", help="attention-MIL on cached frozen features")
     parser.add_argument("--oracle", action="store_true",
                         help="add the slice head trained on true slice labels (a reference CT-RATE lacks)")
+    parser.add_argument("--pretrain-volumes", type=int, default=0,
+                        help="start every model from an encoder trained on the slice labels of this many other "
+                        "synthetic volumes (0: random init)")
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of that pretraining (default: "
+                        "--epochs)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda: Lightning on one GPU with bf16 mixed precision, inference on the GPU")
     parser.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 4 on "
@@ -277,7 +296,17 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_mil_"))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = make_data(workdir, args.volumes, parse_size(args.size), args.seed, args.image_size, args.num_slices)
-    title = (f"attention-MIL vs slice-level training ({args.model}, {args.volumes} volumes {args.size}, "
+    loader_workers = args.loader_workers if args.loader_workers is not None else (4 if args.device == "cuda" else 0)
+    weights, init = "none", "random init"
+    if args.pretrain_volumes:
+        pretrain = make_data(workdir / "pretrain", args.pretrain_volumes, parse_size(args.size), args.seed + 1000,
+                             args.image_size, args.num_slices)
+        cfg = TrainConfig(slice_dir=str(pretrain.cache), model=args.model, epochs=args.pretrain_epochs or args.epochs,
+                          batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+                          loss_type=args.loss_type, use_mixed_precision=args.device == "cuda").validate()
+        weights = str(pretrain_encoder(pretrain, workdir / "pretrained_encoder.pt", cfg, args.device))
+        init = f"encoder pretrained on the slice labels of {args.pretrain_volumes} other volumes"
+    title = (f"attention-MIL vs slice-level training ({args.model}, {init}, {args.volumes} volumes {args.size}, "
              f"{args.num_slices} slices of {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, "
              f"{args.device}, seed {args.seed})")
 
@@ -285,11 +314,10 @@ def main() -> None:
         print_table(title, rows)
         save(args.out, f"mil_vs_slice_seed{args.seed}", rows)
 
-    loader_workers = args.loader_workers if args.loader_workers is not None else (4 if args.device == "cuda" else 0)
     compare(data, workdir, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
             learning_rate=args.learning_rate, seed=args.seed, loss_type=args.loss_type,
             frozen_encoder=args.frozen_encoder, mil_pooling=args.mil_pooling, mil_slices=args.mil_slices,
-            oracle=args.oracle, device=args.device, loader_workers=loader_workers, report=report)
+            oracle=args.oracle, device=args.device, loader_workers=loader_workers, weights=weights, report=report)
 
 
 if __name__ == "__main__":

@@ -285,3 +285,25 @@ def test_benchmark_maps_true_finding_extents_onto_cached_slices(tmp_path):
     for item in results:  # uniform attention puts exactly the chance mass on the findings
         item["prediction"].slice_weights[:] = 1.0 / len(item["prediction"].slice_positions)
     assert bench.attention_mass(results, data)[0] == pytest.approx(chance)
+
+
+def test_benchmark_pretrained_encoder_starts_both_heads(tmp_path):
+    from ctplatform.config import TrainConfig
+    from ctplatform.train.module import CTClassifierModule
+
+    bench = _benchmark_module()
+    pretrain = bench.make_data(tmp_path / "pretrain", volumes=8, size=(32, 32, 24), seed=1003, image_size=32,
+                               num_slices=8)
+    cfg = TrainConfig(slice_dir=str(pretrain.cache), model="efficientnet_b0", epochs=1, batch_size=16,
+                      num_workers=0).validate()
+    path = bench.pretrain_encoder(pretrain, tmp_path / "encoder.pt", cfg)
+    saved = torch.load(path, weights_only=True)
+    backbone = {k.removeprefix("backbone."): v for k, v in saved.items() if k.startswith("backbone.")}
+    fresh = CTClassifierModule(cfg.to_dict()).model.backbone.state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in backbone.items())  # it trained
+    for head in ("slice", "attention-mil"):
+        module = CTClassifierModule(cfg.replace(head=head, weights=str(path)).validate().to_dict())
+        body = module.model.backbone if head == "slice" else module.model.encoder.backbone
+        state = body.state_dict()
+        assert state.keys() == backbone.keys()
+        assert all(torch.equal(state[k], v) for k, v in backbone.items()), head
