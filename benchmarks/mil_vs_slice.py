@@ -16,6 +16,10 @@ generator's true extents) in a plain loop with the same windows, augmentation, l
 batch, epochs and seed. It separates "the backbone cannot see the findings in this budget" from "volume labels
 are too weak a signal in this budget".
 
+With `--oracle` a last row trains attention-MIL's pooling alone, on volume labels, over the oracle's encoder
+(frozen): where the attention goes when the features show the findings, apart from how well an encoder learns them
+from volume labels.
+
 `--pretrain-volumes N` starts both heads (and the oracle) from the same pretrained encoder instead of random
 weights, as the challenge's winner starts from ImageNet: offline, the stand-in is the slice classifier trained on
 the true slice labels of N *other* synthetic volumes (another seed: other patients, other findings), saved as a
@@ -238,26 +242,38 @@ def compare(data: BenchData, workdir: Path, *, model: str = "resnet50", epochs: 
         return volume_predictions(predictor, index, "valid"), volume_predictions(predictor, index, "train")
 
     started = time.perf_counter()
-    slice_module = train(base, workdir / "slice", device)
+    # --frozen-encoder holds both heads' encoders fixed: the slice head trains its classifier layer only
+    slice_module = train(base.replace(freeze_backbone=frozen_encoder).validate(), workdir / "slice", device)
     slice_seconds = time.perf_counter() - started
     add(aggregated_rows("slice-level", *scored(slice_module), slice_seconds))
     mil_cfg = base.replace(head="attention-mil", mil_pooling=mil_pooling, mil_frozen_encoder=frozen_encoder,
                            mil_slices=mil_slices, mil_feature_dir=str(workdir / "features")).validate()
-    started = time.perf_counter()
-    mil_module = train(mil_cfg, workdir / "mil", device)
-    mil_seconds = time.perf_counter() - started
-    mil_results, mil_train_results = scored(mil_module)
-    mass, chance, pairs = attention_mass(mil_results, data)
-    train_mass, train_chance, _ = attention_mass(mil_train_results, data)
-    add([{"method": f"attention-MIL ({mil_pooling})",
-          "volume_macro_auroc": auroc_of(mil_results), "train_split_auroc": auroc_of(mil_train_results),
-          "attention_on_finding": mass, "uniform_mass": chance, "train_split_attention": train_mass,
-          "train_split_uniform": train_chance, "train_s": mil_seconds, "pairs": pairs}])
+
+    def mil_row(label: str, cfg: TrainConfig, run_dir: Path) -> dict:
+        started = time.perf_counter()
+        mil_module = train(cfg, run_dir, device)
+        seconds = time.perf_counter() - started
+        results, train_results = scored(mil_module)
+        mass, chance, pairs = attention_mass(results, data)
+        train_mass, train_chance, _ = attention_mass(train_results, data)
+        return {"method": label, "volume_macro_auroc": auroc_of(results), "train_split_auroc": auroc_of(train_results),
+                "attention_on_finding": mass, "uniform_mass": chance, "train_split_attention": train_mass,
+                "train_split_uniform": train_chance, "train_s": seconds, "pairs": pairs}
+
+    add([mil_row(f"attention-MIL ({mil_pooling})", mil_cfg, workdir / "mil")])
     if oracle:
         started = time.perf_counter()
         oracle_module = train_on_slice_labels(base, data, device)
         oracle_seconds = time.perf_counter() - started
         add(aggregated_rows("oracle: slice labels", *scored(oracle_module), oracle_seconds))
+        # The pooling alone, on volume labels, over an encoder that sees the findings (the oracle's, frozen):
+        # where its attention goes when the features are good, apart from how well the encoder learnt.
+        encoder = workdir / "oracle_encoder.pt"
+        torch.save(oracle_module.model.state_dict(), encoder)
+        frozen_cfg = mil_cfg.replace(weights=str(encoder), mil_frozen_encoder=True,
+                                     mil_feature_dir=str(workdir / "oracle_features")).validate()
+        add([mil_row(f"attention-MIL ({mil_pooling}) on the oracle's frozen encoder", frozen_cfg,
+                     workdir / "mil_oracle_encoder")])
     return rows
 
 
@@ -277,10 +293,15 @@ def main() -> None:
     parser.add_argument("--mil-pooling", default="per-class")
     parser.add_argument("--mil-slices", type=int, default=None,
                         help="attention-MIL: slices per volume in training (more volumes per step); default all")
-    parser.add_argument("--frozen-encoder", action="store_true", help="attention-MIL on cached frozen features")
+    parser.add_argument("--frozen-encoder", action="store_true", help="both heads keep the encoder fixed: the slice "
+                        "head trains its classifier layer, attention-MIL its pooling on cached features (use with "
+                        "pretrained weights)")
     parser.add_argument("--oracle", action="store_true",
                         help="add the slice head trained on true slice labels (a reference CT-RATE lacks)")
-    parser.add_argument("--pretrain-volumes", type=int, default=0,
+    init_group = parser.add_mutually_exclusive_group()
+    init_group.add_argument("--weights", default="none", help="initial weights of every model: none, imagenet or "
+                            "PATH (as `ctplatform run --weights`)")
+    init_group.add_argument("--pretrain-volumes", type=int, default=0,
                         help="start every model from an encoder trained on the slice labels of this many other "
                         "synthetic volumes (0: random init)")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of that pretraining (default: "
@@ -297,7 +318,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = make_data(workdir, args.volumes, parse_size(args.size), args.seed, args.image_size, args.num_slices)
     loader_workers = args.loader_workers if args.loader_workers is not None else (4 if args.device == "cuda" else 0)
-    weights, init = "none", "random init"
+    weights, init = args.weights, "random init" if args.weights == "none" else f"weights {args.weights}"
     if args.pretrain_volumes:
         pretrain = make_data(workdir / "pretrain", args.pretrain_volumes, parse_size(args.size), args.seed + 1000,
                              args.image_size, args.num_slices)
@@ -306,6 +327,8 @@ def main() -> None:
                           loss_type=args.loss_type, use_mixed_precision=args.device == "cuda").validate()
         weights = str(pretrain_encoder(pretrain, workdir / "pretrained_encoder.pt", cfg, args.device))
         init = f"encoder pretrained on the slice labels of {args.pretrain_volumes} other volumes"
+    if args.frozen_encoder:
+        init += ", encoder frozen"
     title = (f"attention-MIL vs slice-level training ({args.model}, {init}, {args.volumes} volumes {args.size}, "
              f"{args.num_slices} slices of {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, "
              f"{args.device}, seed {args.seed})")
