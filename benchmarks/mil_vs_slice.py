@@ -1,6 +1,8 @@
 """Attention-MIL against slice-level training (mean and max aggregation) on findings that occupy a few slices.
 
     python benchmarks/mil_vs_slice.py [--volumes 96] [--epochs 8] [--model resnet50] [--out DIR]
+    python benchmarks/mil_vs_slice.py --volumes 256 --pretrain-volumes 384 --pretrain-epochs 10 \
+        --model efficientnet_b0 --epochs 20 --batch-size 64 --learning-rate 3e-4    # BENCHMARKS.md's claim
 
 Synthetic CT-RATE-shaped volumes (`ctplatform.data.synthetic`) whose findings are drawn on a few slices only; the
 generator records each finding's true slice extent. Both heads get the same backbone, seed, epochs and slices per
@@ -210,10 +212,14 @@ def train_on_slice_labels(cfg: TrainConfig, data: BenchData, device: str = "cpu"
     return module.eval()
 
 
-def pretrain_encoder(pretrain: BenchData, out: Path, cfg: TrainConfig, device: str = "cpu") -> Path:
-    """Train the slice classifier on the true slice labels of another data set (`pretrain`) and save its weights
-    as a `--weights PATH` file (a SliceClassifier state dict: the backbone keys are taken, the head is dropped)."""
+def pretrain_encoder(workdir: Path, volumes: int, cfg: TrainConfig, size: tuple[int, int, int] = (64, 64, 48),
+                     image_size: int = 64, num_slices: int = 16, device: str = "cpu") -> Path:
+    """Generate `volumes` other synthetic volumes (seed `cfg.seed` + 1000: other patients, other findings), train
+    the slice classifier `cfg` describes on their true slice labels and save its weights as a `--weights PATH` file
+    (a SliceClassifier state dict: the backbone keys are taken, the head is dropped). Returns the file."""
+    pretrain = make_data(workdir / "pretrain", volumes, size, cfg.seed + 1000, image_size, num_slices)
     module = train_on_slice_labels(cfg.replace(slice_dir=str(pretrain.cache)).validate(), pretrain, device)
+    out = workdir / "pretrained_encoder.pt"
     torch.save(module.model.state_dict(), out)
     return out
 
@@ -302,10 +308,12 @@ def main() -> None:
     init_group.add_argument("--weights", default="none", help="initial weights of every model: none, imagenet or "
                             "PATH (as `ctplatform run --weights`)")
     init_group.add_argument("--pretrain-volumes", type=int, default=0,
-                        help="start every model from an encoder trained on the slice labels of this many other "
-                        "synthetic volumes (0: random init)")
+                            help="start every model from an encoder trained on the slice labels of this many other "
+                            "synthetic volumes (0: random init)")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of that pretraining (default: "
                         "--epochs)")
+    parser.add_argument("--pretrain-learning-rate", type=float, default=1e-3, help="learning rate of that "
+                        "pretraining (from random init; --learning-rate is the compared models' fine-tuning rate)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda: Lightning on one GPU with bf16 mixed precision, inference on the GPU")
     parser.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 4 on "
@@ -320,12 +328,11 @@ def main() -> None:
     loader_workers = args.loader_workers if args.loader_workers is not None else (4 if args.device == "cuda" else 0)
     weights, init = args.weights, "random init" if args.weights == "none" else f"weights {args.weights}"
     if args.pretrain_volumes:
-        pretrain = make_data(workdir / "pretrain", args.pretrain_volumes, parse_size(args.size), args.seed + 1000,
-                             args.image_size, args.num_slices)
-        cfg = TrainConfig(slice_dir=str(pretrain.cache), model=args.model, epochs=args.pretrain_epochs or args.epochs,
-                          batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+        cfg = TrainConfig(slice_dir=str(data.cache), model=args.model, epochs=args.pretrain_epochs or args.epochs,
+                          batch_size=args.batch_size, learning_rate=args.pretrain_learning_rate, seed=args.seed,
                           loss_type=args.loss_type, use_mixed_precision=args.device == "cuda").validate()
-        weights = str(pretrain_encoder(pretrain, workdir / "pretrained_encoder.pt", cfg, args.device))
+        weights = str(pretrain_encoder(workdir, args.pretrain_volumes, cfg, parse_size(args.size), args.image_size,
+                                       args.num_slices, args.device))
         init = f"encoder pretrained on the slice labels of {args.pretrain_volumes} other volumes"
     if args.frozen_encoder:
         init += ", encoder frozen"
