@@ -212,13 +212,18 @@ def train_on_slice_labels(cfg: TrainConfig, data: BenchData, device: str = "cpu"
     return module.eval()
 
 
-def pretrain_encoder(workdir: Path, volumes: int, cfg: TrainConfig, size: tuple[int, int, int] = (64, 64, 48),
-                     image_size: int = 64, num_slices: int = 16, device: str = "cpu") -> Path:
-    """Generate `volumes` other synthetic volumes (seed `cfg.seed` + 1000: other patients, other findings), train
-    the slice classifier `cfg` describes on their true slice labels and save its weights as a `--weights PATH` file
-    (a SliceClassifier state dict: the backbone keys are taken, the head is dropped). Returns the file."""
-    pretrain = make_data(workdir / "pretrain", volumes, size, cfg.seed + 1000, image_size, num_slices)
-    module = train_on_slice_labels(cfg.replace(slice_dir=str(pretrain.cache)).validate(), pretrain, device)
+def pretrain_encoder(workdir: Path, volumes: int, *, model: str, epochs: int, batch_size: int = 64,
+                     learning_rate: float = 1e-3, seed: int = 0, loss_type: str = "bce",
+                     size: tuple[int, int, int] = (64, 64, 48), image_size: int = 64, num_slices: int = 16,
+                     device: str = "cpu") -> Path:
+    """Generate `volumes` other synthetic volumes (seed + 1000: other patients, other findings), train the slice
+    classifier on their true slice labels and save its weights as a `--weights PATH` file (a SliceClassifier state
+    dict: the backbone keys are taken, the head is dropped). Returns the file."""
+    pretrain = make_data(workdir / "pretrain", volumes, size, seed + 1000, image_size, num_slices)
+    cfg = TrainConfig(slice_dir=str(pretrain.cache), model=model, epochs=epochs, batch_size=batch_size,
+                      learning_rate=learning_rate, seed=seed, loss_type=loss_type, num_workers=0,
+                      use_mixed_precision=device == "cuda").validate()
+    module = train_on_slice_labels(cfg, pretrain, device)
     out = workdir / "pretrained_encoder.pt"
     torch.save(module.model.state_dict(), out)
     return out
@@ -328,11 +333,11 @@ def main() -> None:
     loader_workers = args.loader_workers if args.loader_workers is not None else (4 if args.device == "cuda" else 0)
     weights, init = args.weights, "random init" if args.weights == "none" else f"weights {args.weights}"
     if args.pretrain_volumes:
-        cfg = TrainConfig(slice_dir=str(data.cache), model=args.model, epochs=args.pretrain_epochs or args.epochs,
-                          batch_size=args.batch_size, learning_rate=args.pretrain_learning_rate, seed=args.seed,
-                          loss_type=args.loss_type, use_mixed_precision=args.device == "cuda").validate()
-        weights = str(pretrain_encoder(workdir, args.pretrain_volumes, cfg, parse_size(args.size), args.image_size,
-                                       args.num_slices, args.device))
+        weights = str(pretrain_encoder(
+            workdir, args.pretrain_volumes, model=args.model, epochs=args.pretrain_epochs or args.epochs,
+            batch_size=args.batch_size, learning_rate=args.pretrain_learning_rate, seed=args.seed,
+            loss_type=args.loss_type, size=parse_size(args.size), image_size=args.image_size,
+            num_slices=args.num_slices, device=args.device))
         init = f"encoder pretrained on the slice labels of {args.pretrain_volumes} other volumes"
     if args.frozen_encoder:
         init += ", encoder frozen"

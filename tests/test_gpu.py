@@ -101,19 +101,17 @@ def test_lightning_training_steps_do_not_wait_for_the_gpu(tiny_cache, tmp_path):
     from ctplatform.train.module import CTClassifierModule
     from ctplatform.train.trainer import build_trainer
 
-    caught: list[warnings.WarningMessage] = []
-    at_step_start: list[int] = []  # len(caught) when each training step starts
-
-    class Mark(pl.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            at_step_start.append(len(caught))
-
     cfg = TrainConfig(slice_dir=str(tiny_cache), model="efficientnet_b0", batch_size=4, epochs=1, num_workers=0,
                       use_gpu=True, use_mixed_precision=True).validate()
-    trainer = build_trainer(cfg, tmp_path, extra_callbacks=[Mark()], accelerator="gpu", devices=1)
-    with warnings.catch_warnings(record=True) as recorded:
+    at_step_start: list[int] = []  # how many warnings were recorded when each training step started
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        caught = recorded
+
+        class Mark(pl.Callback):
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                at_step_start.append(len(caught))
+
+        trainer = build_trainer(cfg, tmp_path, extra_callbacks=[Mark()], accelerator="gpu", devices=1)
         torch.cuda.set_sync_debug_mode("warn")
         try:
             trainer.fit(CTClassifierModule(cfg.to_dict()), datamodule=CTDataModule(cfg.slice_dir, cfg.batch_size, 0))

@@ -294,7 +294,8 @@ def test_benchmark_pretrained_encoder_starts_both_heads(tmp_path):
     bench = _benchmark_module()
     cfg = TrainConfig(slice_dir=str(tmp_path), model="efficientnet_b0", epochs=1, batch_size=16, num_workers=0,
                       seed=3).validate()
-    path = bench.pretrain_encoder(tmp_path, 8, cfg, size=(32, 32, 24), image_size=32, num_slices=8)
+    path = bench.pretrain_encoder(tmp_path, 8, model=cfg.model, epochs=1, batch_size=16, seed=3,
+                                  loss_type=cfg.loss_type, size=(32, 32, 24), image_size=32, num_slices=8)
     saved = torch.load(path, weights_only=True)
     backbone = {k.removeprefix("backbone."): v for k, v in saved.items() if k.startswith("backbone.")}
     fresh = CTClassifierModule(cfg.to_dict()).model.backbone.state_dict()
@@ -312,14 +313,10 @@ def test_attention_mil_beats_slice_mean_and_attends_to_the_findings(tmp_path):
     """The issue's claim, on the benchmark's data and recipe (BENCHMARKS.md, "Pooling or encoder?"): both heads
     start from one encoder pretrained on other volumes' slice labels and fine-tune on volume labels. About 17 min on
     2 CPU cores, so it is left out of the default run: `pytest -m benchmark`."""
-    from ctplatform.config import TrainConfig
-
     bench = _benchmark_module()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # bf16 on a GPU, as the benchmark runs there
-    pretraining = TrainConfig(slice_dir=str(tmp_path), model="efficientnet_b0", epochs=10, batch_size=64,
-                              learning_rate=1e-3, seed=0, loss_type="bce", num_workers=0,
-                              use_mixed_precision=device == "cuda").validate()
-    weights = bench.pretrain_encoder(tmp_path, 384, pretraining, device=device)
+    weights = bench.pretrain_encoder(tmp_path, 384, model="efficientnet_b0", epochs=10, batch_size=64,
+                                     learning_rate=1e-3, seed=0, loss_type="bce", device=device)
     data = bench.make_data(tmp_path / "compared", volumes=256, seed=0)
     rows = bench.compare(data, tmp_path / "compared", model="efficientnet_b0", epochs=20, batch_size=64,
                          learning_rate=3e-4, weights=str(weights), device=device)
