@@ -91,6 +91,8 @@ def add_run_args(parser: argparse.ArgumentParser, *, mode_default: str | None = 
     parser.add_argument("--checkpoint", default=None, help="bundle folder or Lightning checkpoint")
     parser.add_argument("--predict-input", nargs="+", default=[], metavar="FILE")
     parser.add_argument("--predict-type", choices=c.PREDICT_TYPES, default=defaults.predict_type)
+    parser.add_argument("--predict-metadata", default=None, metavar="CSV",
+                        help="CT-RATE metadata CSV giving each volume's rescale (default: the header's, else x - 1024)")
     # beyond the guide
     parser.add_argument("--weights", default=defaults.weights, help="imagenet | none | PATH (default none)")
     parser.add_argument("--input-windows", choices=c.INPUT_WINDOWS, default=defaults.input_windows)
@@ -153,7 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not cfg.checkpoint:
             raise ValueError("--mode predict needs --checkpoint (a bundle folder or a checkpoint)")
         table = predict_files(cfg.checkpoint, cfg.predict_input, cfg.predict_type, cfg.output,
-                              device=f"cuda:{cfg.gpu_device}" if cfg.gpu_device is not None else None)
+                              device=f"cuda:{cfg.gpu_device}" if cfg.gpu_device is not None else None,
+                              metadata_csv=cfg.predict_metadata)
         print(format_table(table))
         if cfg.output:
             print(f"predictions written to {cfg.output} (and .json)")

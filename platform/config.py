@@ -50,6 +50,7 @@ class TrainConfig:
     checkpoint: str | None = None
     predict_input: list[str] = field(default_factory=list)
     predict_type: str = "slices"
+    predict_metadata: str | None = None  # CT-RATE metadata CSV: the rescale of original-format volumes
     # --- loss parameters (guide defaults) ---
     focal_alpha: float = 0.85
     focal_gamma: float = 4.0

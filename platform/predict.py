@@ -1,7 +1,8 @@
 """`--mode predict`: files in, per-class probabilities and decisions out (table, CSV and JSON).
 
-`--predict-type volumes` reads .nii/.nii.gz/.mha through the training preprocessing; `slices` reads 2-D .npy HU
-slices (allow_pickle=False). `--checkpoint` takes a bundle folder or a Lightning checkpoint. For an attention-MIL
+`--predict-type volumes` reads .nii/.nii.gz/.mha through the training preprocessing (with `--predict-metadata`,
+CT-RATE's metadata CSV gives each volume's rescale as it does for `prepare`); `slices` reads 2-D .npy HU slices
+(allow_pickle=False). `--checkpoint` takes a bundle folder or a Lightning checkpoint. For an attention-MIL
 bundle the JSON also holds each volume's `slice_attention` (per class, the weight of every used slice, at
 `slice_positions` of the source volume): which slices drove each finding.
 """
@@ -16,6 +17,7 @@ import pandas as pd
 
 from ctplatform.atomic import write_text_atomic
 from ctplatform.data.errors import DataFormatError
+from ctplatform.data.metadata import read_metadata_csv
 from ctplatform.data.volume_io import read_volume
 from ctplatform.labels import CLASS_NAMES, volume_stem
 from ctplatform.model.inference import DECISION_THRESHOLD, Predictor
@@ -35,9 +37,16 @@ def _read_slice(path: Path) -> np.ndarray:
 
 
 def predict_files(checkpoint: str, inputs: list[str], predict_type: str, output: str | None = None,
-                  device: str | None = None) -> pd.DataFrame:
+                  device: str | None = None, metadata_csv: str | None = None) -> pd.DataFrame:
+    """Predict `inputs`; `metadata_csv` (CT-RATE's metadata CSV) gives each volume's rescale as in `prepare`."""
     if not inputs:
         raise ValueError("--predict-input needs at least one file")
+    metadata = read_metadata_csv(metadata_csv) if metadata_csv else None
+    if metadata is not None and predict_type == "volumes":
+        missing = [p for p in inputs if volume_stem(p) not in metadata]
+        if missing:
+            raise DataFormatError(metadata_csv, f"no row for {Path(missing[0]).name}"
+                                  + (f" (and {len(missing) - 1} more input(s))" if len(missing) > 1 else ""))
     predictor = Predictor.from_path(checkpoint, device=device)
     rows, details = [], []
     if predict_type == "slices":
@@ -47,7 +56,7 @@ def predict_files(checkpoint: str, inputs: list[str], predict_type: str, output:
             rows.append((volume_stem(path), c, r))
     else:
         for path in inputs:
-            volume = read_volume(path)
+            volume = read_volume(path, metadata=metadata[volume_stem(path)] if metadata else None)
             prediction = predictor.predict_volume(volume.hu, notes=volume.notes)
             rows.append((volume_stem(path), prediction.probabilities, prediction.raw_probabilities))
             details.append({"input": path, **prediction.to_dict()})

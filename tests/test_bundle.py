@@ -2,13 +2,13 @@
 
 import pickle
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from ctplatform.data.preprocess import PreprocessSettings, preprocess_volume
-from ctplatform.data.volume_io import read_volume
+from ctplatform.data.errors import DataFormatError
+from ctplatform.data.preprocess import PreprocessSettings
+from ctplatform.labels import CLASS_NAMES
 from ctplatform.model.bundle import BundleError, ModelSpec, export_bundle, load_bundle
 from ctplatform.model.calibration import Calibration
 from ctplatform.model.classifier import build_classifier
@@ -60,18 +60,38 @@ def test_tampered_weights_file_is_refused(tmp_path):
         load_bundle(tmp_path / "b")
 
 
-def test_predict_volume_applies_the_cache_preprocessing(tmp_path):
-    make_bundle(tmp_path / "b")
+def test_predict_reads_ct_rate_files_as_prepare_cached_them(tiny_dataset, tiny_cache, tmp_path):
+    """`predict --predict-type volumes` on CT-RATE files, both styles (original: raw values, blank header, rescale
+    only in the metadata CSV; `_fixed`: int16 with the rescale in the header), gives what the same model gives on
+    the slices `prepare` cached from them (read with the metadata CSV), with and without that CSV."""
+    from ctplatform.data.datasets import load_cache_index
+    from ctplatform.predict import predict_files
+
+    index = load_cache_index(tiny_cache)
+    torch.manual_seed(0)
+    model = build_classifier("resnet50").eval()
+    spec = ModelSpec(architecture={"head": "slice", **model.architecture()}, input_windows="three",
+                     preprocess=index.settings.to_dict(), aggregation="mean")
+    export_bundle(tmp_path / "b", model, spec)
     predictor = Predictor.from_path(tmp_path / "b", device="cpu")
-    hu = np.full((20, 40, 40), -1000, np.float32)
-    hu[2:18, 5:35, 5:35] = 40
-    hu[2:18, 10:30, 8:18] = -850
-    path = tmp_path / "v.nii.gz"
-    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0).copy(), np.eye(4)), path)
-    volume = read_volume(path)
-    prediction = predictor.predict_volume(volume.hu)
-    slices, positions = preprocess_volume(volume.hu, predictor.settings)
-    direct = predictor.predict_prepared(slices, positions)
-    np.testing.assert_allclose(prediction.probabilities, direct.probabilities, atol=1e-6)
-    assert prediction.slice_probabilities.shape == (6, 18)
-    assert set(prediction.key_slices()) == set(prediction.to_dict()["probabilities"])
+    records = index.volumes[index.volumes["split"] == "train"]
+    paths = {p.name: p for p in (tiny_dataset / "dataset").rglob("train*/*/*/*.nii.gz")}
+    original = next(n for n in records["VolumeName"] if "_fixed" not in str(paths[n].parent.parent.parent))
+    fixed = next(n for n in records["VolumeName"] if "_fixed" in str(paths[n].parent.parent.parent))
+    inputs = [str(paths[original]), str(paths[fixed])]
+    expected = []
+    for name in (original, fixed):
+        record = records[records["VolumeName"] == name].iloc[0]
+        slices = np.load(tiny_cache / record["file"])
+        expected.append(predictor.predict_prepared(slices, np.asarray(record["slice_positions"])).probabilities)
+        # the comparison can fail: the same slices read 1024 HU too bright (raw values taken as HU) score otherwise
+        shifted = predictor.predict_prepared(slices + 1024, np.asarray(record["slice_positions"])).probabilities
+        assert np.abs(shifted - expected[-1]).max() > 1e-2
+    metadata_csv = tiny_dataset / "dataset" / "metadata" / "train_metadata.csv"
+    for csv in (str(metadata_csv), None):
+        table = predict_files(str(tmp_path / "b"), inputs, "volumes", device="cpu", metadata_csv=csv)
+        np.testing.assert_allclose(table[list(CLASS_NAMES)].to_numpy(), np.stack(expected), atol=2e-3)
+    lacking = tmp_path / "other_metadata.csv"
+    lacking.write_text("\n".join(metadata_csv.read_text().splitlines()[:1]) + "\n")
+    with pytest.raises(DataFormatError, match=f"no row for {original}"):
+        predict_files(str(tmp_path / "b"), inputs, "volumes", device="cpu", metadata_csv=str(lacking))

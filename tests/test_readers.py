@@ -154,6 +154,23 @@ def test_original_style_float_gets_metadata_rescale(tmp_path):
     np.testing.assert_allclose(volume.hu, hu, atol=1e-3)
 
 
+def test_original_style_without_metadata_gets_ct_rates_rescale(tmp_path):
+    """predict and serve read an original CT-RATE volume with no metadata CSV: the raw values (air at 0) must not be
+    taken as HU (the lungs would read as soft tissue); they get CT-RATE's rescale, and the note says so."""
+    hu = phantom()
+    path = write_nifti(tmp_path / "valid_1_a_1.nii.gz", hu + 1024)  # raw values, blank header
+    volume = read_volume(path)
+    assert volume.hu_source == "default-rescale"
+    np.testing.assert_allclose(volume.hu, read_volume(path, metadata=meta_for("valid_1_a_1.nii.gz")).hu)
+    np.testing.assert_allclose(volume.hu, hu, atol=1e-3)
+    assert any("x -1024 assumed" in note for note in volume.notes)
+    assert not any("no lung field" in note for note in volume.notes)
+    # a scanner whose metadata says otherwise: the CSV's rescale wins over the default
+    other = read_volume(path, metadata=meta_for("valid_1_a_1.nii.gz", intercept=-1000.0))
+    assert other.hu_source == "metadata"
+    np.testing.assert_allclose(other.hu, np.clip(hu + 24, None, 3071), atol=1e-3)
+
+
 def test_fixed_style_int16_header_rescale_is_not_applied_twice(tmp_path):
     hu = phantom()
     path = tmp_path / "train_1_a_1.nii.gz"

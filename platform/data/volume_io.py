@@ -7,7 +7,8 @@ decompressed, and exactly the declared number of bytes is decompressed (a gzip b
 Hounsfield conversion never applies a rescale twice (DESIGN.md §3): CT-RATE's original volumes store raw values
 with a blank header and the rescale in the metadata CSV; the `_fixed` re-upload stores int16 with scl_slope /
 scl_inter in the header, while the CSV still lists the intercept. The header wins; the CSV's rescale is applied
-only when the header has none and the values are not already in HU.
+only when the header has none and the values are not already in HU. Read without metadata (predict, serve), raw
+values (nothing below -200) get CT-RATE's rescale, x - 1024, so an original volume is never taken as HU.
 
 Output arrays are (slices, rows, cols) = (S, A, R) order: axial slices along axis 0, reoriented from the file's
 affine to RAS so that NIfTI training data and `.mha` challenge inputs (LPS, ITK) look the same to the model.
@@ -32,6 +33,9 @@ from ctplatform.data.metadata import DEFAULT_Z_SPACING_MM, VolumeMetadata
 # 1024 x 1024 x 600: above any CT-RATE volume (at most 1024^2 x ~330 slices), far below a memory-exhausting one.
 DEFAULT_MAX_VOXELS = 1024 * 1024 * 600
 HU_MIN, HU_MAX = -1024, 3071  # the 12-bit CT range; everything is clipped to it
+# Raw scanner values with no rescale anywhere (a CT-RATE original volume read without its metadata CSV: predict,
+# serve) get CT-RATE's metadata rescale, the DICOM CT convention: HU = 1 * x - 1024.
+RAW_RESCALE_SLOPE, RAW_RESCALE_INTERCEPT = 1.0, -1024.0
 _GZIP_MAGIC = b"\x1f\x8b"
 _MHA_TYPES = {
     "MET_CHAR": np.int8, "MET_UCHAR": np.uint8, "MET_SHORT": np.int16, "MET_USHORT": np.uint16,
@@ -284,7 +288,12 @@ def hounsfield_rescale(
             return 1.0, 0.0, "as-stored", notes
         return float(metadata.rescale_slope), float(metadata.rescale_intercept), "metadata", notes
     if not already_hu:
-        notes.append("no rescale in the header or metadata and no negative values: values taken as HU as stored")
+        # A chest CT in HU has air at -1000; stored values with nothing below -200 are raw scanner values. Taking
+        # them as HU would shift the whole volume by +1024 (lungs read as soft tissue) and predict on garbage.
+        notes.append(f"no rescale in the header or metadata and no negative values: raw scanner values, HU = "
+                     f"{RAW_RESCALE_SLOPE:g} * x {RAW_RESCALE_INTERCEPT:+g} assumed (CT-RATE's rescale; give the "
+                     "metadata CSV if this scanner's differs)")
+        return RAW_RESCALE_SLOPE, RAW_RESCALE_INTERCEPT, "default-rescale", notes
     return 1.0, 0.0, "as-stored", notes
 
 
