@@ -69,3 +69,104 @@ def test_demo_data_in_parallel_writes_the_data_set(tmp_path):
     bad = subprocess.run([str(exe), "demo-data", "--out", str(tmp_path / "e"), "--workers", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "workers must be an int >= 1" in bad.stderr
+
+
+def run_cli(*args, env=None):
+    exe = Path(sys.executable).with_name("ctplatform")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def test_unloadable_weights_stop_training_before_ray_starts(tiny_cache, tmp_path):
+    """The weights are checked in the CLI's process: a clear error and exit 2, not a worker traceback wrapped in
+    Ray's TrainingFailedError after FailureConfig's retries."""
+    import os
+
+    missing = tmp_path / "nowhere" / "encoder.pt"
+    out = run_cli("train", "--slice-dir", tiny_cache, "--storage-path", tmp_path / "runs", "--weights", missing,
+                  "--epochs", "1")
+    assert out.returncode == 2, out.stderr
+    assert f"weights file {missing} does not exist" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()  # no run was started
+    out = run_cli("tune", "--slice-dir", tiny_cache, "--storage-path", tmp_path / "runs", "--weights", missing)
+    assert out.returncode == 2 and f"weights file {missing} does not exist" in out.stderr, out.stderr
+    assert not (tmp_path / "runs" / "sweep").exists()
+    # ImageNet weights, offline: an empty torch cache and a proxy that refuses every connection
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    out = run_cli("train", "--slice-dir", tiny_cache, "--storage-path", tmp_path / "runs", "--weights", "imagenet",
+                  "--model", "efficientnet_b0", "--epochs", "1", env=env)
+    assert out.returncode == 2, out.stderr
+    assert "ImageNet weights for efficientnet_b0 are not available" in out.stderr and "--weights none" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_score_command_scores_like_scikit_learn_and_names_a_missing_case(tiny_dataset, tmp_path):
+    import json
+
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from ctplatform.labels import CLASS_NAMES
+
+    labels_csv = tiny_dataset / "dataset" / "multi_abnormality_labels" / "valid_predicted_labels.csv"
+    labels = pd.read_csv(labels_csv)
+    probabilities = np.random.default_rng(0).random((len(labels), len(CLASS_NAMES)))
+    predictions = pd.DataFrame(probabilities, columns=list(CLASS_NAMES))
+    predictions.insert(0, "VolumeName", labels["VolumeName"].str.replace(".nii.gz", "", regex=False))
+    predictions.sample(frac=1.0, random_state=0).to_csv(tmp_path / "pred.csv", index=False)  # order must not matter
+    out = run_cli("score", "--labels", labels_csv, "--predictions", tmp_path / "pred.csv", "--out", tmp_path / "s")
+    assert out.returncode == 0, out.stderr
+    truth = labels[list(CLASS_NAMES)].to_numpy()
+    scored = [j for j in range(len(CLASS_NAMES)) if 0 < truth[:, j].sum() < len(truth)]
+    expected = np.mean([roc_auc_score(truth[:, j], probabilities[:, j]) for j in scored])
+    assert json.loads(out.stdout)["macro"]["auroc"] == pytest.approx(expected, abs=1e-9)
+    written = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert written["macro"]["auroc"] == pytest.approx(expected, abs=1e-9)
+    predictions.iloc[1:].to_csv(tmp_path / "short.csv", index=False)
+    out = run_cli("score", "--labels", labels_csv, "--predictions", tmp_path / "short.csv")
+    assert out.returncode == 2 and predictions["VolumeName"].iloc[0] in out.stderr
+
+
+def test_predict_command_on_slices_prints_and_writes_the_model_s_probabilities(tmp_path):
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from ctplatform.data.preprocess import PreprocessSettings
+    from ctplatform.labels import CLASS_NAMES
+    from ctplatform.model.bundle import ModelSpec, export_bundle
+    from ctplatform.model.classifier import build_classifier
+    from ctplatform.model.inference import Predictor
+
+    torch.manual_seed(0)
+    model = build_classifier("resnet50").eval()
+    spec = ModelSpec(architecture={"head": "slice", **model.architecture()}, input_windows="three",
+                     preprocess=PreprocessSettings(image_size=32, num_slices=4).to_dict(), aggregation="mean")
+    export_bundle(tmp_path / "bundle", model, spec)
+    rng = np.random.default_rng(0)
+    inputs = []
+    for name, size in (("a", 40), ("b", 24)):
+        hu = np.full((size, size), -1000, np.int16)
+        hu[4:-4, 4:-4] = rng.integers(-900, 400, (size - 8, size - 8))
+        np.save(tmp_path / f"{name}.npy", hu)
+        inputs.append(tmp_path / f"{name}.npy")
+    out = run_cli("predict", "--checkpoint", tmp_path / "bundle", "--predict-type", "slices", "--predict-input",
+                  *inputs, "--output", tmp_path / "pred.csv")
+    assert out.returncode == 0, out.stderr
+    assert all(c in out.stdout for c in CLASS_NAMES) and " a " in out.stdout and " b" in out.stdout
+    _, expected = Predictor.from_path(tmp_path / "bundle", device="cpu").predict_slices(
+        [np.load(p) for p in inputs])
+    table = pd.read_csv(tmp_path / "pred.csv")
+    assert list(table["VolumeName"]) == ["a", "b"]
+    np.testing.assert_allclose(table[list(CLASS_NAMES)].to_numpy(), expected, atol=1e-6)
+    assert (table[[f"{c} (decision)" for c in CLASS_NAMES]].to_numpy() == (expected >= 0.5)).all()
+    records = json.loads((tmp_path / "pred.json").read_text())
+    assert [r["input"] for r in records] == ["a", "b"]
+    pickled = tmp_path / "evil.npy"
+    np.save(pickled, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    out = run_cli("predict", "--checkpoint", tmp_path / "bundle", "--predict-type", "slices", "--predict-input",
+                  pickled)
+    assert out.returncode == 2 and str(pickled) in out.stderr and "pickled" in out.stderr

@@ -159,6 +159,13 @@ def build_backbone(name: str, weights: str | os.PathLike[str] = "none") -> Backb
     return backbone
 
 
+def check_weights(name: str, weights: str | os.PathLike[str]) -> None:
+    """Raise here, in the calling process, what :func:`build_backbone` would raise inside every training worker
+    (weights not cached and offline, a missing or unreadable file, keys of another model), before any starts."""
+    if str(weights) != "none":
+        build_backbone(name, weights)
+
+
 def imagenet_cache_path(name: str) -> Path:
     """Where torch hub keeps (or would download) the ImageNet weights of backbone ``name``."""
     url = _SPECS[name].weights_enum.DEFAULT.url

@@ -21,6 +21,7 @@ from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrai
 from ray.train.torch import TorchTrainer
 
 from ctplatform.config import TrainConfig
+from ctplatform.model.backbones import check_weights
 from ctplatform.ray_session import cluster_has_gpus, connect, shutdown_if
 
 # Fields that do not change what is trained (or only extend it, like --epochs): left out of the stable run name,
@@ -168,6 +169,8 @@ def best_lightning_checkpoint(result, run_dir: str) -> str:
 def run_training(cfg: TrainConfig) -> TrainingOutcome:
     """Train through Ray Train on the embedded local Ray (or the cluster at `cfg.address`)."""
     cfg = resolved(cfg)
+    if cfg.address is None:  # the local workers see this machine's files and torch cache: fail before starting Ray
+        check_weights(cfg.model, cfg.weights)
     started = connect(cfg.address, gpu_device=cfg.gpu_device)
     try:
         result = build_torch_trainer(cfg).fit()

@@ -29,6 +29,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from ctplatform.config import TrainConfig
+from ctplatform.model.backbones import check_weights
 from ctplatform.ray_session import connect, shutdown_if
 from ctplatform.train.ray_launcher import build_torch_trainer, is_uri, local_run_dir, resolved
 from ctplatform.tune.space import SearchSpace
@@ -152,6 +153,9 @@ def _scheduler(space: SearchSpace, settings: SweepSettings, max_epochs: int):
 def run_sweep(base: TrainConfig, space: SearchSpace, settings: SweepSettings, *, resume: bool = False,
               export_best: bool = True, worker_callbacks: list | None = None) -> dict:
     """Run (or resume) a sweep; returns a summary with the best trial and where everything was written."""
+    if settings.address is None:  # local trials see this machine's files and torch cache: fail before writing anything
+        for model in space.params.get("model", {}).get("choices", [base.model]):
+            check_weights(model, base.weights)
     sweep_dir, workspace = settings.sweep_dir(), settings.workspace_dir()
     Path(workspace).mkdir(parents=True, exist_ok=True)
     base = base.replace(ray_workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_trial,
