@@ -58,7 +58,8 @@ def test_guide_checkpoints_logs_and_volume_metrics(tiny_cache, tmp_path):
     guide = [n for n in names if n.startswith("multi_abnormality-epoch=")]
     assert len(guide) == 2 and all("-val_loss=" in n and n.endswith(".ckpt") for n in guide)
     assert (tmp_path / "logs" / "multi_abnormality_classification" / "version_0").is_dir()
-    for key in ("val_loss", "val/volume_auroc", "val/slice_auroc", "val/volume_ap", "val/volume_f1", "lr-AdamW"):
+    for key in ("val_loss", "val/volume_auroc", "val/slice_auroc", "val/volume_ap", "val/volume_f1", "lr-AdamW",
+                "val/volume_f1/Cardiomegaly"):  # per class too (AUROC/AP where the class has both labels)
         assert key in trainer.callback_metrics, key
     # the checkpoint holds only plain data: it loads with weights_only=True
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
@@ -66,15 +67,26 @@ def test_guide_checkpoints_logs_and_volume_metrics(tiny_cache, tmp_path):
 
 
 def test_multilabel_scores_match_sklearn_and_skip_constant_classes():
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
     rng = np.random.default_rng(0)
     targets = rng.integers(0, 2, (60, 4)).astype(np.float32)
-    targets[:, 3] = 0  # one label value only: left out of the macro
+    targets[:, 3] = 0  # one label value only: left out of the AUROC/AP macro
     probs = np.clip(targets * 0.3 + rng.random((60, 4)) * 0.7, 0, 1).astype(np.float32)
-    scores = multilabel_scores(torch.from_numpy(probs), torch.from_numpy(targets))
-    expected = np.mean([roc_auc_score(targets[:, j], probs[:, j]) for j in range(3)])
-    assert scores["auroc"] == pytest.approx(expected, abs=1e-5)
+    probs[:5, 0] = 0.5  # exactly at the threshold: positive, as in the official scoring (p >= 0.5)
+    names = ["a", "b", "c", "d"]
+    scores = multilabel_scores(torch.from_numpy(probs), torch.from_numpy(targets), names)
+    auroc = [roc_auc_score(targets[:, j], probs[:, j]) for j in range(3)]
+    ap = [average_precision_score(targets[:, j], probs[:, j]) for j in range(3)]
+    f1 = [f1_score(targets[:, j], probs[:, j] >= 0.5, zero_division=0) for j in range(4)]
+    assert scores["auroc"] == pytest.approx(np.mean(auroc), abs=1e-5)
+    assert scores["ap"] == pytest.approx(np.mean(ap), abs=1e-5)
+    assert scores["f1"] == pytest.approx(np.mean(f1), abs=1e-5)
+    for j, name in enumerate(names[:3]):
+        assert scores[f"auroc/{name}"] == pytest.approx(auroc[j], abs=1e-5)
+        assert scores[f"ap/{name}"] == pytest.approx(ap[j], abs=1e-5)
+    assert [scores[f"f1/{n}"] for n in names] == pytest.approx(f1, abs=1e-5)
+    assert "auroc/d" not in scores and "ap/d" not in scores  # no positives: undefined, not logged as a number
 
 
 @pytest.mark.parametrize("head", ["slice", "attention-mil"])

@@ -13,6 +13,7 @@ features are computed once at the start of fitting (and cached on disk), and bat
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from torchmetrics.functional.classification import (
 )
 
 from ctplatform.config import TrainConfig
-from ctplatform.labels import NUM_CLASSES
+from ctplatform.labels import CLASS_NAMES, NUM_CLASSES
 from ctplatform.model.aggregate import aggregate_by_volume
 from ctplatform.model.augment import AdvancedAugment, BasicAugment
 from ctplatform.model.classifier import build_classifier
@@ -35,17 +36,28 @@ from ctplatform.train.lightning_import import pl
 HEADLINE_METRIC = "val/volume_auroc"
 
 
-def multilabel_scores(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Macro AUROC, AP and F1@0.5 with torchmetrics; classes with one label value are left out of AUROC/AP (as the
-    official scoring does) instead of counting as 0."""
+def multilabel_scores(probs: torch.Tensor, targets: torch.Tensor,
+                      class_names: Sequence[str] | None = None) -> dict[str, float]:
+    """Macro AUROC, AP and F1 at p >= 0.5 (the official decision rule) with torchmetrics; classes with one label
+    value are left out of AUROC/AP (as the official scoring does) instead of counting as 0. With `class_names`,
+    also each class's score as ``"{metric}/{class name}"`` (AUROC and AP only where the class has both labels)."""
     targets = targets.round().int()
+    num_labels = probs.shape[1]
     varied = (targets.min(dim=0).values != targets.max(dim=0).values).cpu().numpy()
-    scores = {"f1": float(multilabel_f1_score(probs, targets, num_labels=probs.shape[1], average="macro"))}
+    # integer predictions are taken as decisions: torchmetrics' own threshold would test p > 0.5
+    f1 = multilabel_f1_score((probs >= 0.5).int(), targets, num_labels=num_labels, average=None).cpu().numpy()
+    scores = {"f1": float(np.mean(f1))}
+    per_class = {"f1": f1}
     if varied.any():
-        auroc = multilabel_auroc(probs, targets, num_labels=probs.shape[1], average=None).cpu().numpy()
-        ap = multilabel_average_precision(probs, targets, num_labels=probs.shape[1], average=None).cpu().numpy()
-        scores["auroc"] = float(np.mean(auroc[varied]))
-        scores["ap"] = float(np.mean(ap[varied]))
+        per_class["auroc"] = multilabel_auroc(probs, targets, num_labels=num_labels, average=None).cpu().numpy()
+        per_class["ap"] = multilabel_average_precision(probs, targets, num_labels=num_labels,
+                                                       average=None).cpu().numpy()
+        scores["auroc"] = float(np.mean(per_class["auroc"][varied]))
+        scores["ap"] = float(np.mean(per_class["ap"][varied]))
+    if class_names is not None:
+        for metric, values in per_class.items():
+            scores.update({f"{metric}/{name}": float(values[j]) for j, name in enumerate(class_names)
+                           if metric == "f1" or varied[j]})
     return scores
 
 
@@ -179,7 +191,7 @@ class CTClassifierModule(pl.LightningModule):
         keep = torch.as_tensor(first, device=probs.device)
         probs, targets, volumes = probs[keep].cpu(), targets[keep].cpu(), volumes[keep].cpu()
         if self.is_mil:  # one item per volume already
-            metrics = {f"val/volume_{k}": v for k, v in multilabel_scores(probs, targets).items()}
+            metrics = {f"val/volume_{k}": v for k, v in multilabel_scores(probs, targets, CLASS_NAMES).items()}
             self._log_validation(metrics)
             return
         metrics = {f"val/slice_{k}": v for k, v in multilabel_scores(probs, targets).items()}
@@ -187,7 +199,8 @@ class CTClassifierModule(pl.LightningModule):
         volume_targets = np.stack([targets[volumes == v][0].numpy() for v in ids])
         metrics.update(
             {f"val/volume_{k}": v for k, v in
-             multilabel_scores(torch.from_numpy(volume_probs), torch.from_numpy(volume_targets)).items()}
+             multilabel_scores(torch.from_numpy(volume_probs), torch.from_numpy(volume_targets),
+                               CLASS_NAMES).items()}
         )
         self._log_validation(metrics)
 
