@@ -51,17 +51,28 @@ def test_two_ddp_workers_match_one_worker(local_ray, tiny_cache, tmp_path):
 
 def test_ddp_wraps_the_model_only_for_a_world_of_more_than_one(local_ray, tiny_cache, tmp_path):
     """A single worker trains its LightningModule unwrapped (DDP would only copy gradients to average them with
-    nobody); two workers get DistributedDataParallel with gradient bucket views."""
+    nobody); two workers get DistributedDataParallel with gradient bucket views, and their gradients are averaged:
+    after a step on different batches both replicas hold bit-identical weights."""
     from ctplatform.train.lightning_import import pl
 
     seen = tmp_path / "wrappers"
 
+    def digest(module) -> str:
+        return repr(sum(float(p.detach().double().sum()) for p in module.parameters()))
+
     class RecordWrapper(pl.Callback):
+        def on_train_start(self, trainer, module):
+            with open(tmp_path / "initial", "a") as handle:
+                handle.write(f"{trainer.world_size} {digest(module)}\n")
+
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             model = trainer.strategy.model
             views = getattr(model, "gradient_as_bucket_view", None)
             with open(seen, "a") as handle:
                 handle.write(f"{trainer.world_size} {type(model).__name__} {views}\n")
+            if trainer.world_size == 2:
+                with open(tmp_path / "trained", "a") as handle:
+                    handle.write(f"{trainer.global_rank} {digest(module)}\n")
 
     for workers in (1, 2):
         cfg = resolved(config(tiny_cache, tmp_path, run_name=f"wrap{workers}", epochs=1, ray_workers=workers,
@@ -69,6 +80,11 @@ def test_ddp_wraps_the_model_only_for_a_world_of_more_than_one(local_ray, tiny_c
         assert build_torch_trainer(cfg, worker_callbacks=[RecordWrapper()], progress_bar=False).fit().error is None
     assert sorted(set(seen.read_text().splitlines())) == [
         "1 CTClassifierModule None", "2 DistributedDataParallel True"]
+    trained = dict(line.split() for line in (tmp_path / "trained").read_text().splitlines())
+    assert sorted(trained) == ["0", "1"] and trained["0"] == trained["1"]
+    initial = {line.split()[1] for line in (tmp_path / "initial").read_text().splitlines()
+               if line.startswith("2 ")}
+    assert len(initial) == 1 and trained["0"] not in initial  # same start, a step was taken
 
 
 def test_rerun_resumes_and_more_epochs_continue(local_ray, tiny_cache, tmp_path):
