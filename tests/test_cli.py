@@ -170,3 +170,55 @@ def test_predict_command_on_slices_prints_and_writes_the_model_s_probabilities(t
     out = run_cli("predict", "--checkpoint", tmp_path / "bundle", "--predict-type", "slices", "--predict-input",
                   pickled)
     assert out.returncode == 2 and str(pickled) in out.stderr and "pickled" in out.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_run_trains_evaluates_and_its_report_scores_as_the_score_command_does(tiny_cache, tiny_dataset, tmp_path):
+    """The newcomer's one command, `ctplatform run` (--mode both): Ray Train on an embedded local Ray, then the
+    report and the bundle. The report's figures are what scikit-learn computes from its predictions.csv, and
+    `ctplatform score` on its results.json gives the same."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from ctplatform.labels import CLASS_NAMES
+
+    out = run_cli("run", "--slice-dir", tiny_cache, "--storage-path", tmp_path / "runs", "--run-name", "e2e",
+                  "--model", "resnet50", "--epochs", "1", "--batch-size", "16", "--limit-train-batches", "2",
+                  "--num-workers", "0", "--loss-type", "bce", "--learning-rate", "1e-3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = [line.split(": ", 1) for line in out.stdout.splitlines()]
+    lines = {pair[0]: pair[1] for pair in printed if pair[0] in ("report", "model bundle")}
+    report, bundle = Path(lines["report"]).parent, Path(lines["model bundle"])
+    for name in ("metrics.json", "predictions.csv", "results.json", "per_class.csv", "per_class.md",
+                 "roc_curves.png", "pr_curves.png", "report.html"):
+        assert (report / name).is_file(), name
+    for png in ("roc_curves.png", "pr_curves.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (report / "report.html").read_text()
+    assert "data:image/png;base64," in html and 'src="http' not in html  # self-contained
+    assert {"metadata.json", "model.safetensors"} <= {p.name for p in bundle.iterdir()}
+
+    labels_csv = tiny_dataset / "dataset" / "multi_abnormality_labels" / "valid_predicted_labels.csv"
+    labels = pd.read_csv(labels_csv)
+    labels["VolumeName"] = labels["VolumeName"].str.replace(".nii.gz", "", regex=False)
+    predictions = pd.read_csv(report / "predictions.csv")
+    predictions["VolumeName"] = predictions["VolumeName"].str.replace(".nii.gz", "", regex=False)
+    merged = labels.merge(predictions, on="VolumeName", suffixes=("", " (p)"))
+    assert len(merged) == len(labels) == len(predictions)  # every validation volume, once
+    truth = merged[list(CLASS_NAMES)].to_numpy()
+    probs = merged[[f"{c} (p)" for c in CLASS_NAMES]].to_numpy()
+    scored = [j for j in range(len(CLASS_NAMES)) if 0 < truth[:, j].sum() < len(truth)]
+    expected = np.mean([roc_auc_score(truth[:, j], probs[:, j]) for j in scored])
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["macro"]["auroc"] == pytest.approx(expected, abs=1e-6)
+    assert "slice_level" in metrics and "uncalibrated" in metrics
+    scored_out = run_cli("score", "--labels", labels_csv, "--predictions", report / "results.json")
+    assert scored_out.returncode == 0, scored_out.stderr
+    rescored = json.loads(scored_out.stdout)
+    assert rescored["macro"]["auroc"] == pytest.approx(metrics["macro"]["auroc"], abs=1e-6)
+    assert rescored["macro"]["f1"] == pytest.approx(metrics["macro"]["f1"], abs=1e-6)
+    assert rescored["crg"] == pytest.approx(metrics["crg"]["crg"], abs=1e-6)
