@@ -152,3 +152,15 @@ def test_training_steps_do_not_read_the_loss_back_every_step(tiny_cache, tmp_pat
     assert steps >= 20
     assert reads <= steps / 4, f"{reads} host reads over {steps} training steps"
     assert "train_loss" in trainer.progress_bar_callback.get_metrics(trainer, module)  # the bar still shows it
+
+
+@pytest.mark.parametrize("cuda, bf16, expected", [(True, True, "bf16-mixed"), (True, False, "16-mixed"),
+                                                   (False, False, "bf16-mixed")])
+def test_mixed_precision_is_bf16_where_the_device_supports_it_else_fp16(monkeypatch, cuda, bf16, expected):
+    from ctplatform.train.trainer import precision_for
+
+    # the machine, not the unit under test: an Ampere-or-later GPU, an older GPU (V100, T4), no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert precision_for(TrainConfig(use_mixed_precision=True)) == expected
+    assert precision_for(TrainConfig(use_mixed_precision=False)) == "32-true"
