@@ -26,9 +26,9 @@ from ctplatform.ray_session import cluster_has_gpus, connect, shutdown_if
 
 # Fields that do not change what is trained (or only extend it, like --epochs): left out of the stable run name,
 # so rerunning a command, or rerunning it with more epochs, resumes the same run.
-_NOT_TRAINING = {"epochs", "mode", "checkpoint", "predict_input", "predict_type", "report_dir", "output", "address",
-                 "run_name", "storage_path", "max_failures", "gpu_device", "num_workers", "use_gpu",
-                 "guide_checkpoints"}
+_NOT_TRAINING = {"epochs", "mode", "checkpoint", "predict_input", "predict_type", "predict_metadata", "report_dir",
+                 "output", "address", "run_name", "storage_path", "max_failures", "gpu_device", "num_workers",
+                 "use_gpu", "guide_checkpoints"}
 
 
 def is_uri(path: str) -> bool:
