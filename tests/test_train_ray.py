@@ -1,6 +1,7 @@
 """Training through Ray Train on a real local Ray: DDP on 2 CPU workers, resume by run name, worker failure."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,8 @@ def test_rerun_resumes_and_more_epochs_continue(local_ray, tiny_cache, tmp_path)
 
 
 def test_worker_killed_mid_epoch_resumes_from_checkpoint(local_ray, tiny_cache, tmp_path):
+    from ray.train import UserCallback
+
     from ctplatform.train.lightning_import import pl
 
     marker = tmp_path / "killed-once"
@@ -124,11 +127,23 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(local_ray, tiny_cache, 
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if trainer.current_epoch == 1 and batch_idx == 2 and not marker.exists():
+                # Die only once Ray Train's controller has taken the epoch-0 report with its checkpoint (the run
+                # callback below, which runs there, has seen it): a worker lost before that restarts from scratch.
+                deadline = time.time() + 120
+                while time.time() < deadline and not registered.exists():
+                    time.sleep(0.2)
                 marker.write_text("killed")
                 os.kill(os.getpid(), 9)  # the worker process dies mid-epoch, as on a lost node
 
+    class RecordCheckpointReports(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is not None:
+                registered.write_text("checkpoint reported")
+
+    registered = tmp_path / "checkpoint-reported"
     cfg = resolved(config(tiny_cache, tmp_path, epochs=3, max_failures=2))
-    result = build_torch_trainer(cfg, worker_callbacks=[KillOnceMidEpoch()], progress_bar=False).fit()
+    result = build_torch_trainer(cfg, worker_callbacks=[KillOnceMidEpoch()], run_callbacks=[RecordCheckpointReports()],
+                                 progress_bar=False).fit()
     assert marker.exists() and result.error is None
     started = [int(x) for x in epochs_started.read_text().split()]
     # epoch 0 finished and was checkpointed; epoch 1 died, restarted from that checkpoint, then 1 and 2 ran
