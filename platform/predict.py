@@ -41,8 +41,8 @@ def predict_files(checkpoint: str, inputs: list[str], predict_type: str, output:
     """Predict `inputs`; `metadata_csv` (CT-RATE's metadata CSV) gives each volume's rescale as in `prepare`."""
     if not inputs:
         raise ValueError("--predict-input needs at least one file")
-    metadata = read_metadata_csv(metadata_csv) if metadata_csv else None
-    if metadata is not None and predict_type == "volumes":
+    metadata = read_metadata_csv(metadata_csv) if metadata_csv and predict_type == "volumes" else None
+    if metadata is not None:
         missing = [p for p in inputs if volume_stem(p) not in metadata]
         if missing:
             raise DataFormatError(metadata_csv, f"no row for {Path(missing[0]).name}"
@@ -56,7 +56,7 @@ def predict_files(checkpoint: str, inputs: list[str], predict_type: str, output:
             rows.append((volume_stem(path), c, r))
     else:
         for path in inputs:
-            volume = read_volume(path, metadata=metadata[volume_stem(path)] if metadata else None)
+            volume = read_volume(path, metadata=metadata[volume_stem(path)] if metadata is not None else None)
             prediction = predictor.predict_volume(volume.hu, notes=volume.notes)
             rows.append((volume_stem(path), prediction.probabilities, prediction.raw_probabilities))
             details.append({"input": path, **prediction.to_dict()})

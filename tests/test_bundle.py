@@ -75,9 +75,9 @@ def test_predict_reads_ct_rate_files_as_prepare_cached_them(tiny_dataset, tiny_c
     export_bundle(tmp_path / "b", model, spec)
     predictor = Predictor.from_path(tmp_path / "b", device="cpu")
     records = index.volumes[index.volumes["split"] == "train"]
-    paths = {p.name: p for p in (tiny_dataset / "dataset").rglob("train*/*/*/*.nii.gz")}
-    original = next(n for n in records["VolumeName"] if "_fixed" not in str(paths[n].parent.parent.parent))
-    fixed = next(n for n in records["VolumeName"] if "_fixed" in str(paths[n].parent.parent.parent))
+    paths = {p.name: p for p in (tiny_dataset / "dataset").rglob("train*/*/*/*.nii.gz")}  # <tree>/<p>/<scan>/
+    original = next(n for n in records["VolumeName"] if paths[n].parts[-4] == "train")
+    fixed = next(n for n in records["VolumeName"] if paths[n].parts[-4] == "train_fixed")
     inputs = [str(paths[original]), str(paths[fixed])]
     expected = []
     for name in (original, fixed):

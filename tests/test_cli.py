@@ -107,13 +107,13 @@ def test_score_command_scores_like_scikit_learn_and_names_a_missing_case(tiny_da
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
-    from ctplatform.labels import CLASS_NAMES
+    from ctplatform.labels import CLASS_NAMES, volume_stem
 
     labels_csv = tiny_dataset / "dataset" / "multi_abnormality_labels" / "valid_predicted_labels.csv"
     labels = pd.read_csv(labels_csv)
     probabilities = np.random.default_rng(0).random((len(labels), len(CLASS_NAMES)))
     predictions = pd.DataFrame(probabilities, columns=list(CLASS_NAMES))
-    predictions.insert(0, "VolumeName", labels["VolumeName"].str.replace(".nii.gz", "", regex=False))
+    predictions.insert(0, "VolumeName", labels["VolumeName"].map(volume_stem))
     predictions.sample(frac=1.0, random_state=0).to_csv(tmp_path / "pred.csv", index=False)  # order must not matter
     out = run_cli("score", "--labels", labels_csv, "--predictions", tmp_path / "pred.csv", "--out", tmp_path / "s")
     assert out.returncode == 0, out.stderr
@@ -184,7 +184,7 @@ def test_run_trains_evaluates_and_its_report_scores_as_the_score_command_does(ti
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
-    from ctplatform.labels import CLASS_NAMES
+    from ctplatform.labels import CLASS_NAMES, volume_stem
 
     out = run_cli("run", "--slice-dir", tiny_cache, "--storage-path", tmp_path / "runs", "--run-name", "e2e",
                   "--model", "resnet50", "--epochs", "1", "--batch-size", "16", "--limit-train-batches", "2",
@@ -204,9 +204,9 @@ def test_run_trains_evaluates_and_its_report_scores_as_the_score_command_does(ti
 
     labels_csv = tiny_dataset / "dataset" / "multi_abnormality_labels" / "valid_predicted_labels.csv"
     labels = pd.read_csv(labels_csv)
-    labels["VolumeName"] = labels["VolumeName"].str.replace(".nii.gz", "", regex=False)
+    labels["VolumeName"] = labels["VolumeName"].map(volume_stem)
     predictions = pd.read_csv(report / "predictions.csv")
-    predictions["VolumeName"] = predictions["VolumeName"].str.replace(".nii.gz", "", regex=False)
+    predictions["VolumeName"] = predictions["VolumeName"].map(volume_stem)
     merged = labels.merge(predictions, on="VolumeName", suffixes=("", " (p)"))
     assert len(merged) == len(labels) == len(predictions)  # every validation volume, once
     truth = merged[list(CLASS_NAMES)].to_numpy()

@@ -30,21 +30,6 @@ def config(cache, storage, **changes) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
-def test_run_name_ignores_what_does_not_change_training():
-    """Rerunning a command resumes its run only if the stable name ignores settings that do not change training:
-    prediction and evaluation options, epochs (more epochs continue a run), where it is stored."""
-    from ctplatform.train.ray_launcher import stable_run_name
-
-    base = TrainConfig(slice_dir="/cache", model="efficientnet_b0")
-    name = stable_run_name(base)
-    for change in ({"predict_metadata": "meta.csv", "predict_input": ["a.nii.gz"], "predict_type": "volumes"},
-                   {"epochs": 50, "mode": "evaluate", "report_dir": "r", "output": "o.csv"},
-                   {"storage_path": "/elsewhere", "num_workers": 8, "gpu_device": 1}):
-        assert stable_run_name(base.replace(**change)) == name, change
-    for change in ({"learning_rate": 3e-4}, {"weights": "imagenet"}, {"slice_dir": "/other"}, {"seed": 1}):
-        assert stable_run_name(base.replace(**change)) != name, change
-
-
 def test_two_ddp_workers_match_one_worker(local_ray, tiny_cache, tmp_path):
     one = run_training(config(tiny_cache, tmp_path, run_name="one", epochs=1))
     two = run_training(config(tiny_cache, tmp_path, run_name="two", epochs=1, ray_workers=2, batch_size=8,
