@@ -24,13 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, save
 
 from ctplatform.config import TrainConfig
+from ctplatform.config.tune import TuneConfig
 from ctplatform.data.prepare import run_prepare
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.data.synthetic import generate_dataset
 from ctplatform.ray_session import connect, shutdown_if
 from ctplatform.train.lightning_import import pl
 from ctplatform.tune.space import load_space
-from ctplatform.tune.sweep import SweepSettings, run_sweep
+from ctplatform.tune.sweep import run_sweep
 
 
 class FirstStep(pl.Callback):
@@ -66,7 +67,7 @@ def main() -> None:
         for name, searcher, scheduler in (("random, no early stopping", "random", "fifo"),
                                           ("Optuna TPE + ASHA", "optuna", "asha")):
             marks = work / f"{searcher}.jsonl"
-            settings = SweepSettings(name=searcher, storage_path=str(work / "runs"), num_samples=args.trials,
+            settings = TuneConfig(name=searcher, storage_path=str(work / "runs"), num_samples=args.trials,
                                      seed=0, searcher=searcher, scheduler=scheduler)
             summary = run_sweep(base, load_space("demo_space.yaml"), settings, export_best=False,
                                 worker_callbacks=[FirstStep(str(marks))])

@@ -14,12 +14,13 @@ from pathlib import Path
 def run_demo(workdir: str | Path, *, volumes: int = 96, size: str = "64x64x48", trials: int = 4, epochs: int = 2,
              serve: bool = True) -> dict:
     from ctplatform.config import TrainConfig
+    from ctplatform.config.tune import TuneConfig
     from ctplatform.data.prepare import run_prepare
     from ctplatform.data.preprocess import PreprocessSettings
     from ctplatform.data.synthetic import generate_dataset, parse_size
     from ctplatform.ray_session import connect, shutdown_if
     from ctplatform.tune.space import load_space
-    from ctplatform.tune.sweep import SweepSettings, run_sweep
+    from ctplatform.tune.sweep import run_sweep
 
     work = Path(workdir).resolve()
     begin = time.perf_counter()
@@ -42,7 +43,7 @@ def run_demo(workdir: str | Path, *, volumes: int = 96, size: str = "64x64x48", 
         step(f"3/4 sweep: {trials} trials x {epochs} epochs (Optuna TPE + ASHA, each trial a Ray Train run)")
         base = TrainConfig(slice_dir=str(cache), model="resnet50", batch_size=32, epochs=epochs, num_workers=0,
                            cpus_per_worker=1, use_gpu=None, storage_path=str(work / "runs"))
-        settings = SweepSettings(name="demo", storage_path=str(work / "runs"), num_samples=trials, seed=0,
+        settings = TuneConfig(name="demo", storage_path=str(work / "runs"), num_samples=trials, seed=0,
                                  gpus_per_trial=1.0)
         resume = (work / "runs" / "demo" / "tuner.pkl").is_file()
         summary = run_sweep(base, load_space("demo_space.yaml"), settings, resume=resume)

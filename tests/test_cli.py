@@ -1,4 +1,5 @@
-"""The command line keeps every flag of the original guide (DESIGN.md §5) with its name and meaning."""
+"""The command line keeps every flag of the original run_task2.py scripts with its name and meaning; flags are
+generated from typed settings, per command, with config files."""
 
 import subprocess
 import sys
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ctplatform.cli import build_parser, config_from_args
+from ctplatform.cli import parse_settings
 
 GUIDE_FLAGS = [
     "--mode", "both", "--data-dir", "d", "--slice-dir", "s", "--model", "resnet101", "--batch-size", "8",
@@ -19,8 +20,7 @@ GUIDE_FLAGS = [
 
 
 def test_every_guide_flag_is_accepted_with_its_meaning():
-    args = build_parser().parse_args(["run", *GUIDE_FLAGS])
-    cfg = config_from_args(args, args.mode)
+    cfg = parse_settings(["run", *GUIDE_FLAGS])
     assert (cfg.mode, cfg.data_dir, cfg.slice_dir, cfg.model) == ("both", "d", "s", "resnet101")
     assert (cfg.batch_size, cfg.learning_rate, cfg.epochs, cfg.gpu_device) == (8, 0.001, 3, 1)
     assert cfg.freeze_backbone and cfg.progressive_unfreeze and cfg.unfreeze_epoch == 2
@@ -31,8 +31,7 @@ def test_every_guide_flag_is_accepted_with_its_meaning():
 
 
 def test_guide_defaults_and_aliases():
-    args = build_parser().parse_args(["run", "--model-name", "efficientnet_b0", "--max-epochs", "7"])
-    cfg = config_from_args(args, args.mode)
+    cfg = parse_settings(["run", "--model-name", "efficientnet_b0", "--max-epochs", "7"])
     assert (cfg.mode, cfg.model, cfg.epochs, cfg.loss_type, cfg.batch_size) == ("both", "efficientnet_b0", 7,
                                                                                   "focal", 32)
     assert (cfg.learning_rate, cfg.focal_alpha, cfg.focal_gamma) == (1e-4, 0.85, 4.0)
@@ -186,10 +185,23 @@ def test_run_trains_evaluates_and_its_report_scores_as_the_score_command_does(ti
 
     from ctplatform.labels import CLASS_NAMES, volume_stem
 
-    out = run_cli("run", "--slice-dir", tiny_cache, "--storage-path", tmp_path / "runs", "--run-name", "e2e",
-                  "--model", "resnet50", "--epochs", "1", "--batch-size", "16", "--limit-train-batches", "2",
-                  "--num-workers", "0", "--loss-type", "bce", "--learning-rate", "1e-3")
+    # settings from a file written by --print-config, a flag on top: the run folder records what ran
+    printed = run_cli("run", "--slice-dir", tiny_cache, "--storage-path", tmp_path / "runs", "--run-name", "e2e",
+                      "--model", "resnet50", "--epochs", "3", "--batch-size", "16", "--limit-train-batches", "2",
+                      "--num-workers", "0", "--loss-type", "bce", "--learning-rate", "1e-3", "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    (tmp_path / "a.yaml").write_text(printed.stdout)
+    out = run_cli("run", "--config", tmp_path / "a.yaml", "--epochs", "1")
     assert out.returncode == 0, out.stderr[-3000:]
+    from ctplatform.cli import parse_settings
+    from ctplatform.config import TrainConfig
+    from ctplatform.config.options import project
+
+    recorded = parse_settings(["run", "--config", str(tmp_path / "runs" / "e2e" / "config.yaml")])
+    ran = project(parse_settings(["run", "--config", str(tmp_path / "a.yaml"), "--epochs", "1"]), TrainConfig)
+    assert project(recorded, TrainConfig) == ran.replace(slice_dir=str(Path(tiny_cache).resolve()),
+                                                         storage_path=str((tmp_path / "runs").resolve()))
+    assert recorded.mode == "both" and recorded.epochs == 1
     printed = [line.split(": ", 1) for line in out.stdout.splitlines()]
     lines = {pair[0]: pair[1] for pair in printed if pair[0] in ("report", "model bundle")}
     report, bundle = Path(lines["report"]).parent, Path(lines["model bundle"])

@@ -143,12 +143,12 @@ def test_volumes_are_declared(manifest):
 
 
 def test_rayjob_entrypoint_is_a_real_tune_command(rayjob):
-    from ctplatform.cli import build_parser
+    from ctplatform.cli import parse_settings
 
     words = shlex.split(rayjob["spec"]["entrypoint"])
     assert words[:2] == ["ctplatform", "tune"]
-    args = build_parser().parse_args(words[1:])
-    assert args.command == "tune" and args.address == "auto"
+    args = parse_settings(words[1:])
+    assert args.address == "auto"
     assert not args.resume  # a first run; docs/operations.md says how to resume
     assert args.gpus_per_trial >= 1
     # Everything the driver and the trials read or write is on the shared volume (or an object store).

@@ -23,8 +23,9 @@ import ray
 from ray.cluster_utils import Cluster
 
 from ctplatform.config import TrainConfig
+from ctplatform.config.tune import TuneConfig
 from ctplatform.tune.space import SearchSpace
-from ctplatform.tune.sweep import SweepSettings, run_sweep
+from ctplatform.tune.sweep import run_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -101,7 +102,7 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path):
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         killer.start()
-        settings = SweepSettings(name="mn", storage_path=str(tmp_path / "runs"), num_samples=3, max_concurrent=2,
+        settings = TuneConfig(name="mn", storage_path=str(tmp_path / "runs"), num_samples=3, max_concurrent=2,
                                  cpus_per_worker=1, scheduler="fifo", seed=0,
                                  driver_resources={"CPU": 0.1, "sweep_driver": 1})
         summary = run_sweep(config, space, settings, export_best=False, worker_callbacks=[RecordPlacement()])

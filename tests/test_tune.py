@@ -15,9 +15,10 @@ import ray
 import yaml
 
 from ctplatform.config import TrainConfig
+from ctplatform.config.tune import TuneConfig
 from ctplatform.model.inference import Predictor
 from ctplatform.tune.space import load_space
-from ctplatform.tune.sweep import SweepSettings, run_sweep
+from ctplatform.tune.sweep import run_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -79,7 +80,7 @@ def test_sweep_optuna_asha_fault_tolerance_and_best_epoch_bundle(tiny_cache, tmp
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              configure_logging=False, log_to_driver=False)
     try:
-        settings = SweepSettings(name="s", storage_path=str(tmp_path / "runs"), num_samples=3, seed=0,
+        settings = TuneConfig(name="s", storage_path=str(tmp_path / "runs"), num_samples=3, seed=0,
                                  cpus_per_worker=1)
         summary = run_sweep(base_config(tiny_cache), load_space(space_file), settings,
                             worker_callbacks=[KillFirstTrialOnce()])
@@ -154,7 +155,7 @@ def test_sweep_on_object_store_uri_storage(tiny_cache, tmp_path, space_file, mon
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              configure_logging=False, log_to_driver=False)
     try:
-        settings = SweepSettings(name="u", storage_path=f"file://{bucket}", num_samples=2, seed=0,
+        settings = TuneConfig(name="u", storage_path=f"file://{bucket}", num_samples=2, seed=0,
                                  cpus_per_worker=1, scheduler="fifo")
         summary = run_sweep(base_config(tiny_cache, epochs=1), load_space(space_file), settings)
     finally:

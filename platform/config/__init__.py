@@ -1,6 +1,6 @@
-"""Typed configuration, one small dataclass per concern; each command composes the ones it uses."""
+"""Typed settings, one small dataclass per concern (data, model, loss, optimisation, augmentation, resources,
+prediction, tuning, serving); each command composes the ones it uses (`ctplatform.config.commands`)."""
 
-from ctplatform.config.train import *  # noqa: F403  (transitional: split by concern in this package)
 from ctplatform.config.train import TrainConfig
 
 __all__ = ["TrainConfig"]

@@ -7,7 +7,7 @@ default, choices and help text are written once, next to the field they set.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 MISSING = dataclasses.MISSING
@@ -20,18 +20,39 @@ def option(
     choices: Sequence[Any] | None = None,
     aliases: Sequence[str] = (),
     flag: str | None = None,
+    const: Any = MISSING,
+    parse: Callable[[str], Any] | None = None,
     default_factory: Any = MISSING,
     metavar: str | None = None,
+    required: bool = False,
     cli: bool = True,
 ) -> Any:
     """A dataclass field with its flag's description.
 
-    `flag` overrides the generated name (`--field-name`), `aliases` adds other spellings (`--model-name`),
-    `choices` restricts the value (checked on the command line and in config files), `cli=False` keeps a field
-    out of the command line (set by code or config files only).
+    `flag` overrides the generated name (`--field-name`); `aliases` adds other spellings (`--model-name`);
+    `choices` restricts the value (checked on the command line and in config files); `const` makes a flag that
+    takes no value and sets this constant (`--cpu` sets `use_gpu` to False); `parse` turns the flag's text (or a
+    config file's value) into the field's value where the annotation alone cannot; `required` makes a command
+    refuse to run without a value (from the command line or a config file); `cli=False` keeps a field out of the
+    command line (set by code or config files only).
     """
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "aliases": tuple(aliases),
-                "flag": flag, "metavar": metavar, "cli": cli}
+                "flag": flag, "const": const, "parse": parse, "metavar": metavar, "required": required, "cli": cli}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_choices(config: Any) -> None:
+    """Raise ValueError naming the valid values when a field with `choices` holds another value."""
+    for item in dataclasses.fields(config):
+        valid = item.metadata.get("choices")
+        value = getattr(config, item.name)
+        if valid and value is not None and value not in valid:
+            raise ValueError(f"invalid {item.name.replace('_', '-')} {value!r}: choose one of "
+                             f"{', '.join(map(str, valid))}")
+
+
+def project(config: Any, cls: type) -> Any:
+    """The `cls` part of a composed configuration (its fields, taken from `config`)."""
+    return cls(**{item.name: getattr(config, item.name) for item in dataclasses.fields(cls)})

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -166,11 +168,15 @@ def best_lightning_checkpoint(result, run_dir: str) -> str:
     return str(target / RayTrainReportCallback.CHECKPOINT_NAME)
 
 
-def run_training(cfg: TrainConfig) -> TrainingOutcome:
-    """Train through Ray Train on the embedded local Ray (or the cluster at `cfg.address`)."""
+def run_training(cfg: TrainConfig, *, on_start: Callable[[TrainConfig], Any] | None = None) -> TrainingOutcome:
+    """Train through Ray Train on the embedded local Ray (or the cluster at `cfg.address`).
+
+    `on_start(cfg)` runs once the settings are checked, before Ray starts (the CLI records the run's settings)."""
     cfg = resolved(cfg)
     if cfg.address is None:  # the local workers see this machine's files and torch cache: fail before starting Ray
         check_weights(cfg.model, cfg.weights)
+    if on_start is not None:
+        on_start(cfg)
     started = connect(cfg.address, gpu_device=cfg.gpu_device)
     try:
         result = build_torch_trainer(cfg).fit()

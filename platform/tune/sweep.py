@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -29,6 +28,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from ctplatform.config import TrainConfig
+from ctplatform.config.tune import TuneConfig
 from ctplatform.model.backbones import check_weights
 from ctplatform.ray_session import connect, shutdown_if
 from ctplatform.train.ray_launcher import build_torch_trainer, is_uri, local_run_dir, resolved
@@ -36,35 +36,17 @@ from ctplatform.tune.space import SearchSpace
 from ctplatform.tune.summary import LiveTrialsTable, write_summary
 
 
-@dataclass
-class SweepSettings:
-    name: str = "sweep"
-    storage_path: str = "./runs"
-    num_samples: int = 8
-    max_concurrent: int = 1
-    workers_per_trial: int = 1
-    gpus_per_trial: float = 1.0  # per Train worker; fractions share a GPU between trials
-    cpus_per_worker: float = 1.0
-    seed: int = 0
-    searcher: str = "optuna"  # optuna | random (the baseline of benchmarks/tune_efficiency.py)
-    scheduler: str = "asha"  # asha | fifo
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_failures: int = 2
-    address: str | None = None
-    # What each trial's thin driver (the function that runs its TorchTrainer) asks Ray for. Add a custom resource
-    # only some nodes advertise (e.g. {"CPU": 0.1, "sweep_driver": 1} with `ray start --resources`) to keep the
-    # drivers off the nodes whose CPUs are meant for Train workers.
-    driver_resources: dict | None = None
+def sweep_folder(settings: TuneConfig) -> str:
+    storage = settings.storage_path
+    if is_uri(storage):
+        return storage.rstrip("/") + "/" + settings.name
+    return str(Path(storage).resolve() / settings.name)
 
-    def sweep_dir(self) -> str:
-        return self.storage_path.rstrip("/") + "/" + self.name if is_uri(self.storage_path) else \
-            str(Path(self.storage_path).resolve() / self.name)
 
-    def workspace_dir(self) -> str:
-        """Where the driver writes the study, the trials table, the summary and the best bundle: the sweep folder,
-        or ./runs/<name> when storage is an object-store URI (mirrored to `<uri>/<name>` when the sweep ends)."""
-        return str(Path("runs", self.name).resolve()) if is_uri(self.storage_path) else self.sweep_dir()
+def workspace_folder(settings: TuneConfig) -> str:
+    """Where the driver writes the study, the trials table, the summary and the best bundle: the sweep folder,
+    or ./runs/<name> when storage is an object-store URI (mirrored to `<uri>/<name>` when the sweep ends)."""
+    return str(Path("runs", settings.name).resolve()) if is_uri(settings.storage_path) else sweep_folder(settings)
 
 
 HISTORY_FILE = "tune_reports.jsonl"
@@ -128,7 +110,7 @@ class ResumableOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def _searcher(space: SearchSpace, settings: SweepSettings, workspace: str):
+def _searcher(space: SearchSpace, settings: TuneConfig, workspace: str):
     if settings.searcher == "optuna":
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True, constant_liar=True)
     elif settings.searcher == "random":
@@ -141,7 +123,7 @@ def _searcher(space: SearchSpace, settings: SweepSettings, workspace: str):
     return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
 
 
-def _scheduler(space: SearchSpace, settings: SweepSettings, max_epochs: int):
+def _scheduler(space: SearchSpace, settings: TuneConfig, max_epochs: int):
     if settings.scheduler == "asha":
         return ASHAScheduler(time_attr="training_iteration", metric=space.metric, mode=space.mode, max_t=max_epochs,
                              grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
@@ -150,13 +132,13 @@ def _scheduler(space: SearchSpace, settings: SweepSettings, max_epochs: int):
     raise ValueError(f"invalid scheduler {settings.scheduler!r}: choose asha or fifo")
 
 
-def run_sweep(base: TrainConfig, space: SearchSpace, settings: SweepSettings, *, resume: bool = False,
+def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, resume: bool = False,
               export_best: bool = True, worker_callbacks: list | None = None) -> dict:
     """Run (or resume) a sweep; returns a summary with the best trial and where everything was written."""
     if settings.address is None:  # local trials see this machine's files and torch cache: fail before writing anything
         for model in space.params.get("model", {}).get("choices", [base.model]):
             check_weights(model, base.weights)
-    sweep_dir, workspace = settings.sweep_dir(), settings.workspace_dir()
+    sweep_dir, workspace = sweep_folder(settings), workspace_folder(settings)
     Path(workspace).mkdir(parents=True, exist_ok=True)
     base = base.replace(ray_workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_trial,
                         cpus_per_worker=settings.cpus_per_worker, max_failures=settings.max_failures,

@@ -1,0 +1,50 @@
+"""Data preparation and synthetic data settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ctplatform.config.options import option
+
+SELECTIONS = ("even", "stride")
+
+
+@dataclass
+class PrepareConfig:
+    """Preparation: volumes -> a resumable slice cache"""
+
+    data_dir: str = option("./ct_rate_data", "CT-RATE folder")
+    out: str = option("./ct_rate_2d", "cache folder (what training calls --slice-dir)")
+    image_size: int = option(224, "slice side after resizing")
+    selection: str = option("even", "even: --num-slices evenly spaced within the body; stride: every --stride-th "
+                                    "slice", choices=SELECTIONS)
+    num_slices: int = option(32, "K for --selection even")
+    stride: int = option(4, "k for --selection stride")
+    address: str | None = option(None, "Ray cluster address (default: a local Ray)")
+    workers: int | None = option(None, "local Ray CPUs (default: all cores)")
+    no_ray: bool = option(False, "prepare in this process, one volume at a time")
+    keep_non_chest: bool = option(False, "keep volumes with no lung field (head CTs)")
+    legacy_layout: bool = option(False, "also write slices/{split}/*.npy and splits/{split}_slices.csv, the layout "
+                                        "of the original run_task2.py scripts")
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Synthetic CT-RATE-shaped data"""
+
+    out: str | None = option(None, "output folder", required=True)
+    volumes: int = option(120, "number of volumes")
+    size: str = option("64x64x48", "ROWSxCOLSxSLICES (real scans: 512x512x300)")
+    seed: int = option(0, "random seed")
+    workers: int = option(1, "processes drawing scans in parallel; the files are the same for any value")
+
+
+@dataclass
+class DemoConfig:
+    """Demo"""
+
+    workdir: str = option("demo_run", "folder for the data, cache, sweep and bundle")
+    volumes: int = option(96, "synthetic volumes")
+    trials: int = option(4, "sweep trials")
+    epochs: int = option(2, "epochs per trial")
+    no_serve: bool = option(False, "stop after exporting the best bundle")
