@@ -1,6 +1,6 @@
 """Connect to Ray: an embedded local Ray (dashboard on 127.0.0.1) by default, a cluster with `--address`.
 
-Thin adapter shared by the Ray-facing modules (prepare, train launcher, tune, serve). Notes from DESIGN.md §6:
+Thin adapter shared by the Ray-facing modules (prepare, train launcher, tune, serve). What Ray 2.60 does here:
 keep the dashboard on (with it off, Tune-stopped Train trials never release their CPUs in Ray 2.60); never bind
 it beyond loopback by default (its Jobs API runs arbitrary code); `--gpu-device N` pins a local run to one GPU by
 setting CUDA_VISIBLE_DEVICES before Ray starts, so Ray only ever sees that GPU.

@@ -1,4 +1,4 @@
-"""cluster.yaml: valid for Ray's cluster launcher (checked by Ray's own code) and shaped the way DESIGN.md §6 asks.
+"""cluster.yaml: valid for Ray's cluster launcher (checked by Ray's own code) and shaped for a secure Ray 2.60 cluster.
 
 Ray's validation is what `ray up` runs before it touches the cloud (ray.autoscaler._private.commands._bootstrap_config):
 `prepare_config` fills in the provider's defaults and `validate_config` checks the result against Ray's

@@ -1,4 +1,4 @@
-"""Official Task 2 scoring (DESIGN.md §4) checked against scikit-learn computed here, and the file formats."""
+"""Official VLM3D Task 2 scoring checked against scikit-learn computed here, and the file formats."""
 
 from __future__ import annotations
 

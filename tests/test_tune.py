@@ -93,7 +93,7 @@ def test_sweep_optuna_asha_fault_tolerance_and_best_epoch_bundle(tiny_cache, tmp
     # ASHA stopped at least one trial before its last epoch, and the next trials still got the 2 CPUs
     trials = pd.read_csv(sweep / "summary" / "trials.csv")
     assert len(trials) == 3 and (trials["state"] == "stopped early").sum() >= 1 and summary["errors"] == 0
-    # trials keep only Ray's checkpoints (the guide's top-3 + last.ckpt copies would double the disk a sweep takes)
+    # trials keep only Ray's checkpoints (the top-3 + last.ckpt Lightning copies would double the disk a sweep takes)
     ray_checkpoints = sorted((sweep / "trials").glob("trial_*/checkpoint_*/*.ckpt"))
     assert ray_checkpoints and sorted((sweep / "trials").rglob("*.ckpt")) == ray_checkpoints
     # the killed worker's trial resumed from its epoch-0 checkpoint: epoch 1 started twice, epoch 0 once

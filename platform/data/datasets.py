@@ -1,4 +1,4 @@
-"""PyTorch datasets over a prepared slice cache (or the original guide's `slices/` + `splits/` layout).
+"""PyTorch datasets over a prepared slice cache (or the legacy `slices/` + `splits/` layout).
 
 Items are int16 HU tensors: conversion to float, windowing and augmentation run later on whole batches (on the
 GPU in training), which keeps the loader's per-item work to one memory-mapped copy of S*S*2 bytes.
@@ -42,7 +42,7 @@ class CacheIndex:
 
 
 def load_cache_index(slice_dir: str | Path) -> CacheIndex:
-    """Open a prepared cache (index.parquet) or, failing that, the guide's layout (splits/*_slices.csv)."""
+    """Open a prepared cache (index.parquet) or, failing that, the legacy layout (splits/*_slices.csv)."""
     root = Path(slice_dir)
     if (root / "index.parquet").is_file():
         frame = pd.read_parquet(root / "index.parquet")
@@ -62,7 +62,7 @@ def load_cache_index(slice_dir: str | Path) -> CacheIndex:
     split_files = sorted((root / "splits").glob("*_slices.csv"))
     if not split_files:
         raise DataFormatError(root, "no slice cache here: expected index.parquet (ctplatform prepare) "
-                                    "or splits/{train,valid}_slices.csv (the original guide's layout)")
+                                    "or splits/{train,valid}_slices.csv (the legacy layout)")
     parts = []
     for path in split_files:
         part = pd.read_csv(path)

@@ -1,6 +1,6 @@
 """Read abnormality label CSVs onto the one ordered class list (`ctplatform.labels.CLASS_NAMES`).
 
-Accepts CT-RATE's `multi_abnormality_labels/{train,valid}_predicted_labels.csv` and the original guide's
+Accepts CT-RATE's `multi_abnormality_labels/{train,valid}_predicted_labels.csv` and the legacy layout's
 `multi_abnormality_labels.csv`: the same 18 class names, in any column order. Columns are matched by exact name,
 never by position, and every deviation is an error that names the file, the column and the row.
 """

@@ -1,6 +1,6 @@
 """Find CT-RATE files on disk: volumes from a VolumeName, label and metadata CSVs from a data directory.
 
-Layouts understood (DESIGN.md §3):
+Layouts understood (CT-RATE's published folder structure):
 - nested: `{root}/{split}/{split}_{patient}/{split}_{patient}_{scan}/{name}.nii.gz`, with `split` in
   train/valid and the v2 re-upload's `train_fixed`/`valid_fixed` trees beside them;
 - flat: every volume directly in one folder (`{root}/{name}.nii.gz`, `.nii` or `.mha`).
@@ -66,7 +66,7 @@ def find_volume(root: str | Path, name: str) -> Path | None:
 
 
 def find_label_files(data_dir: str | Path) -> dict[str, Path]:
-    """Label CSVs by split: CT-RATE's per-split files, else the guide's single `multi_abnormality_labels.csv`
+    """Label CSVs by split: CT-RATE's per-split files, else a single `multi_abnormality_labels.csv` (the legacy layout)
     (split then taken from each VolumeName). Key "all" marks the single-file case."""
     root = dataset_root(data_dir)
     found: dict[str, Path] = {}

@@ -1,6 +1,6 @@
 """`ctplatform prepare`: CT-RATE volumes -> a resumable, memory-mappable slice cache.
 
-Cache layout (under `--out`, the guide's `--slice-dir`):
+Cache layout (under `--out`, what training calls `--slice-dir`):
 
     cache.json                    preprocessing settings (a rerun with other settings is refused)
     volumes/{split}/{stem}.npy    int16 HU, (K, S, S) C-contiguous: one volume's slices in one file
@@ -8,7 +8,7 @@ Cache layout (under `--out`, the guide's `--slice-dir`):
     failed/{stem}.json            per-volume failure (retried on the next run)
     index.parquet                 one row per volume: name, patient, split, file, slice positions, labels, notes
     failures.csv                  every bad volume and why
-    slices/{split}/*.npy, splits/{split}_slices.csv   the original guide's layout (with --legacy-layout)
+    slices/{split}/*.npy, splits/{split}_slices.csv   the legacy layout (with --legacy-layout)
 
 Why int16 HU in one .npy per volume: CT values are integers in [-1024, 3071], so int16 is exact and half of
 float32; windowing is a cheap elementwise op done on the GPU, so one cache serves every window; `.npy` can be
@@ -195,7 +195,7 @@ def records_to_index(rows: list[dict]) -> pd.DataFrame:
 
 
 def write_legacy_layout(out: Path, index: pd.DataFrame) -> None:
-    """The original guide's layout: one 2-D int16 HU .npy per slice and a CSV of slices per split."""
+    """The legacy layout: one 2-D int16 HU .npy per slice and a CSV of slices per split."""
     for split, group in index.groupby("split", sort=True):
         rows = []
         for row in group.to_dict("records"):  # records, not itertuples: class names contain spaces

@@ -1,6 +1,6 @@
 """Batch augmentation on tensors, on any device (the GPU during training).
 
-* :class:`BasicAugment` (the guide's basic augmentation): per-sample random rotation, scale and translation in one
+* :class:`BasicAugment` (the basic augmentation): per-sample random rotation, scale and translation in one
   affine warp (``F.affine_grid`` + ``F.grid_sample``), per-sample horizontal flip and per-sample
   brightness/contrast jitter.
 * :func:`cutmix` (Yun et al. 2019, arXiv:1905.04899) and :func:`mixup` (Zhang et al. 2018, arXiv:1710.09412) mix
@@ -195,9 +195,9 @@ def mixup(x: Tensor, y: Tensor, alpha: float = 0.4, generator: torch.Generator |
 
 
 class AdvancedAugment(nn.Module):
-    """The guide's advanced augmentation: per batch, CutMix with probability ``cutmix_prob``, else MixUp.
+    """The advanced augmentation (`--use-advanced-aug`): per batch, CutMix with probability ``cutmix_prob``, else MixUp.
 
-    Every batch is mixed, by exactly one of the two: ``--cutmix-prob`` is the only knob the guide gives, and it
+    Every batch is mixed, by exactly one of the two: ``--cutmix-prob`` is the only knob the command line gives, and it
     reads as "the share of CutMix among mixed batches"; applying one mix per batch keeps each label a mix of
     exactly two samples with a known ratio. ``cutmix_prob=0`` is MixUp only, ``1`` is CutMix only.
     ``forward(x, y, generator=None) -> (x_mixed, y_mixed)``; apply :class:`BasicAugment` before it.

@@ -1,6 +1,6 @@
 """Ray Train adapter: every training run is a `TorchTrainer` running the Lightning loop on each worker.
 
-`RayDDPStrategy` + `RayLightningEnvironment` + `RayTrainReportCallback` (DESIGN.md §6, Train V2). Ray sets
+`RayDDPStrategy` + `RayLightningEnvironment` + `RayTrainReportCallback` (Ray Train V2). Ray sets
 CUDA_VISIBLE_DEVICES per worker: that is the GPU pinning. The run name is stable (derived from the training
 configuration unless `--run-name` is given), and Ray Train restores a run of the same name and storage path
 from its latest checkpoint: rerunning the same command resumes it; `FailureConfig` retries a failed worker group
@@ -51,7 +51,7 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
 
 
 def local_run_dir(cfg: TrainConfig) -> str:
-    """Where rank 0 writes the guide's checkpoints and TensorBoard logs: the run folder, or ./runs/<name> when
+    """Where rank 0 writes the top-3/last.ckpt checkpoints and TensorBoard logs: the run folder, or ./runs/<name> when
     the storage is an object-store URI (Ray's own checkpoints still go to the URI)."""
     if is_uri(cfg.storage_path):
         return str(Path("runs", cfg.run_name).resolve())

@@ -1,11 +1,11 @@
 """Ray Tune adapter: Optuna (seeded TPE: multivariate, group, constant liar) + ASHA over Ray Train trials.
 
 Each trial is a function that builds and fits a `TorchTrainer` named after the trial id, with Tune's
-`TuneReportCallback` in the Train run config (DESIGN.md §6), so one trial may itself use several GPUs. Layout of a
-sweep folder (`<storage>/<name>`):
+`TuneReportCallback` in the Train run config (Ray 2.60's pattern for Tune over Train V2), so one trial may itself
+use several GPUs. Layout of a sweep folder (`<storage>/<name>`):
 
     optuna.db            the Optuna study (SQLite; `optuna-dashboard sqlite:///.../optuna.db` opens it)
-    trials/trial_<id>/   each trial's Train run: Ray checkpoints, the guide's checkpoints, TensorBoard logs
+    trials/trial_<id>/   each trial's Train run: Ray checkpoints, TensorBoard logs
     trials.csv           all trials (config, metric, epochs, state), rewritten as results arrive
     summary/             trials.csv + optimisation history, parameter importances, parallel coordinates (PNG)
     best/                the best trial's best epoch as a model bundle, with its evaluation report
