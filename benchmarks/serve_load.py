@@ -158,7 +158,7 @@ def server_cpu_seconds() -> float:
 
 
 def in_process_baseline(bundle: Path, slices: np.ndarray, volume_bytes: bytes, batch: int, seconds: float) -> dict:
-    from ctplatform.data.volume_io import read_volume
+    from ctplatform.data import read_volume
     from ctplatform.model.inference import Predictor
 
     predictor = Predictor.from_path(bundle, device="cuda" if _cuda() else "cpu", batch_size=batch)
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from ctplatform.data import read_volume
     from ctplatform.data.preprocess import PreprocessSettings, preprocess_volume
-    from ctplatform.data.volume_io import read_volume
     from ctplatform.serve.app import build_app
     from ctplatform.serve.bundles import read_bundle_metadata
     from ctplatform.serve.inputs import ServeLimits

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ctplatform.data.errors import DataFormatError
+from ctplatform.data.errors import DataFormatError, cli_prefix
 from ctplatform.serve.cli import add_serve_parser
 
 
@@ -305,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (DataFormatError, FileNotFoundError, ValueError, BundleError, WeightsUnavailableError) as exc:
+    except DataFormatError as exc:
+        print(f"ctplatform {args.command}: error: {cli_prefix(exc)}: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, BundleError, WeightsUnavailableError) as exc:
         print(f"ctplatform {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

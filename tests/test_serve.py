@@ -184,7 +184,7 @@ def test_liveness_readiness_docs_and_model_info(service):
 
 
 def test_volume_probabilities_equal_offline_predictor(service, offline, tmp_path):
-    from ctplatform.data.volume_io import read_volume
+    from ctplatform.data import read_volume
 
     hu = chest(seed=1)
     for data, name in ((nifti_gz(hu), "scan.nii.gz"), (mha_bytes(hu, tmp_path), "scan.mha")):
@@ -254,7 +254,7 @@ def make_mil_bundle(path, seed=2, image_size=64):
 def test_attention_mil_bundle_serves_attention_weights(service):
     from ray import serve
 
-    from ctplatform.data.volume_io import read_volume
+    from ctplatform.data import read_volume
     from ctplatform.model.inference import Predictor
     from ctplatform.serve.app import build_app
 

@@ -26,7 +26,6 @@ from ctplatform.serve.inputs import (
     ServeLimits,
     Upload,
     check_content_length,
-    declared_image,
     decode_slices,
     decode_volume,
     parse_multipart,
@@ -146,12 +145,6 @@ def test_good_volumes_nii_gz_nii_mha(tmp_path):
     assert volume.hu.shape == hu.shape
 
 
-def test_declared_image_reads_only_the_header():
-    data = gzip.compress(nifti(chest(), np.int16))
-    declared = declared_image(data, "a.nii.gz")
-    assert declared.shape == (28, 32, 16) and declared.itemsize == 2 and declared.compressed
-
-
 def bomb(shape_xyz, dtype=np.int16, zeros=64 << 20):
     """A gzip member: a NIfTI header declaring `shape_xyz`, then `zeros` bytes of zeros (compresses ~1000:1)."""
     header = nib.Nifti1Header()
@@ -163,6 +156,18 @@ def bomb(shape_xyz, dtype=np.int16, zeros=64 << 20):
     for _ in range(zeros // len(chunk)):
         parts.append(compressor.compress(chunk))
     return b"".join(parts) + compressor.flush()
+
+
+def test_header_is_read_without_inflating_the_image():
+    from ctplatform.data import read_header
+
+    data = gzip.compress(nifti(chest(), np.int16))
+    declared = read_header(data, name="a.nii.gz")
+    assert declared.shape == (28, 32, 16) and declared.itemsize == 2 and declared.compressed
+    data = bomb((512, 512, 256), zeros=256 << 20)  # inflates to 256 MiB
+    started = time.perf_counter()
+    declared = read_header(data, name="bomb.nii.gz")
+    assert declared.shape == (512, 512, 256) and time.perf_counter() - started < 0.5
 
 
 def test_gzip_bomb_refused_from_its_header_before_inflating():
