@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ctplatform.config.serve import ServeConfig
 from ctplatform.data import ReadLimits, Volume, read_volume
 from ctplatform.data.errors import DataFormatError, http_status
 
@@ -57,6 +58,13 @@ class ServeLimits:
         if min(self.max_body_bytes, self.max_voxels, self.max_decompressed_bytes, self.max_files,
                self.max_slices, self.max_slice_side, self.min_slice_side) < 1:
             raise ValueError("every serve limit must be a positive number")
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> ServeLimits:
+        return cls(max_body_bytes=int(config.max_body_mb * MiB), max_voxels=config.max_voxels,
+                   max_decompressed_bytes=int(config.max_decompressed_mb * MiB), max_files=config.max_files,
+                   max_slices=config.max_slices, max_slice_side=config.max_slice_side,
+                   min_slice_side=config.min_slice_side)
 
     @property
     def read_limits(self) -> ReadLimits:
