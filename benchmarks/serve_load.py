@@ -158,7 +158,7 @@ def server_cpu_seconds() -> float:
 
 
 def in_process_baseline(bundle: Path, slices: np.ndarray, volume_bytes: bytes, batch: int, seconds: float) -> dict:
-    from ctplatform.data.volume_io import read_volume
+    from ctplatform.data import read_volume
     from ctplatform.model.inference import Predictor
 
     predictor = Predictor.from_path(bundle, device="cuda" if _cuda() else "cpu", batch_size=batch)
@@ -210,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from ctplatform.config.serve import ServeConfig
+    from ctplatform.data import read_volume
     from ctplatform.data.preprocess import PreprocessSettings, preprocess_volume
-    from ctplatform.data.volume_io import read_volume
     from ctplatform.serve.app import build_app
     from ctplatform.serve.bundles import read_bundle_metadata
-    from ctplatform.serve.inputs import ServeLimits
 
     tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
     bundle = Path(args.bundle) if args.bundle else make_bundle(Path(tmp.name) / "bundle", args.model,
@@ -239,12 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            app = build_app(bundle, num_gpus=args.num_gpus, batching=mode == "on", model_cpus=cpus, ingress_cpus=cpus,
-                            max_batch_slices=args.max_batch_slices, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                            torch_threads=args.threads, request_timeout_s=240,
-                            ingress_max_ongoing_requests=max(8, args.clients),
-                            ingress_max_queued_requests=4 * args.clients,
-                            limits=ServeLimits(max_body_bytes=1 << 30))
+            app = build_app(ServeConfig(
+                bundle=str(bundle), api_key=None, num_gpus=args.num_gpus, no_batching=mode != "on", model_cpus=cpus,
+                ingress_cpus=cpus, max_batch_slices=args.max_batch_slices, batch_wait_ms=args.batch_wait_ms,
+                torch_threads=args.threads, request_timeout=240, max_ongoing=max(8, args.clients),
+                max_queued=4 * args.clients, max_body_mb=1024))
             serve.run(app, name="bench", route_prefix="/")
             for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
                 if workload == "slices":

@@ -18,7 +18,7 @@ from ctplatform.config.cli_args import add_config_arguments, resolve, to_yaml
 from ctplatform.config.commands import COMMAND_CONFIGS, RunCommand, every_setting_name
 from ctplatform.config.options import project
 from ctplatform.config.tune import TuneConfig
-from ctplatform.data.errors import DataFormatError
+from ctplatform.data.errors import DataFormatError, cli_prefix
 from ctplatform.serve.cli import add_serve_parser
 
 RUN_CONFIG_FILE = "config.yaml"
@@ -192,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         return int(args.func(cfg) or 0)
-    except (DataFormatError, FileNotFoundError, ValueError, BundleError, WeightsUnavailableError) as exc:
+    except DataFormatError as exc:
+        print(f"ctplatform {args.command}: error: {cli_prefix(exc)}: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, BundleError, WeightsUnavailableError) as exc:
         print(f"ctplatform {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

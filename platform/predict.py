@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from ctplatform.atomic import write_text_atomic
+from ctplatform.data import read_volume
 from ctplatform.data.errors import DataFormatError
 from ctplatform.data.metadata import read_metadata_csv
-from ctplatform.data.volume_io import read_volume
 from ctplatform.labels import CLASS_NAMES, volume_stem
 from ctplatform.model.inference import DECISION_THRESHOLD, Predictor
 

@@ -136,7 +136,7 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path):
 def test_serve_replica_killed_under_load_costs_under_one_percent(tmp_path):
     from ray import serve
     from ray.util.state import list_actors
-    from test_serve import AUTH, app_options, chest, free_port, make_bundle, npy
+    from test_serve import AUTH, app_config, chest, free_port, make_bundle, npy
 
     from ctplatform.serve.app import build_app
 
@@ -152,9 +152,8 @@ def test_serve_replica_killed_under_load_costs_under_one_percent(tmp_path):
         # one HTTP proxy: every "node" here shares 127.0.0.1, so a proxy per node would fight over the port
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port,
                                                              "request_timeout_s": 30})
-        options = {**app_options(), "model_replicas": 2, "ingress_replicas": 2, "ingress_max_ongoing_requests": 8,
-                   "ingress_max_queued_requests": 64}
-        serve.run(build_app(bundle, **options), name="ctplatform", route_prefix="/")
+        config = app_config(bundle, model_replicas=2, ingress_replicas=2, max_ongoing=8, max_queued=64)
+        serve.run(build_app(config), name="ctplatform", route_prefix="/")
         models = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
                   if "ModelServer" in a.class_name]
         assert len(models) == 2 and len({a.node_id for a in models}) == 2, models  # one replica per worker node

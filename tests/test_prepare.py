@@ -156,8 +156,8 @@ def test_ray_parallel_prepare_equals_single_process(tiny_dataset, tiny_cache, tm
 
 def test_prepare_path_equals_the_predict_path(tiny_dataset):
     """prepare converts only the kept slices to HU; predict/serve convert whole volumes: same slices either way."""
+    from ctplatform.data import read_raw_volume, read_volume
     from ctplatform.data.preprocess import preprocess_raw_volume, preprocess_volume
-    from ctplatform.data.volume_io import read_raw_volume, read_volume
 
     for path in sorted((tiny_dataset / "dataset").rglob("*.nii.gz"))[:6]:
         settings = PreprocessSettings(image_size=24, num_slices=5)

@@ -8,12 +8,20 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from ctplatform.data.errors import DataFormatError, VolumeReadError
+from ctplatform.data import ReadLimits, read_header, read_volume
+from ctplatform.data.errors import (
+    CorruptDataError,
+    DataFormatError,
+    DataNotFoundError,
+    DataTooLargeError,
+    UnsupportedFormatError,
+    UnusableContentError,
+    http_status,
+)
 from ctplatform.data.labels_csv import read_labels_csv
 from ctplatform.data.metadata import read_metadata_csv
 from ctplatform.data.paths import find_volume, parse_volume_name
 from ctplatform.data.splits import patient_split
-from ctplatform.data.volume_io import read_volume
 from ctplatform.labels import CLASS_NAMES
 
 
@@ -244,7 +252,7 @@ def nifti_bytes(shape_xyz, dtype=np.int16):
 
 def test_truncated_gzip(tmp_path):
     data = gzip.compress(nifti_bytes((16, 16, 8)) )
-    with pytest.raises(VolumeReadError, match=r"truncated|corrupt"):
+    with pytest.raises(CorruptDataError, match=r"truncated|corrupt"):
         read_volume(data[: len(data) // 2], name="t.nii.gz")
 
 
@@ -259,7 +267,7 @@ def test_gzip_bomb_tail_is_never_inflated():
     parts.append(compressor.flush())
     bomb = b"".join(parts)
     assert len(bomb) < 4 << 20
-    with pytest.raises(VolumeReadError, match="constant"):  # read exactly the declared 8x8x4 voxels, then stop
+    with pytest.raises(UnusableContentError, match="constant"):  # read exactly the declared 8x8x4 voxels, then stop
         read_volume(bomb, name="bomb.nii.gz")
 
 
@@ -268,26 +276,99 @@ def test_header_declaring_terabytes_is_refused_before_decompression():
     header.set_data_shape((30000, 30000, 30000))
     header.set_data_dtype(np.int16)
     data = gzip.compress(header.binaryblock + b"\x00" * 4)
-    with pytest.raises(VolumeReadError, match="above the limit"):
+    with pytest.raises(DataTooLargeError, match="above the limit"):
         read_volume(data, name="huge.nii.gz")
 
 
 @pytest.mark.parametrize(
-    "payload, match",
+    "payload, error, match",
     [
-        (b"", "empty"),
-        (b"this is a text file, not a volume\n" * 3, "not a NIfTI"),
+        (b"", CorruptDataError, "empty"),
+        (b"this is a text file, not a volume\n" * 3, UnsupportedFormatError, "not a NIfTI"),
     ],
 )
-def test_non_image_input(payload, match):
-    with pytest.raises(VolumeReadError, match=match):
+def test_non_image_input(payload, error, match):
+    with pytest.raises(error, match=match):
         read_volume(payload, name="upload.bin")
 
 
 def test_two_dimensional_image_and_nan_values(tmp_path):
-    with pytest.raises(VolumeReadError, match="3 dimensions"):
+    with pytest.raises(UnusableContentError, match="3 dimensions"):
         read_volume(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)).to_bytes(), name="flat.nii")
     values = np.zeros((8, 8, 4), np.float32)
     values[1, 2, 3] = np.nan
-    with pytest.raises(VolumeReadError, match="NaN"):
+    with pytest.raises(UnusableContentError, match="NaN"):
         read_volume(nib.Nifti1Image(values, np.eye(4)).to_bytes(), name="nan.nii")
+
+
+# ----------------------------------------------------------------------------------------------- the reader chain
+def test_path_bytes_and_stream_read_the_same(tmp_path):
+    import io
+
+    path = write_nifti(tmp_path / "a.nii.gz", phantom())
+    from_path = read_volume(path)
+    from_bytes = read_volume(path.read_bytes(), name="a.nii.gz")
+    with open(path, "rb") as handle:
+        from_stream = read_volume(handle)
+    from_buffer = read_volume(io.BytesIO(path.read_bytes()), name="a.nii.gz")
+    for other in (from_bytes, from_stream, from_buffer):
+        np.testing.assert_array_equal(other.hu, from_path.hu)
+        assert other.spacing == from_path.spacing and other.notes == from_path.notes
+
+
+def test_missing_file_is_not_found(tmp_path):
+    with pytest.raises(DataNotFoundError, match="file not found") as info:
+        read_volume(tmp_path / "absent.nii.gz")
+    assert http_status(info.value) == 404
+
+
+def test_read_header_reports_what_the_file_declares():
+    header = read_header(gzip.compress(nifti_bytes((28, 32, 16))), name="a.nii.gz")
+    assert header.format == "nifti" and header.compressed and header.shape == (28, 32, 16)
+    assert header.itemsize == 2 and header.nbytes == 28 * 32 * 16 * 2
+
+
+def test_limits_are_checked_from_the_header_before_the_data():
+    data = nifti_bytes((16, 16, 8))[:600]  # the header, and a little of the image
+    with pytest.raises(DataTooLargeError, match="voxels"):
+        read_volume(data, name="a.nii", limits=ReadLimits(max_voxels=16 * 16 * 8 - 1))
+    with pytest.raises(DataTooLargeError, match="bytes of image data"):
+        read_volume(data, name="a.nii", limits=ReadLimits(max_decompressed_bytes=16 * 16 * 8 * 2 - 1))
+    with pytest.raises(CorruptDataError, match="truncated"):  # within the limits: the data is read, and is short
+        read_volume(data, name="a.nii", limits=ReadLimits(max_decompressed_bytes=16 * 16 * 8 * 2))
+
+
+def test_require_spacing_refuses_nan_spacing(tmp_path):
+    image = nib.Nifti1Image(np.ascontiguousarray(phantom().transpose(2, 1, 0)), np.diag([0.7, 0.7, 2.0, 1.0]))
+    image.header.set_zooms((np.nan, 0.7, 2.0))
+    data = image.to_bytes()
+    assert read_volume(data, name="a.nii").spacing == pytest.approx((2.0, 0.7, 0.7))  # the affine gives one
+    with pytest.raises(UnusableContentError, match="spacing"):
+        read_volume(data, name="a.nii", limits=ReadLimits(require_spacing=True))
+
+
+def test_metaimage_is_recognised_by_its_header_not_its_name(tmp_path):
+    image = sitk.GetImageFromArray(phantom().astype(np.int16))
+    path = tmp_path / "scan.mha"
+    sitk.WriteImage(image, str(path))
+    assert read_volume(path.read_bytes(), name="upload.bin").hu.shape == phantom().shape
+    with pytest.raises(UnsupportedFormatError):  # a text file named .mha is not taken for a MetaImage
+        read_volume(b"Hello = world\n" * 4, name="notes.mha")
+    with pytest.raises(CorruptDataError, match="ElementDataFile"):
+        read_volume(b"ObjectType = Image\nNDims = 3\n", name="cut.mha")
+
+
+@pytest.mark.parametrize("error, status, prefix", [
+    (DataNotFoundError, 404, "not found"),
+    (UnsupportedFormatError, 415, "unsupported format"),
+    (DataTooLargeError, 413, "too large"),
+    (CorruptDataError, 422, "corrupt file"),
+    (UnusableContentError, 422, "unusable content"),
+    (DataFormatError, 422, "bad data"),
+])
+def test_each_error_kind_has_one_status_and_prefix(error, status, prefix):
+    from ctplatform.data.errors import cli_prefix
+
+    exc = error("f.nii.gz", "problem")
+    assert isinstance(exc, DataFormatError) and isinstance(exc, ValueError)
+    assert http_status(exc) == status and cli_prefix(exc) == prefix and str(exc) == "f.nii.gz: problem"

@@ -115,12 +115,16 @@ def free_port():
 
 
 def app_options():
-    from ctplatform.serve.inputs import ServeLimits
+    """ServeConfig fields of the test service (a float32 128 x 128 x 96 volume is the most it decompresses)."""
+    return dict(api_key=KEY, model_cpus=0.5, ingress_cpus=0.5, max_batch_slices=32, batch_wait_ms=50.0,
+                request_timeout=30.0, max_ongoing=4, max_queued=4, max_body_mb=8, max_voxels=128 * 128 * 96,
+                max_decompressed_mb=128 * 128 * 96 * 4 / MiB, max_slices=64)
 
-    return dict(api_key=KEY, model_cpus=0.5, ingress_cpus=0.5, max_batch_slices=32, batch_wait_timeout_s=0.05,
-                request_timeout_s=30.0, ingress_max_ongoing_requests=4, ingress_max_queued_requests=4,
-                limits=ServeLimits(max_body_bytes=8 * MiB, max_voxels=128 * 128 * 96,
-                                   max_decompressed_bytes=128 * 128 * 96 * 4, max_slices=64))
+
+def app_config(bundle, **changes):
+    from ctplatform.config.serve import ServeConfig
+
+    return ServeConfig(bundle=str(bundle), **{**app_options(), **changes})
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +143,7 @@ def service(tmp_path_factory):
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-        serve.run(build_app(bundles["a"], **app_options()), name=APP, route_prefix="/")
+        serve.run(build_app(app_config(bundles["a"])), name=APP, route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             yield {"client": client, "port": port, "url": f"http://127.0.0.1:{port}", "bundles": bundles,
                    "versions": {k: bundle_version(v) for k, v in bundles.items()}, "root": root}
@@ -184,7 +188,7 @@ def test_liveness_readiness_docs_and_model_info(service):
 
 
 def test_volume_probabilities_equal_offline_predictor(service, offline, tmp_path):
-    from ctplatform.data.volume_io import read_volume
+    from ctplatform.data import read_volume
 
     hu = chest(seed=1)
     for data, name in ((nifti_gz(hu), "scan.nii.gz"), (mha_bytes(hu, tmp_path), "scan.mha")):
@@ -254,12 +258,12 @@ def make_mil_bundle(path, seed=2, image_size=64):
 def test_attention_mil_bundle_serves_attention_weights(service):
     from ray import serve
 
-    from ctplatform.data.volume_io import read_volume
+    from ctplatform.data import read_volume
     from ctplatform.model.inference import Predictor
     from ctplatform.serve.app import build_app
 
     bundle = make_mil_bundle(service["root"] / "mil")
-    serve.run(build_app(bundle, **app_options()), name="mil", route_prefix="/mil")
+    serve.run(build_app(app_config(bundle)), name="mil", route_prefix="/mil")
     try:
         data = nifti_gz(chest(seed=4))
         response = service["client"].post("/mil/v1/predict/volume", files={"file": ("scan.nii.gz", data)},
@@ -557,7 +561,7 @@ def test_rolling_update_under_load_loses_no_request(service):
         t.start()
     try:
         time.sleep(1.5)
-        serve.run(build_app(service["bundles"]["b"], **app_options()), name=APP, route_prefix="/")
+        serve.run(build_app(app_config(service["bundles"]["b"])), name=APP, route_prefix="/")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(v == new for _, v, _ in log[-4:]):
             time.sleep(0.2)

@@ -26,7 +26,6 @@ from ctplatform.serve.inputs import (
     ServeLimits,
     Upload,
     check_content_length,
-    declared_image,
     decode_slices,
     decode_volume,
     parse_multipart,
@@ -146,12 +145,6 @@ def test_good_volumes_nii_gz_nii_mha(tmp_path):
     assert volume.hu.shape == hu.shape
 
 
-def test_declared_image_reads_only_the_header():
-    data = gzip.compress(nifti(chest(), np.int16))
-    declared = declared_image(data, "a.nii.gz")
-    assert declared.shape == (28, 32, 16) and declared.itemsize == 2 and declared.compressed
-
-
 def bomb(shape_xyz, dtype=np.int16, zeros=64 << 20):
     """A gzip member: a NIfTI header declaring `shape_xyz`, then `zeros` bytes of zeros (compresses ~1000:1)."""
     header = nib.Nifti1Header()
@@ -163,6 +156,18 @@ def bomb(shape_xyz, dtype=np.int16, zeros=64 << 20):
     for _ in range(zeros // len(chunk)):
         parts.append(compressor.compress(chunk))
     return b"".join(parts) + compressor.flush()
+
+
+def test_header_is_read_without_inflating_the_image():
+    from ctplatform.data import read_header
+
+    data = gzip.compress(nifti(chest(), np.int16))
+    declared = read_header(data, name="a.nii.gz")
+    assert declared.shape == (28, 32, 16) and declared.itemsize == 2 and declared.compressed
+    data = bomb((512, 512, 256), zeros=256 << 20)  # inflates to 256 MiB
+    started = time.perf_counter()
+    declared = read_header(data, name="bomb.nii.gz")
+    assert declared.shape == (512, 512, 256) and time.perf_counter() - started < 0.5
 
 
 def test_gzip_bomb_refused_from_its_header_before_inflating():
@@ -344,7 +349,8 @@ def test_api_key_from_environment(monkeypatch):
 def test_serve_config_is_valid_and_builds(tmp_path, monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
-    from ctplatform.serve.app import app_builder, hash_api_key
+    from ctplatform.serve.app import app_builder
+    from ctplatform.serve.auth import hash_api_key
 
     config = yaml.safe_load((ROOT / "platform" / "serve" / "serve_config.yaml").read_text())
     ServeDeploySchema.model_validate(config)
@@ -358,28 +364,78 @@ def test_serve_config_is_valid_and_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("CTPLATFORM_API_KEY", "k")
     app = app_builder(args)
     ingress = app._bound_deployment
-    assert ingress.name == "Preprocessor"
+    assert ingress.name == "Ingress"
     options = ingress.init_args[2]
     assert options.api_key_sha256 == hash_api_key("k") and options.limits.max_voxels == 1024 * 1024 * 400
     model = ingress.init_args[0]._bound_deployment
     assert model.name == "ModelServer" and model.ray_actor_options["num_gpus"] == 0.5
     assert "num_replicas" not in model._deployment_config.user_configured_option_names  # the config's autoscaling
+    assert {d["name"] for d in app_config["deployments"]} == {model.name, ingress.name}  # the overrides find them
+    # a hash in the file is the key: the environment's key is not applied as well
+    app = app_builder({**args, "api_key_sha256": hash_api_key("file-key").upper()})
+    assert app._bound_deployment.init_args[2].api_key_sha256 == hash_api_key("file-key")
+    with pytest.raises(ValueError, match="unknown serve configuration keys: limits"):
+        app_builder({**args, "limits": {"max_voxels": 1}})
 
 
 def test_build_app_settings(tmp_path):
+    from ctplatform.config.serve import ServeConfig
     from ctplatform.serve.app import build_app
 
-    bundle = make_bundle(tmp_path / "b")
-    app = build_app(bundle, api_key="correct-horse-battery", num_gpus=0.25, model_replicas=(1, 3),
-                    ingress_max_queued_requests=5)
+    bundle = str(make_bundle(tmp_path / "b"))
+    app = build_app(ServeConfig(bundle=bundle, api_key="correct-horse-battery", num_gpus=0.25, model_replicas=(1, 3),
+                                max_queued=5, max_body_mb=8, no_batching=True, batch_wait_ms=20))
     ingress = app._bound_deployment
     model = ingress.init_args[0]._bound_deployment
     assert model.ray_actor_options["num_gpus"] == 0.25
     assert model._deployment_config.autoscaling_config.max_replicas == 3
     assert ingress._deployment_config.max_queued_requests == 5 and ingress.num_replicas == 1
     assert "correct-horse-battery" not in repr(ingress.init_args)  # only the key's hash is in the deployment config
+    assert ingress.init_args[2].limits.max_body_bytes == 8 << 20
+    assert model.init_kwargs["batching"] is False and model.init_kwargs["batch_wait_timeout_s"] == 0.02
     with pytest.raises(ValueError, match="empty API key"):
-        build_app(bundle, api_key=" ")
+        build_app(ServeConfig(bundle=bundle, api_key=" "))
+    with pytest.raises(ValueError, match="1 <= min <= max"):
+        build_app(ServeConfig(bundle=bundle, api_key=None, ingress_replicas=(3, 1)))
+
+
+def test_serve_config_mirrors_the_serve_flags(monkeypatch):
+    """One ServeConfig field per `serve` flag: the flag's name with underscores, its default and its help text."""
+    import argparse
+    import dataclasses
+
+    from ctplatform.cli import build_parser
+    from ctplatform.config.serve import ServeConfig
+    from ctplatform.serve.inputs import ServeLimits
+
+    monkeypatch.delenv("CTPLATFORM_API_KEY", raising=False)
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    flags = {a.dest: a for a in subparsers.choices["serve"]._actions if a.dest != "help"}
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig) if f.metadata["cli"]}
+    assert set(flags) == set(fields)
+    defaults = ServeConfig()
+    for name, action in flags.items():
+        assert action.option_strings == ["--" + name.replace("_", "-")]
+        assert action.default == getattr(defaults, name), name
+        assert fields[name].metadata["help"] == action.help, name
+    assert ServeLimits.from_config(defaults) == ServeLimits()  # the same limits whichever way the service starts
+    monkeypatch.setenv("CTPLATFORM_API_KEY", "s3cret")
+    config = ServeConfig()
+    assert config.api_key == "s3cret" and "s3cret" not in repr(config)
+
+
+def test_serve_command_builds_its_config_from_the_flags(monkeypatch):
+    from ctplatform.cli import build_parser
+    from ctplatform.serve.cli import serve_config_from_args
+
+    monkeypatch.setenv("CTPLATFORM_API_KEY", "")  # set but empty: no key, as an empty --api-key
+    args = build_parser().parse_args(["serve", "--bundle", "b", "--model-replicas", "1:4", "--no-batching",
+                                      "--max-body-mb", "8", "--max-ongoing", "3"])
+    config = serve_config_from_args(args)
+    assert config.bundle == "b" and config.model_replicas == (1, 4) and config.no_batching
+    assert config.max_body_mb == 8 and config.max_ongoing == 3 and config.api_key is None
+    assert config.host == "127.0.0.1" and config.validate() is config
 
 
 def test_serve_imports_no_training_tuning_or_lightning():
@@ -388,7 +444,8 @@ def test_serve_imports_no_training_tuning_or_lightning():
             "'lightning', 'pytorch_lightning'))]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
-    code = "import sys, ctplatform.serve.inputs, ctplatform.serve.thumbnails; print('ray' in sys.modules)"
+    code = ("import sys, ctplatform.serve.inputs, ctplatform.serve.thumbnails, ctplatform.serve.preprocessing, "
+            "ctplatform.serve.responses, ctplatform.serve.page, ctplatform.config.serve; print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
 
@@ -396,9 +453,9 @@ def test_serve_imports_no_training_tuning_or_lightning():
 def _bare_ingress(model, image_size=64):
     """The ingress class without Serve around it (its helpers are plain async methods)."""
     from ctplatform.data.preprocess import PreprocessSettings
-    from ctplatform.serve.app import IngressOptions, Preprocessor
+    from ctplatform.serve.ingress import Ingress, IngressOptions
 
-    cls = Preprocessor.func_or_class.__mro__[1]  # the class under @serve.ingress's wrapper
+    cls = Ingress.func_or_class.__mro__[1]  # the class under @serve.ingress's wrapper
     ingress = cls.__new__(cls)
     cls.__init__(ingress, model, PreprocessSettings(image_size=image_size, num_slices=8).to_dict(), IngressOptions())
     return ingress

@@ -33,13 +33,14 @@ import numpy as np
 import pandas as pd
 
 from ctplatform.atomic import write_atomic, write_bytes_atomic, write_json_atomic
-from ctplatform.data.errors import DataFormatError
+from ctplatform.data import read_raw_volume
+from ctplatform.data.errors import DataFormatError, DataNotFoundError, UnusableContentError
+from ctplatform.data.hounsfield import NON_CHEST_NOTE
 from ctplatform.data.labels_csv import read_labels_csv
 from ctplatform.data.metadata import VolumeMetadata, read_metadata_csv
 from ctplatform.data.paths import dataset_root, find_label_files, find_metadata_files, find_volume, parse_volume_name
 from ctplatform.data.preprocess import PreprocessSettings, preprocess_raw_volume
 from ctplatform.data.splits import patient_of, patient_split
-from ctplatform.data.volume_io import NON_CHEST_NOTE, read_raw_volume
 from ctplatform.labels import CLASS_NAMES, volume_stem
 
 CACHE_FORMAT = 1
@@ -110,10 +111,10 @@ def prepare_volume(task: VolumeTask, out_dir: str, settings: PreprocessSettings,
     out = Path(out_dir)
     try:
         if task.path is None:
-            raise DataFormatError(task.volume_name, "volume file not found under the data directory")
+            raise DataNotFoundError(task.volume_name, "volume file not found under the data directory")
         volume = read_raw_volume(task.path, metadata=task.metadata)
         if not keep_non_chest and any(note.startswith(NON_CHEST_NOTE) for note in volume.notes):
-            raise DataFormatError(task.path, "skipped: no lung field found (head CT?); --keep-non-chest keeps it")
+            raise UnusableContentError(task.path, "skipped: no lung field found (head CT?); --keep-non-chest keeps it")
         slices, positions = preprocess_raw_volume(volume, settings)
     except (DataFormatError, OSError, ValueError, MemoryError) as exc:
         failure = {"VolumeName": task.volume_name, "path": task.path or "", "reason": str(exc), "status": "failed"}

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctplatform.data.volume_io import HU_MIN, RawVolume
+from ctplatform.data import RawVolume
+from ctplatform.data.hounsfield import HU_MIN
 
 SELECTIONS = ("even", "stride")
 

@@ -6,14 +6,14 @@ Importing this module is cheap (argparse only): Ray, torch and the Serve app loa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import signal
 import sys
 import time
 
-API_KEY_ENV = "CTPLATFORM_API_KEY"
-MiB = 1 << 20
+from ctplatform.config.serve import API_KEY_ENV, ServeConfig
 
 
 def _replicas(text: str) -> int | tuple[int, int]:
@@ -88,6 +88,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The parsed `serve` flags as a ServeConfig (an empty key, from the flag or the environment, means none)."""
+    config = ServeConfig.from_dict({f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)
+                                    if f.metadata["cli"]})
+    return config.replace(api_key=config.api_key or None)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -95,20 +102,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ctplatform.ray_session import cluster_has_gpus, connect
     from ctplatform.serve.app import build_app
     from ctplatform.serve.bundles import bundle_version, default_bundle_path, resolve_bundle_dir
-    from ctplatform.serve.inputs import ServeLimits
 
-    bundle = resolve_bundle_dir(args.bundle) if args.bundle else default_bundle_path()
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be 1..65535, got {args.port}")
-    if not _is_loopback(args.host) and not args.api_key:
-        print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
+    config = serve_config_from_args(args)
+    bundle = resolve_bundle_dir(config.bundle) if config.bundle else default_bundle_path()
+    config = config.replace(bundle=str(bundle)).validate()
+    if not _is_loopback(config.host) and not config.api_key:
+        print(f"warning: serving on {config.host} without an API key: anyone who can reach this port can use the "
               f"model (set --api-key or ${API_KEY_ENV}, and put TLS in front)", file=sys.stderr)
-    limits = ServeLimits(max_body_bytes=int(args.max_body_mb * MiB), max_voxels=args.max_voxels,
-                         max_decompressed_bytes=int(args.max_decompressed_mb * MiB))
 
     # An embedded local Ray (never a leftover `ray start` cluster joined silently; dashboard on 127.0.0.1) or the
     # cluster at --address.
-    connect(args.address)
+    connect(config.address)
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -116,26 +120,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)  # after Ray's start-up, which installs its own handler
     deployed = detached = False
     try:
-        num_gpus = args.num_gpus
-        if num_gpus is None:
-            num_gpus = 1.0 if cluster_has_gpus() else 0.0
-        app = build_app(
-            bundle, api_key=args.api_key or None, num_gpus=num_gpus, limits=limits,
-            request_timeout_s=args.request_timeout, batching=not args.no_batching,
-            max_batch_slices=args.max_batch_slices, batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
-            model_replicas=args.model_replicas, ingress_replicas=args.ingress_replicas, model_cpus=args.model_cpus,
-            ingress_cpus=args.ingress_cpus, ingress_max_ongoing_requests=args.max_ongoing,
-            ingress_max_queued_requests=args.max_queued, decode_workers=args.decode_workers,
-        )
+        if config.num_gpus is None:
+            config = config.replace(num_gpus=1.0 if cluster_has_gpus() else 0.0)
+        app = build_app(config)
         # Cluster-wide proxy settings; on a cluster where Serve already runs they stay as they are (Serve warns).
-        serve.start(http_options={"host": args.host, "port": args.port,
-                                  "request_timeout_s": args.request_timeout + 30.0})
-        serve.run(app, name=args.name, route_prefix="/")
+        serve.start(http_options={"host": config.host, "port": config.port,
+                                  "request_timeout_s": config.request_timeout + 30.0})
+        serve.run(app, name=config.name, route_prefix="/")
         deployed = True
-        url = f"http://{args.host}:{args.port}/"
-        print(f"serving {bundle} (model {bundle_version(bundle)}, {num_gpus:g} GPU per model replica) at {url}  "
-              f"API docs: {url}docs  auth: {'bearer key' if args.api_key else 'none'}", flush=True)
-        if args.address and args.detach:
+        url = f"http://{config.host}:{config.port}/"
+        print(f"serving {bundle} (model {bundle_version(bundle)}, {config.num_gpus:g} GPU per model replica) at "
+              f"{url}  API docs: {url}docs  auth: {'bearer key' if config.api_key else 'none'}", flush=True)
+        if config.address and config.detach:
             detached = True
             return 0
         while True:
@@ -143,9 +139,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("stopping the service", file=sys.stderr)
     finally:
-        if not args.address:
+        if not config.address:
             serve.shutdown()  # the embedded Ray goes with this process anyway
         elif deployed and not detached:
-            serve.delete(args.name)  # attached to a cluster: stopping the command stops this application
+            serve.delete(config.name)  # attached to a cluster: stopping the command stops this application
         ray.shutdown()
     return 0

@@ -25,6 +25,7 @@ def serve_and_ask_once(bundle: str | Path, volume: str | Path, *, port: int | No
     import ray
     from ray import serve
 
+    from ctplatform.config.serve import ServeConfig
     from ctplatform.ray_session import connect, shutdown_if
     from ctplatform.serve.app import build_app
 
@@ -32,8 +33,9 @@ def serve_and_ask_once(bundle: str | Path, volume: str | Path, *, port: int | No
     port = port or _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout_s})
-        serve.run(build_app(bundle, model_cpus=0.5, ingress_cpus=0.5, request_timeout_s=timeout_s), name=DEMO_APP,
-                  route_prefix="/")
+        config = ServeConfig(bundle=str(bundle), api_key=None, model_cpus=0.5, ingress_cpus=0.5,
+                             request_timeout=timeout_s)
+        serve.run(build_app(config), name=DEMO_APP, route_prefix="/")
         path = Path(volume)
         url = f"http://127.0.0.1:{port}/v1/predict/volume?" + urllib.parse.urlencode({"filename": path.name})
         request = urllib.request.Request(url, data=path.read_bytes(), method="POST",

@@ -1,12 +1,14 @@
-"""Untrusted upload handling for the HTTP service: body caps, multipart parsing, volume and .npy validation.
+"""Untrusted upload handling for the HTTP service: body caps, multipart parsing, .npy slices, and the limits a
+volume upload is read with.
 
 No Ray and no web framework here, so every check is unit-tested in milliseconds. Each problem raises
 :class:`InputError` with an HTTP status and a reason a client can act on; the Serve ingress turns it into the
-response. The order of the checks is the point: the body is capped while it streams in, a volume's header is
-read (decompressing a few hundred bytes at most) and the voxel count and image bytes it declares are checked
-before anything else is decompressed, and `read_volume` then inflates exactly the declared bytes (a gzip bomb's
-tail is never inflated). `.npy` headers are parsed before the data, and arrays are loaded with
-``allow_pickle=False``.
+response. The order of the checks is the point: the body is capped while it streams in; a volume goes through
+the data layer's one reader chain (`ctplatform.data.read_volume`) with this service's :class:`ServeLimits`, which
+checks the voxel count and image bytes its header declares before anything else is decompressed and then
+inflates exactly the declared bytes (a gzip bomb's tail is never inflated); the reader's typed error becomes its
+status through `ctplatform.data.errors.http_status`. `.npy` headers are parsed before the data, and arrays are
+loaded with ``allow_pickle=False``.
 
 Status codes: 400 malformed request (empty body, broken multipart, wrong number of files), 413 too large (body,
 declared voxels or bytes, slice count), 415 not a supported file format, 422 a supported format with unusable
@@ -17,24 +19,17 @@ from __future__ import annotations
 
 import io
 import math
-import zlib
 from collections.abc import AsyncIterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from nibabel import Nifti1Header, Nifti2Header
 
-from ctplatform.data.errors import VolumeReadError
-from ctplatform.data.volume_io import Volume, read_volume
+from ctplatform.config.serve import ServeConfig
+from ctplatform.data import ReadLimits, Volume, read_volume
+from ctplatform.data.errors import DataFormatError, http_status
 
 MiB = 1 << 20
 NPY_MAGIC = b"\x93NUMPY"
-GZIP_MAGIC = b"\x1f\x8b"
-NIFTI_MAGICS = (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c", b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha")
-_MHA_HEADER_MAX = 64 * 1024
-_MHA_ITEMSIZE = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-                 "MET_FLOAT": 4, "MET_DOUBLE": 8}
 
 
 class InputError(Exception):
@@ -63,6 +58,19 @@ class ServeLimits:
         if min(self.max_body_bytes, self.max_voxels, self.max_decompressed_bytes, self.max_files,
                self.max_slices, self.max_slice_side, self.min_slice_side) < 1:
             raise ValueError("every serve limit must be a positive number")
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> ServeLimits:
+        return cls(max_body_bytes=int(config.max_body_mb * MiB), max_voxels=config.max_voxels,
+                   max_decompressed_bytes=int(config.max_decompressed_mb * MiB), max_files=config.max_files,
+                   max_slices=config.max_slices, max_slice_side=config.max_slice_side,
+                   min_slice_side=config.min_slice_side)
+
+    @property
+    def read_limits(self) -> ReadLimits:
+        """The volume reader's share: header caps checked before inflating, and a finite, positive spacing."""
+        return ReadLimits(max_voxels=self.max_voxels, max_decompressed_bytes=self.max_decompressed_bytes,
+                          require_spacing=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -199,131 +207,23 @@ def single_upload(uploads: list[Upload]) -> Upload:
 
 
 # ------------------------------------------------------------------------------------------------ volumes
-@dataclass
-class DeclaredImage:
-    """What a volume file's header says, read before decompressing the image data."""
-
-    format: str  # "nifti" or "mha"
-    compressed: bool
-    shape: tuple[int, ...]
-    itemsize: int
-    spacing: tuple[float, ...] = ()  # voxel sizes the header states (NIfTI pixdim, MetaImage ElementSpacing)
-
-    @property
-    def voxels(self) -> int:
-        return math.prod(self.shape) if self.shape else 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.voxels * self.itemsize
-
-
-def sniff_volume_format(data: bytes, name: str) -> str:
-    """'nifti-gz', 'nifti' or 'mha' from the leading bytes (the name only breaks no ties); 415 otherwise."""
-    head = data[:4]
-    if head[:2] == GZIP_MAGIC:
-        return "nifti-gz"
-    if head in NIFTI_MAGICS:
-        return "nifti"
-    if head.lower() in (b"obje", b"ndim") or (name.lower().endswith(".mha") and b"ElementDataFile" in data[:4096]):
-        return "mha"
-    if data[:6] == NPY_MAGIC:
-        raise InputError(415, f"{name}: a .npy array is not a volume: send .npy slices to /v1/predict/slices, or "
-                              "the volume as .nii, .nii.gz or .mha")
-    raise InputError(415, f"{name}: not a NIfTI (.nii, .nii.gz) or MetaImage (.mha) file")
-
-
-def declared_image(data: bytes, name: str) -> DeclaredImage | None:
-    """Parse just the header (inflating at most a few KiB of a .nii.gz). None when the header cannot be parsed:
-    `read_volume` then reports the precise problem."""
-    fmt = sniff_volume_format(data, name)
-    if fmt == "mha":
-        return _declared_mha(data)
-    header_bytes = data[:1024]
-    if fmt == "nifti-gz":
-        try:
-            inflater = zlib.decompressobj(wbits=31)
-            header_bytes = inflater.decompress(data[:64 * 1024], 1024)
-        except zlib.error:
-            return None
-    if len(header_bytes) < 348:
-        return None
-    sizeof = int.from_bytes(header_bytes[:4], "little")
-    if sizeof not in (348, 540):
-        sizeof = int.from_bytes(header_bytes[:4], "big")
-    if sizeof not in (348, 540) or len(header_bytes) < sizeof:
-        return None
-    header_class = Nifti1Header if sizeof == 348 else Nifti2Header
-    try:
-        header = header_class.from_fileobj(io.BytesIO(header_bytes[:sizeof]), check=False)
-        shape = tuple(int(d) for d in header.get_data_shape())
-        itemsize = int(header.get_data_dtype().itemsize)
-        spacing = tuple(float(z) for z in header["pixdim"][1 : 1 + min(len(shape), 3)])
-    except Exception:  # a malformed header: read_volume reports it with its own message
-        return None
-    return DeclaredImage("nifti", fmt == "nifti-gz", shape, itemsize, spacing)
-
-
-def _declared_mha(data: bytes) -> DeclaredImage | None:
-    fields: dict[str, str] = {}
-    for raw_line in data[:_MHA_HEADER_MAX].split(b"\n"):
-        key, sep, value = raw_line.decode("latin-1").partition("=")
-        if not sep:
-            return None
-        fields[key.strip()] = value.strip()
-        if key.strip() == "ElementDataFile":
-            break
-    try:
-        shape = tuple(int(v) for v in fields.get("DimSize", "").split())
-        channels = int(fields.get("ElementNumberOfChannels", "1"))
-        spacing = tuple(float(v) for v in fields.get("ElementSpacing", fields.get("ElementSize", "")).split())
-    except ValueError:
-        return None
-    itemsize = _MHA_ITEMSIZE.get(fields.get("ElementType", ""))
-    if not shape or itemsize is None:
-        return None
-    return DeclaredImage("mha", fields.get("CompressedData", "False") == "True", shape, itemsize * max(channels, 1),
-                         spacing)
-
-
-def check_declared(declared: DeclaredImage | None, name: str, limits: ServeLimits) -> None:
-    """413 when the header declares more voxels or image bytes than the service decompresses and holds; 422 for
-    a NaN or infinite voxel spacing (even where an affine would have supplied another one)."""
-    if declared is None:
-        return
-    if not all(math.isfinite(s) for s in declared.spacing):
-        raise InputError(422, f"{name}: the header's voxel spacing {declared.spacing} is not finite (NaN pixdim)")
-    if any(d < 0 for d in declared.shape):
-        raise InputError(422, f"{name}: the header declares a negative image dimension {declared.shape}")
-    if declared.voxels > limits.max_voxels:
-        raise InputError(413, f"{name}: the header declares {declared.voxels:,} voxels {declared.shape}, above this "
-                              f"service's limit of {limits.max_voxels:,}")
-    if declared.nbytes > limits.max_decompressed_bytes:
-        raise InputError(413, f"{name}: the header declares {declared.nbytes:,} bytes of image data, above this "
-                              f"service's decompression limit of {limits.max_decompressed_bytes:,} bytes")
-
-
 def decode_volume(upload: Upload, limits: ServeLimits) -> Volume:
     """Bytes of a .nii / .nii.gz / .mha upload -> a checked HU volume. Raises InputError, never anything else."""
     name = upload.filename
     data = upload.data
     if not data:
         raise InputError(400, f"{name}: empty file")
-    check_declared(declared_image(data, name), name, limits)
+    if data.startswith(NPY_MAGIC):
+        raise InputError(415, f"{name}: a .npy array is not a volume: send .npy slices to /v1/predict/slices, or "
+                              "the volume as .nii, .nii.gz or .mha")
     try:
-        volume = read_volume(data, name=name, max_voxels=limits.max_voxels)
-    except VolumeReadError as exc:
-        status = 413 if "above the limit" in exc.problem else 422
-        raise InputError(status, str(exc)) from None
+        return read_volume(data, name=name, limits=limits.read_limits)
+    except DataFormatError as exc:
+        raise InputError(http_status(exc), str(exc)) from None
     except MemoryError:
         raise InputError(413, f"{name}: not enough memory to decode this volume") from None
     except Exception as exc:  # a reader bug or an input no check foresaw: a 422, never a dead replica
         raise InputError(422, f"{name}: unreadable volume ({type(exc).__name__}: {exc})") from None
-    spacing = tuple(float(s) for s in volume.spacing)
-    if not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise InputError(422, f"{name}: voxel spacing {spacing} mm is not finite and positive (NaN or zero pixdim "
-                              "in the header)")
-    return volume
 
 
 # ------------------------------------------------------------------------------------------------ .npy slices

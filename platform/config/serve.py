@@ -1,0 +1,113 @@
+"""Serving configuration: every option of `ctplatform serve`, and the few set only by code or a Serve config file.
+
+Field names are the command's flags with dashes turned into underscores (`--max-body-mb` -> `max_body_mb`), with
+the same defaults and help text. `ctplatform.serve.app.build_app` takes one :class:`ServeConfig`; a Serve config
+file's `args` are its fields by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ctplatform.config.options import option
+
+API_KEY_ENV = "CTPLATFORM_API_KEY"
+
+def _api_key_from_environment() -> str | None:
+    return os.environ.get(API_KEY_ENV) or None
+
+
+@dataclass(repr=False)
+class ServeConfig:
+    # --- where and what to serve ---
+    bundle: str | None = option(None, "model bundle folder (model.safetensors + metadata.json); default: the newest "
+                                      "./runs/*/best/ (the latest sweep's best)")
+    host: str = option("127.0.0.1", "address the HTTP proxy binds (default 127.0.0.1)")
+    port: int = option(8000, "HTTP port (default 8000)")
+    api_key: str | None = option(default_factory=_api_key_from_environment,
+                                 help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: "
+                                      f"${API_KEY_ENV})")
+    address: str | None = option(None, "Ray cluster address (e.g. ray://head:10001 or auto); default: an embedded "
+                                       "local Ray")
+    name: str = option("ctplatform", "Serve application name (default ctplatform); serving again under the same "
+                                     "name is a rolling update")
+    # --- resources and replicas ---
+    num_gpus: float | None = option(None, "GPUs per model replica, fractions allowed (default: 1 when a GPU is "
+                                          "visible, else 0)")
+    # replicas: a fixed count, (min, max) to autoscale, or None to leave them to Serve (a config file's deployments)
+    model_replicas: int | tuple[int, int] | None = option(
+        1, "model replicas: fixed N, or MIN:MAX to autoscale (default 1)", metavar="N|MIN:MAX")
+    ingress_replicas: int | tuple[int, int] | None = option(
+        1, "CPU ingress/preprocessing replicas (default 1)", metavar="N|MIN:MAX")
+    model_cpus: float = option(1.0, "CPUs per model replica (default 1)")
+    ingress_cpus: float = option(1.0, "CPUs per ingress replica (default 1)")
+    # --- batching and load ---
+    no_batching: bool = option(False, "forward each request alone (no @serve.batch)")
+    max_batch_slices: int = option(64, "slices per forward pass (default 64)")
+    batch_wait_ms: float = option(10.0, "how long a batch waits to fill (default 10 ms)")
+    request_timeout: float = option(60.0, "seconds per request (default 60)")
+    max_ongoing: int = option(8, "requests one ingress replica works on at once (default 8)")
+    max_queued: int = option(32, "requests queued per caller before a fast 503 (default 32)")
+    # --- upload limits ---
+    max_body_mb: float = option(512, "request body cap in MiB (default 512)")
+    max_voxels: int = option(1024 * 1024 * 400, "voxels a volume header may declare (default 1024*1024*400)")
+    max_decompressed_mb: float = option(2048, "image bytes a volume header may declare, i.e. what is decompressed "
+                                              "(default 2048 MiB)")
+    decode_workers: int = option(2, "volumes decoded at once per ingress replica (default 2)")
+    detach: bool = option(False, "with --address: deploy and return (the application keeps running on the cluster)")
+    # --- set by code or a Serve config file only ---
+    api_key_sha256: str | None = option(None, "SHA-256 (hex) of the API key, instead of the key itself: what a "
+                                              "config file holds", cli=False)
+    model_max_ongoing_requests: int = option(64, "requests one model replica works on at once", cli=False)
+    model_max_queued_requests: int = option(256, "requests queued per caller of the model before a fast 503",
+                                            cli=False)
+    torch_threads: int | None = option(None, "torch threads of a model replica (default: torch's)", cli=False)
+    thumbnail_size: int = option(128, "key-slice thumbnails' side in pixels", cli=False)
+    max_files: int = option(64, "multipart parts per request", cli=False)
+    max_slices: int = option(256, "2-D slices per /v1/predict/slices request", cli=False)
+    max_slice_side: int = option(2048, "largest side of an uploaded slice in pixels", cli=False)
+    min_slice_side: int = option(8, "smallest side of an uploaded slice in pixels", cli=False)
+
+    def validate(self) -> ServeConfig:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be 1..65535, got {self.port}")
+        if (self.num_gpus or 0) < 0 or self.model_cpus < 0 or self.ingress_cpus < 0:
+            raise ValueError("num_gpus and CPU amounts must be >= 0")
+        if self.max_batch_slices < 1 or self.batch_wait_ms < 0:
+            raise ValueError("max_batch_slices must be >= 1 and batch_wait_ms >= 0")
+        for name in ("model_replicas", "ingress_replicas"):
+            replicas = getattr(self, name)
+            if replicas is not None:
+                low, high = (replicas, replicas) if isinstance(replicas, int) else replicas
+                if not 1 <= low <= high:
+                    raise ValueError(f"{name} must satisfy 1 <= min <= max, got {replicas}")
+        if self.api_key is not None and self.api_key_sha256 is not None:
+            raise ValueError("pass api_key or api_key_sha256, not both")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("an empty API key would let anyone in: omit it or pass a real key")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ServeConfig:
+        """From field names (a Serve config file's `args`); a [min, max] list of replicas becomes a tuple."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown serve configuration keys: {', '.join(sorted(unknown))}")
+        values = {k: tuple(v) if k.endswith("_replicas") and isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ServeConfig:
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:  # the API key never reaches a log line
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if shown["api_key"] is not None:
+            shown["api_key"] = "***"
+        return f"ServeConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"

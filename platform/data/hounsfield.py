@@ -1,0 +1,72 @@
+"""Hounsfield units: the one rescale from stored values to HU, the CT range, and the HU check for a chest CT.
+
+A rescale is never applied twice: CT-RATE's original volumes store raw values with a blank header and the rescale
+in the metadata CSV; the `_fixed` re-upload stores int16 with scl_slope / scl_inter in the header, while the CSV
+still lists the intercept. The header wins; the CSV's rescale is applied only when the header has none and the
+values are not already in HU. Read without metadata (predict, serve), raw values (nothing below -200) get
+CT-RATE's rescale, x - 1024, so an original volume is never taken as HU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctplatform.data.metadata import VolumeMetadata
+
+HU_MIN, HU_MAX = -1024, 3071  # the 12-bit CT range; everything is clipped to it
+# Raw scanner values with no rescale anywhere (a CT-RATE original volume read without its metadata CSV: predict,
+# serve) get CT-RATE's metadata rescale, the DICOM CT convention: HU = 1 * x - 1024.
+RAW_RESCALE_SLOPE, RAW_RESCALE_INTERCEPT = 1.0, -1024.0
+NON_CHEST_NOTE = "no lung field found"
+
+
+def hounsfield_rescale(
+    data: np.ndarray,
+    header_slope: float | None,
+    header_intercept: float | None,
+    metadata: VolumeMetadata | None,
+) -> tuple[float, float, str, list[str]]:
+    """Decide the one rescale that turns stored values into HU: (slope, intercept, source, notes)."""
+    notes: list[str] = []
+    header_scaled = header_slope is not None and (header_slope, header_intercept or 0.0) != (1.0, 0.0)
+    if header_scaled:
+        if metadata is not None and metadata.has_rescale and metadata.rescale_intercept != 0:
+            notes.append("the header's scl_slope/scl_inter already give HU: the metadata CSV's rescale was not applied")
+        return float(header_slope), float(header_intercept or 0.0), "header", notes
+    # Air is about -1000 HU; raw scanner values are non-negative. A minimum far below zero means HU already. A
+    # strided sample decides it (air fills every CT's corners), saving a full pass over the volume.
+    already_hu = float(data[::2, ::4, ::4].min()) < -200.0
+    if metadata is not None and metadata.has_rescale:
+        if already_hu and (metadata.rescale_intercept or 0.0) < -200.0:
+            notes.append("values are already in HU: the metadata CSV's rescale was not applied a second time")
+            return 1.0, 0.0, "as-stored", notes
+        return float(metadata.rescale_slope), float(metadata.rescale_intercept), "metadata", notes
+    if not already_hu:
+        # A chest CT in HU has air at -1000; stored values with nothing below -200 are raw scanner values. Taking
+        # them as HU would shift the whole volume by +1024 (lungs read as soft tissue) and predict on garbage.
+        notes.append(f"no rescale in the header or metadata and no negative values: raw scanner values, HU = "
+                     f"{RAW_RESCALE_SLOPE:g} * x {RAW_RESCALE_INTERCEPT:+g} assumed (CT-RATE's rescale; give the "
+                     "metadata CSV if this scanner's differs)")
+        return RAW_RESCALE_SLOPE, RAW_RESCALE_INTERCEPT, "default-rescale", notes
+    return 1.0, 0.0, "as-stored", notes
+
+
+def rescaled_to_hu(data: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """float32 copy of slope * data + intercept, clipped to the CT range, in as few passes as numpy allows."""
+    hu = data.astype(np.float32, copy=True)
+    if slope != 1.0:
+        np.multiply(hu, np.float32(slope), out=hu)
+    if intercept != 0.0:
+        np.add(hu, np.float32(intercept), out=hu)
+    return np.clip(hu, HU_MIN, HU_MAX, out=hu)
+
+
+def chest_check(hu: np.ndarray, step: int = 4) -> list[str]:
+    """Flag volumes that do not look like a chest CT (head CTs are in CT-RATE): no lung field found."""
+    sample = hu[hu.shape[0] // 4 : max(hu.shape[0] * 3 // 4, hu.shape[0] // 4 + 1), ::step, ::step]
+    body = sample > -500
+    lung = (sample > -950) & (sample < -600)
+    inside = body.sum() + lung.sum()
+    if inside == 0 or lung.sum() / inside < 0.03:
+        return [f"{NON_CHEST_NOTE}: not a chest CT (head CT?)"]
+    return []

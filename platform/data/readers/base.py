@@ -1,0 +1,137 @@
+"""What every volume reader provides: a format check, a header, the image data; and the limits on one read.
+
+A reader is a small class with `can_read(head, name)` (magic bytes, or the suffix where a format has no magic)
+and two reading steps, `read_header` and `read_data`. `VolumeReader.read` runs them with the limits check in
+between, so every format is checked the same way: the voxel count and image bytes the header declares are
+compared with :class:`ReadLimits` before any image data is read, and exactly the declared bytes are then read or
+inflated (a gzip bomb's tail is never inflated).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+from isal import isal_zlib
+
+from ctplatform.data.errors import CorruptDataError, DataTooLargeError, UnusableContentError
+
+# 1024 x 1024 x 600: above any CT-RATE volume (at most 1024^2 x ~330 slices), far below a memory-exhausting one.
+DEFAULT_MAX_VOXELS = 1024 * 1024 * 600
+
+
+@dataclass
+class VolumeHeader:
+    """What a volume file's header declares, read before any image data."""
+
+    format: str  # "nifti" or "mha"
+    compressed: bool
+    shape: tuple[int, ...]  # as declared, in the file's axis order (x fastest)
+    dtype: np.dtype  # stored voxel type, with its byte order
+    spacing: tuple[float, ...]  # voxel sizes along the file's axes, as declared (NIfTI pixdim, MetaImage spacing)
+    affine: np.ndarray | None = None  # 4x4 voxel -> RAS mm; None when the header sets no orientation
+    slope: float | None = None  # the header's rescale (NIfTI scl_slope / scl_inter), None when it has none
+    intercept: float | None = None
+    skip: int = 0  # bytes between the end of the header and the image data (NIfTI extensions, never interpreted)
+
+    @property
+    def itemsize(self) -> int:
+        return int(self.dtype.itemsize)
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(self.shape) if self.shape else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.voxels * self.itemsize
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Caps on what one read may declare, decompress and hold, checked against the header before the image data.
+
+    The defaults suit trusted files (`prepare`, `predict`); the HTTP service passes its own, stricter ones.
+    """
+
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    max_decompressed_bytes: int | None = None  # image bytes a header may declare (what is inflated); None: no cap
+    # Refuse a NaN or infinite spacing in the header (even where an affine would supply another one) and a
+    # resulting spacing that is not finite and positive. Off for `prepare`, which takes spacing from metadata.
+    require_spacing: bool = False
+
+    def __post_init__(self):
+        if self.max_voxels < 1 or (self.max_decompressed_bytes is not None and self.max_decompressed_bytes < 1):
+            raise ValueError("max_voxels and max_decompressed_bytes must be positive")
+
+    def check(self, header: VolumeHeader, label: str) -> tuple[int, int, int]:
+        """Refuse what the header declares beyond these limits; returns the image's 3 dimensions (x, y, z)."""
+        if self.require_spacing and not all(math.isfinite(s) for s in header.spacing):
+            raise UnusableContentError(label, f"the header's voxel spacing {header.spacing} is not finite (NaN "
+                                              "pixdim)")
+        if any(d < 0 for d in header.shape):
+            raise CorruptDataError(label, f"the header declares a negative image dimension {header.shape}")
+        if header.voxels > self.max_voxels:
+            raise DataTooLargeError(label, f"the header declares {header.voxels:,} voxels {header.shape}, above the "
+                                           f"limit of {self.max_voxels:,}")
+        if self.max_decompressed_bytes is not None and header.nbytes > self.max_decompressed_bytes:
+            raise DataTooLargeError(label, f"the header declares {header.nbytes:,} bytes of image data, above the "
+                                           f"decompression limit of {self.max_decompressed_bytes:,} bytes")
+        dims = header.shape
+        while len(dims) > 3 and dims[-1] == 1:
+            dims = dims[:-1]
+        if len(dims) != 3:
+            raise UnusableContentError(label, f"a CT volume needs 3 dimensions, this image has shape {dims}")
+        if min(dims) < 1:
+            raise UnusableContentError(label, f"empty image (shape {dims})")
+        return dims  # type: ignore[return-value]
+
+
+class VolumeReader(ABC):
+    """One file format. Subclasses say what they read (`can_read`) and how (`read_header`, `read_data`)."""
+
+    format: str
+    suffixes: tuple[str, ...]
+
+    @abstractmethod
+    def can_read(self, head: bytes, name: str) -> bool:
+        """Whether this reader reads a file that starts with `head` (up to 4 KiB) and is named `name`."""
+
+    def decoded(self, stream: BinaryIO, head: bytes) -> BinaryIO:
+        """The stream the header and data are read from (a format compressed as a whole wraps it)."""
+        return stream
+
+    @abstractmethod
+    def read_header(self, stream: BinaryIO, label: str) -> VolumeHeader:
+        """Read and check the header, leaving `stream` at its end."""
+
+    @abstractmethod
+    def read_data(self, stream: BinaryIO, header: VolumeHeader, dims: tuple[int, int, int], label: str) -> np.ndarray:
+        """Read exactly the declared image data after the header: (z, y, x) array of the stored voxel type."""
+
+    def read(self, stream: BinaryIO, head: bytes, label: str, limits: ReadLimits) -> tuple[VolumeHeader, np.ndarray]:
+        """Header, limits check, then the image data: the one order every format is read in."""
+        stream = self.decoded(stream, head)
+        header = self.read_header(stream, label)
+        dims = limits.check(header, label)
+        return header, self.read_data(stream, header, dims, label)
+
+
+def read_exact(stream: BinaryIO, count: int, label: str) -> bytes:
+    """Exactly `count` bytes, or CorruptDataError (truncated file or corrupt compressed stream)."""
+    try:
+        data = stream.read(count)
+    except (EOFError, OSError, zlib.error, isal_zlib.error) as exc:  # truncated or corrupt gzip stream
+        raise CorruptDataError(label, f"corrupt or truncated compressed data ({exc})") from exc
+    if len(data) != count:
+        raise CorruptDataError(label, f"truncated: expected {count} bytes of image data, got {len(data)}")
+    return data
+
+
+def voxels_zyx(payload: bytes, dtype: np.dtype, dims: tuple[int, int, int]) -> np.ndarray:
+    """Stored bytes (x fastest, as NIfTI and MetaImage both store them) -> a (z, y, x) array over the same memory."""
+    return np.frombuffer(payload, dtype=dtype).reshape(dims[2], dims[1], dims[0])

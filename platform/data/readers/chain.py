@@ -1,0 +1,130 @@
+"""The one way to read a CT volume: pick the reader by what the file is, read within limits, convert to HU.
+
+`read_volume` serves `prepare` (trusted files on disk), `predict` and the HTTP service (untrusted uploads held in
+memory), so it is written for the last: the format is chosen from the leading bytes (the name only where a format
+has no magic bytes), the header is read and checked against :class:`ReadLimits` before any image data, exactly
+the declared bytes are then read or inflated, and the result is checked (finite values, not blank, lung field).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from ctplatform.data.errors import CorruptDataError, DataNotFoundError, UnsupportedFormatError, UnusableContentError
+from ctplatform.data.hounsfield import chest_check, hounsfield_rescale
+from ctplatform.data.metadata import DEFAULT_Z_SPACING_MM, VolumeMetadata
+from ctplatform.data.readers.base import ReadLimits, VolumeHeader, VolumeReader
+from ctplatform.data.readers.mha import MetaImageReader
+from ctplatform.data.readers.nifti import NiftiReader
+from ctplatform.data.readers.orientation import to_canonical
+from ctplatform.data.readers.volume import RawVolume, Volume
+
+READERS: tuple[VolumeReader, ...] = (NiftiReader(), MetaImageReader())
+HEAD_BYTES = 4096  # what format detection looks at
+VolumeSource = str | os.PathLike | bytes | BinaryIO
+
+
+def read_volume(
+    source: VolumeSource,
+    *,
+    name: str | None = None,
+    metadata: VolumeMetadata | None = None,
+    limits: ReadLimits | None = None,
+) -> Volume:
+    """Read a volume in HU: float32 (slices, rows, cols), inferior to superior, spacing (z, y, x) mm.
+
+    `source` is a path, the bytes of a file, or a seekable binary stream; `name` names bytes and streams (in error
+    messages, and to recognise a format by its suffix). `metadata` (CT-RATE's metadata CSV row) gives the rescale
+    of original-format volumes; `limits` caps what the header may declare (default: :class:`ReadLimits`()).
+    Raises a :class:`~ctplatform.data.errors.DataFormatError` subclass for each kind of problem."""
+    return read_raw_volume(source, name=name, metadata=metadata, limits=limits).to_volume()
+
+
+def read_raw_volume(
+    source: VolumeSource,
+    *,
+    name: str | None = None,
+    metadata: VolumeMetadata | None = None,
+    limits: ReadLimits | None = None,
+) -> RawVolume:
+    """As `read_volume`, with the HU conversion left to the caller (`RawVolume.hu`)."""
+    limits = limits or ReadLimits()
+    with _opened(source, name) as (stream, label):
+        head, reader = _detect(stream, label)
+        header, data = reader.read(stream, head, label, limits)
+    return _checked_volume(data, header, metadata, limits, label)
+
+
+def read_header(source: VolumeSource, *, name: str | None = None) -> VolumeHeader:
+    """Only what the header declares (a .nii.gz inflates a few hundred bytes): no limits, no image data."""
+    with _opened(source, name) as (stream, label):
+        head, reader = _detect(stream, label)
+        return reader.read_header(reader.decoded(stream, head), label)
+
+
+def reader_for(head: bytes, name: str) -> VolumeReader:
+    """The first registered reader that reads a file starting with `head` and named `name`."""
+    for reader in READERS:
+        if reader.can_read(head, name):
+            return reader
+    raise UnsupportedFormatError(name, "not a NIfTI (.nii, .nii.gz) or MetaImage (.mha) file")
+
+
+@contextmanager
+def _opened(source: VolumeSource, name: str | None) -> Iterator[tuple[BinaryIO, str]]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        label = name or "<upload>"
+        if not len(source):
+            raise CorruptDataError(label, "empty file")
+        yield io.BytesIO(source), label
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source)
+        label = name or str(path)
+        if not path.is_file():
+            raise DataNotFoundError(path, "file not found")
+        with open(path, "rb") as handle:
+            yield handle, label
+    else:
+        if not source.seekable():
+            raise TypeError("read_volume needs a seekable binary stream (an open file or io.BytesIO)")
+        yield source, name or str(getattr(source, "name", "<stream>"))
+
+
+def _detect(stream: BinaryIO, label: str) -> tuple[bytes, VolumeReader]:
+    start = stream.tell()
+    head = stream.read(HEAD_BYTES)
+    stream.seek(start)
+    if len(head) < 4:
+        raise CorruptDataError(label, "empty or truncated file")
+    return head, reader_for(head, label)
+
+
+def _checked_volume(data: np.ndarray, header: VolumeHeader, metadata: VolumeMetadata | None, limits: ReadLimits,
+                    label: str) -> RawVolume:
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise UnusableContentError(label, "image contains NaN or infinite values")
+    slope, intercept, source, notes = hounsfield_rescale(data, header.slope, header.intercept, metadata)
+    data, spacing = to_canonical(data, header.affine, header.spacing, notes)
+    if metadata is not None:
+        if metadata.z_spacing is not None:
+            spacing = (metadata.z_spacing, spacing[1], spacing[2])
+        elif not spacing[0] > 0:
+            notes.append(f"ZSpacing missing in metadata and header: assuming {DEFAULT_Z_SPACING_MM} mm")
+            spacing = (DEFAULT_Z_SPACING_MM, spacing[1], spacing[2])
+    volume = RawVolume(data, slope, intercept, spacing, source, notes)
+    sample = volume.hu_sample()
+    if float(sample.max()) == float(sample.min()) and float(data.max()) == float(data.min()):
+        raise UnusableContentError(label, "image is constant (blank)")
+    if limits.require_spacing and not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise UnusableContentError(label, f"voxel spacing {tuple(float(s) for s in spacing)} mm is not finite and "
+                                          "positive (NaN or zero pixdim in the header)")
+    notes.extend(chest_check(sample, step=1))
+    return volume

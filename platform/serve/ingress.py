@@ -1,0 +1,262 @@
+"""The service's HTTP ingress: routes, API-key auth, request limits, and the CPU work before the model call.
+
+::
+
+    client --HTTP--> Serve proxy --> Ingress (FastAPI, CPU) -------------------handle--> ModelServer (GPU or CPU)
+                                     auth, body cap, parsing, decompression,          @serve.batch: slices of
+                                     slice selection and resizing (int16 HU),        concurrent requests in one
+                                     key-slice thumbnails                            forward; aggregation and
+                                                                                     calibration of the bundle
+
+The ingress does everything that is CPU work (:mod:`.preprocessing`), so a GPU replica
+(:mod:`.model_deployment`) only windows and runs the model. Overload is bounded at both hops:
+`max_ongoing_requests` per replica plus `max_queued_requests` per caller; past them Serve answers 503 at once.
+Every refusal is a 4xx/5xx with a reason; nothing a request sends can kill a replica.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures of the Serve ingress class at run
+# time, and Serve rebuilds those signatures outside this module, where postponed (string) annotations no longer
+# resolve (a `request: Request` parameter would turn into a required query parameter).
+import asyncio
+import functools
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from ctplatform.data.preprocess import PreprocessSettings
+from ctplatform.serve.auth import bearer, key_accepted
+from ctplatform.serve.inputs import (
+    InputError,
+    ServeLimits,
+    check_content_length,
+    decode_slices,
+    read_body_capped,
+    single_upload,
+    uploads_from_body,
+)
+from ctplatform.serve.model_deployment import replica_id
+from ctplatform.serve.page import load_page
+from ctplatform.serve.preprocessing import VolumeUpload, prepare_slices
+from ctplatform.serve.responses import DECISION_THRESHOLD, slices_response, volume_response
+from ctplatform.serve.thumbnails import key_slice_thumbnails
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class IngressOptions:
+    """What an ingress replica is started with (only the API key's hash, never the key)."""
+
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    api_key_sha256: str | None = None
+    request_timeout_s: float = 60.0  # the ingress's own deadline (504); the proxy's request_timeout_s backs it up
+    decode_workers: int = 2  # volumes decoded at once per ingress replica (each may hold ~GB while decoding)
+    thumbnail_size: int = 128
+
+
+api = FastAPI(
+    title="ctplatform CT abnormality service",
+    version="1",
+    description=(
+        "Chest-CT multi-abnormality classification (CT-RATE, VLM3D Task 2, 18 classes). POST a volume (.nii, "
+        ".nii.gz, .mha) or .npy slices of Hounsfield units; get calibrated per-class probabilities, decisions at "
+        f"p >= {DECISION_THRESHOLD}, the slices that drove each positive finding, and the model version. When the "
+        "service has an API key, send it as `Authorization: Bearer <key>` on every /v1 route."
+    ),
+)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed request (empty body, broken multipart, wrong number of files)"},
+    401: {"description": "missing or wrong API key"},
+    413: {"description": "body, declared voxels, declared image bytes or slice count above the service's limits"},
+    415: {"description": "not a supported file format"},
+    422: {"description": "unusable content: truncated, wrong dimensionality or dtype, NaN values or spacing, blank"},
+    503: {"description": "overloaded (retry after a moment) or the model is not ready"},
+    504: {"description": "the request took longer than the service's timeout"},
+}
+_VOLUME_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "one .nii, .nii.gz or .mha volume"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}}}
+_SLICES_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": ".npy files, each a 2-D HU slice (H, W) or a stack (N, H, W)"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}}}
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=8, max_queued_requests=32,
+                  graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=60.0)
+@serve.ingress(api)
+class Ingress:
+    """HTTP ingress on CPU: authorisation, capped body reads, decoding and preprocessing, then the model call."""
+
+    def __init__(self, model: DeploymentHandle, preprocess: dict, options: IngressOptions | None = None):
+        self.model = model
+        self.settings = PreprocessSettings.from_dict(preprocess)
+        self.options = options or IngressOptions()
+        self.pool = ThreadPoolExecutor(max(1, self.options.decode_workers), thread_name_prefix="decode")
+        self.responses: Counter[str] = Counter()
+        self.page = load_page()
+
+    # ------------------------------------------------------------------ helpers
+    def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        if not key_accepted(credentials, self.options.api_key_sha256):
+            self.responses["401"] += 1
+            raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    async def _cpu(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+
+    async def _body(self, request: Request) -> bytes:
+        check_content_length(dict(request.headers), self.options.limits)
+        return await read_body_capped(request.stream(), self.options.limits)
+
+    async def _call(self, method: str, *args) -> dict:
+        try:
+            return await getattr(self.model, method).remote(*args)
+        except BackPressureError:
+            raise HTTPException(503, "the model is overloaded: retry in a moment",
+                                headers={"Retry-After": "1"}) from None
+        except DeploymentUnavailableError:
+            raise HTTPException(503, "the model is not available yet: retry in a moment",
+                                headers={"Retry-After": "5"}) from None
+        except RayActorError:  # the replica died under this request; Serve is replacing it
+            raise HTTPException(503, "the model replica restarted: retry in a moment",
+                                headers={"Retry-After": "5"}) from None
+
+    async def _guard(self, work) -> JSONResponse:
+        """Deadline and error mapping: every refusal is a 4xx/5xx with a reason; nothing escapes to kill a replica."""
+        try:
+            async with asyncio.timeout(self.options.request_timeout_s):
+                result = await work
+        except InputError as exc:
+            self.responses[str(exc.status)] += 1
+            raise HTTPException(exc.status, exc.reason) from None
+        except TimeoutError:
+            self.responses["504"] += 1
+            raise HTTPException(504, f"the request took longer than {self.options.request_timeout_s:g} s") from None
+        except HTTPException as exc:
+            self.responses[str(exc.status_code)] += 1
+            raise
+        except Exception:
+            self.responses["500"] += 1
+            logger.exception("prediction failed")
+            raise HTTPException(500, "internal error while predicting (logged on the server)") from None
+        self.responses["200"] += 1
+        return JSONResponse(result)
+
+    async def _model_call_with_settings(self, method: str, prepare, *extra) -> tuple[dict, Any]:
+        """Prepare with the ingress's settings and call the model; if the model replica serves a bundle with other
+        preprocessing (mid-rollout), prepare again with its settings, once."""
+        settings = self.settings
+        for _attempt in range(2):
+            prepared = await self._cpu(prepare, settings)
+            reply = await self._call(method, *prepared, *extra, settings.to_dict())
+            if reply.get("status") == "ok":
+                if settings != self.settings:
+                    self.settings = settings
+                return reply, prepared
+            settings = PreprocessSettings.from_dict(reply["preprocess"])
+            self.responses["preprocess_retries"] += 1
+        raise HTTPException(503, "the model is being updated: retry in a moment", headers={"Retry-After": "2"})
+
+    # ------------------------------------------------------------------ routes
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index(self) -> HTMLResponse:
+        return HTMLResponse(self.page.html, headers=self.page.headers)
+
+    @api.get("/healthz", summary="Liveness: the ingress replica answers")
+    def healthz(self) -> dict:
+        return {"status": "alive"}
+
+    @api.get("/readyz", summary="Readiness: the model deployment answers (503 until it does)")
+    async def readyz(self) -> JSONResponse:
+        try:
+            async with asyncio.timeout(5.0):
+                info = await self.model.ready.remote()
+        except Exception as exc:
+            return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, status_code=503)
+        return JSONResponse({"status": "ready", **info})
+
+    @api.get("/v1/model", summary="Model information: classes, calibration, metrics, preprocessing, limits",
+             responses={401: _ERRORS[401]})
+    async def model_info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JSONResponse:
+        self._authorize(credentials)
+        info = await self._call("describe")
+        info["limits"] = self.options.limits.to_dict()
+        info["auth"] = "bearer" if self.options.api_key_sha256 else "none"
+        return JSONResponse(info)
+
+    @api.get("/v1/stats", summary="Observed batch sizes of a model replica and this ingress's response counts",
+             responses={401: _ERRORS[401]})
+    async def stats(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JSONResponse:
+        self._authorize(credentials)
+        model = await self._call("get_stats")
+        return JSONResponse({"model": model, "ingress": {"replica": replica_id(), "responses": dict(self.responses)}})
+
+    @api.post("/v1/predict/volume", summary="Predict one volume (.nii, .nii.gz, .mha)", openapi_extra=_VOLUME_BODY,
+              responses=_ERRORS)
+    async def predict_volume(
+        self,
+        request: Request,
+        thumbnails: bool = Query(False, description="add base64 PNG thumbnails of the key slices"),
+        filename: str | None = Query(None, description="file name for a raw (non-multipart) body, e.g. scan.nii.gz"),
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> JSONResponse:
+        self._authorize(credentials)
+        return await self._guard(self._predict_volume(request, thumbnails, filename))
+
+    @api.post("/v1/predict/slices", summary="Predict 2-D HU slices (.npy: (H, W) each, or (N, H, W) stacks)",
+              openapi_extra=_SLICES_BODY, responses=_ERRORS)
+    async def predict_slices(
+        self,
+        request: Request,
+        filename: str | None = Query(None, description="file name for a raw (non-multipart) body"),
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> JSONResponse:
+        self._authorize(credentials)
+        return await self._guard(self._predict_slices(request, filename))
+
+    # ------------------------------------------------------------------ work
+    async def _predict_volume(self, request: Request, thumbnails: bool, filename: str | None) -> dict:
+        started = time.perf_counter()
+        limits = self.options.limits
+        body = await self._body(request)
+        upload = single_upload(uploads_from_body(body, request.headers.get("content-type"), filename, limits))
+        del body
+        volume = await self._cpu(VolumeUpload, upload, limits)
+        decoded = time.perf_counter()
+        reply, (prepared, positions) = await self._model_call_with_settings("predict_volume", volume.prepare)
+        modelled = time.perf_counter()
+        result = volume_response(reply, volume, slices_used=len(positions))
+        if thumbnails:
+            wanted = [p for positions_ in result["key_slices"].values() for p in positions_]
+            result["thumbnails"] = await self._cpu(key_slice_thumbnails, prepared, positions, wanted,
+                                                   self.options.thumbnail_size)
+        result["timing_ms"] = {"read": round(1000 * (decoded - started), 1),
+                               "preprocess_and_model": round(1000 * (modelled - decoded), 1),
+                               "total": round(1000 * (time.perf_counter() - started), 1)}
+        return result
+
+    async def _predict_slices(self, request: Request, filename: str | None) -> dict:
+        limits = self.options.limits
+        body = await self._body(request)
+        uploads = uploads_from_body(body, request.headers.get("content-type"), filename, limits)
+        del body
+        slices = await self._cpu(decode_slices, uploads, limits)
+        reply, _ = await self._model_call_with_settings("predict_slices", functools.partial(prepare_slices, slices))
+        return slices_response(reply, slices)

@@ -1,0 +1,48 @@
+"""Preprocessing of uploads on the ingress's CPUs: decoded uploads become the int16 HU slices a model replica takes.
+
+A volume is decoded once (`ctplatform.data.read_volume` under the service's limits) and prepared with the training
+preprocessing (`preprocess_volume`); .npy slices are resized (`resize_slices`). Preparation takes the settings of
+the model replica that will answer: mid-rollout, a replica of another bundle version may ask for other ones, and
+the upload is then prepared again with them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctplatform.data.preprocess import PreprocessSettings, preprocess_volume, resize_slices
+from ctplatform.serve.inputs import ServeLimits, SliceInput, Upload, decode_volume
+
+
+class VolumeUpload:
+    """A decoded volume upload: what the response reports about it, and its HU volume until it is prepared."""
+
+    def __init__(self, upload: Upload, limits: ServeLimits):
+        volume = decode_volume(upload, limits)
+        self.upload = upload
+        self.limits = limits
+        self.shape = list(volume.hu.shape)
+        self.spacing = list(map(float, volume.spacing))
+        self.hu_source = volume.hu_source
+        self.notes = list(volume.notes)
+        self._hu: np.ndarray | None = volume.hu
+
+    def prepare(self, settings: PreprocessSettings) -> tuple[np.ndarray, np.ndarray]:
+        """(K, S, S) int16 HU slices and their positions in the volume.
+
+        The HU volume (it can be GBs) is released once prepared; a rare second preparation (a model replica with
+        other preprocessing, mid-rollout) decodes the upload again."""
+        hu, self._hu = self._hu, None
+        if hu is None:
+            hu = decode_volume(self.upload, self.limits).hu
+        return preprocess_volume(hu, settings)
+
+    def describe(self, slices_used: int) -> dict:
+        return {"filename": self.upload.filename, "shape": self.shape, "spacing_mm": self.spacing,
+                "hu_source": self.hu_source, "slices_used": slices_used}
+
+
+def prepare_slices(slices: list[SliceInput], settings: PreprocessSettings) -> tuple[np.ndarray]:
+    """Checked 2-D HU slices -> one (N, S, S) int16 array at the model's size."""
+    size = settings.image_size
+    return (np.concatenate([resize_slices(np.asarray(s.hu, np.float32)[None], size) for s in slices]),)
