@@ -19,7 +19,7 @@ from ctplatform.config.commands import COMMAND_CONFIGS, RunCommand, every_settin
 from ctplatform.config.options import project
 from ctplatform.config.tune import TuneConfig
 from ctplatform.data.errors import DataFormatError, cli_prefix
-from ctplatform.serve.cli import add_serve_parser
+from ctplatform.serve import cli as serve_cli
 
 RUN_CONFIG_FILE = "config.yaml"
 
@@ -158,24 +158,24 @@ COMMANDS = {
     "predict": (cmd_predict, "predict files with a bundle or checkpoint"),
     "tune": (cmd_tune, "hyper-parameter sweep: Optuna + ASHA over Ray Train trials"),
     "score": (cmd_score, "score predictions (CSV or results.json) against a labels CSV"),
+    "serve": (serve_cli.cmd_serve, "serve a model bundle over HTTP (Ray Serve; OpenAPI docs at /docs)"),
 }
+DESCRIPTIONS = {"serve": serve_cli.DESCRIPTION}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctplatform", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, text) in COMMANDS.items():
-        command = sub.add_parser(name, help=text, description=text)
+        command = sub.add_parser(name, help=text, description=DESCRIPTIONS.get(name, text))
         add_config_arguments(command, COMMAND_CONFIGS[name])
         command.set_defaults(func=func)
-    add_serve_parser(sub)
     return parser
 
 
 def parse_settings(argv: list[str]):
     """The resolved settings a command line stands for (what the command would run with)."""
-    args = build_parser().parse_args(argv)
-    return resolve(args, every_setting_name()) if hasattr(args, "config_class") else args
+    return resolve(build_parser().parse_args(argv), every_setting_name())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     from ctplatform.model.bundle import BundleError
 
     try:
-        if not hasattr(args, "config_class"):  # a command whose flags are not generated yet
-            return int(args.func(args) or 0)
         cfg = resolve(args, every_setting_name())
         if args.print_config:
             print(to_yaml(cfg), end="")

@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 import pytest
-
 from compat_bundles import FIXTURES, build_bundle, probe_slices
+
 from ctplatform.model.inference import Predictor
 
 pytestmark = pytest.mark.timeout(120)

@@ -95,6 +95,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _default_text(item: dataclasses.Field) -> str:
+    if "default" in (item.metadata.get("help") or ""):
+        return ""
     if item.default is not MISSING and item.default is not None and not isinstance(item.default, bool):
         return f" (default {item.default})"
     return ""
@@ -166,5 +168,12 @@ def resolve(args: argparse.Namespace, known_elsewhere: frozenset[str] = frozense
 
 
 def to_yaml(config: Any) -> str:
-    """The settings as a YAML mapping, one concern after another (the file `--config` reads back)."""
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=False)
+    """The settings as a YAML mapping, one concern after another (the file `--config` reads back). Secrets (an API
+    key) are left out: they come from the environment or a flag, never from a file someone may share."""
+    values = {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)
+              if not f.metadata.get("secret")}
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ctplatform.config.predict import EvaluateConfig, ModeConfig, PredictConfig, ScoreConfig
 from ctplatform.config.prepare import DemoConfig, PrepareConfig, SyntheticDataConfig
 from ctplatform.config.resources import DeviceConfig
+from ctplatform.config.serve import ServeConfig
 from ctplatform.config.train import TrainConfig
 from ctplatform.config.tune import TuneConfig
 
@@ -38,7 +39,7 @@ class TuneCommand(TuneConfig, TrainConfig):
 COMMAND_CONFIGS: dict[str, type] = {
     "run": RunCommand, "train": TrainConfig, "evaluate": EvaluateCommand, "predict": PredictCommand,
     "tune": TuneCommand, "prepare": PrepareConfig, "demo-data": SyntheticDataConfig, "demo": DemoConfig,
-    "score": ScoreConfig,
+    "score": ScoreConfig, "serve": ServeConfig,
 }
 
 

@@ -25,6 +25,7 @@ def option(
     default_factory: Any = MISSING,
     metavar: str | None = None,
     required: bool = False,
+    secret: bool = False,
     cli: bool = True,
 ) -> Any:
     """A dataclass field with its flag's description.
@@ -37,7 +38,7 @@ def option(
     command line (set by code or config files only).
     """
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "aliases": tuple(aliases),
-                "flag": flag, "const": const, "parse": parse, "metavar": metavar, "required": required, "cli": cli}
+                "flag": flag, "const": const, "parse": parse, "metavar": metavar, "required": required, "secret": secret, "cli": cli}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -16,60 +16,97 @@ from ctplatform.config.options import option
 
 API_KEY_ENV = "CTPLATFORM_API_KEY"
 
+
 def _api_key_from_environment() -> str | None:
     return os.environ.get(API_KEY_ENV) or None
 
 
+def parse_replicas(value: str | int | list | tuple) -> int | tuple[int, int]:
+    """'2' -> 2 (fixed); '1:4' or [1, 4] -> (1, 4) (autoscaling between them)."""
+    try:
+        if isinstance(value, list | tuple):
+            low, high = (int(v) for v in value)
+        elif isinstance(value, str) and ":" in value:
+            low, high = (int(part) for part in value.split(":", 1))
+        else:
+            low = high = int(value)
+        if not 1 <= low <= high:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"expected N or MIN:MAX replicas with 1 <= MIN <= MAX, got {value!r}") from None
+    return (low, high) if low != high else low
+
+
 @dataclass(repr=False)
-class ServeConfig:
-    # --- where and what to serve ---
+class ServeTargetConfig:
+    """Service: which bundle, where it listens, who may call it"""
+
     bundle: str | None = option(None, "model bundle folder (model.safetensors + metadata.json); default: the newest "
                                       "./runs/*/best/ (the latest sweep's best)")
     host: str = option("127.0.0.1", "address the HTTP proxy binds (default 127.0.0.1)")
     port: int = option(8000, "HTTP port (default 8000)")
     api_key: str | None = option(default_factory=_api_key_from_environment,
                                  help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: "
-                                      f"${API_KEY_ENV})")
+                                      f"${API_KEY_ENV})", secret=True)
+    api_key_sha256: str | None = option(None, "SHA-256 (hex) of the API key, instead of the key itself: what a "
+                                              "config file holds", cli=False)
     address: str | None = option(None, "Ray cluster address (e.g. ray://head:10001 or auto); default: an embedded "
                                        "local Ray")
     name: str = option("ctplatform", "Serve application name (default ctplatform); serving again under the same "
                                      "name is a rolling update")
-    # --- resources and replicas ---
+    detach: bool = option(False, "with --address: deploy and return (the application keeps running on the cluster)")
+
+
+@dataclass(repr=False)
+class ServeResourcesConfig:
+    """Replicas and resources"""
+
     num_gpus: float | None = option(None, "GPUs per model replica, fractions allowed (default: 1 when a GPU is "
                                           "visible, else 0)")
-    # replicas: a fixed count, (min, max) to autoscale, or None to leave them to Serve (a config file's deployments)
+    # a fixed count, (min, max) to autoscale, or None to leave them to Serve (a config file's deployments)
     model_replicas: int | tuple[int, int] | None = option(
-        1, "model replicas: fixed N, or MIN:MAX to autoscale (default 1)", metavar="N|MIN:MAX")
+        1, "model replicas: fixed N, or MIN:MAX to autoscale (default 1)", metavar="N|MIN:MAX", parse=parse_replicas)
     ingress_replicas: int | tuple[int, int] | None = option(
-        1, "CPU ingress/preprocessing replicas (default 1)", metavar="N|MIN:MAX")
+        1, "CPU ingress/preprocessing replicas (default 1)", metavar="N|MIN:MAX", parse=parse_replicas)
     model_cpus: float = option(1.0, "CPUs per model replica (default 1)")
     ingress_cpus: float = option(1.0, "CPUs per ingress replica (default 1)")
-    # --- batching and load ---
+    torch_threads: int | None = option(None, "torch threads of a model replica (default: torch's)", cli=False)
+
+
+@dataclass(repr=False)
+class ServeLoadConfig:
+    """Batching and load"""
+
     no_batching: bool = option(False, "forward each request alone (no @serve.batch)")
     max_batch_slices: int = option(64, "slices per forward pass (default 64)")
     batch_wait_ms: float = option(10.0, "how long a batch waits to fill (default 10 ms)")
     request_timeout: float = option(60.0, "seconds per request (default 60)")
     max_ongoing: int = option(8, "requests one ingress replica works on at once (default 8)")
     max_queued: int = option(32, "requests queued per caller before a fast 503 (default 32)")
-    # --- upload limits ---
+    model_max_ongoing_requests: int = option(64, "requests one model replica works on at once", cli=False)
+    model_max_queued_requests: int = option(256, "requests queued per caller of the model before a fast 503",
+                                            cli=False)
+
+
+@dataclass(repr=False)
+class UploadLimitsConfig:
+    """Upload limits"""
+
     max_body_mb: float = option(512, "request body cap in MiB (default 512)")
     max_voxels: int = option(1024 * 1024 * 400, "voxels a volume header may declare (default 1024*1024*400)")
     max_decompressed_mb: float = option(2048, "image bytes a volume header may declare, i.e. what is decompressed "
                                               "(default 2048 MiB)")
     decode_workers: int = option(2, "volumes decoded at once per ingress replica (default 2)")
-    detach: bool = option(False, "with --address: deploy and return (the application keeps running on the cluster)")
-    # --- set by code or a Serve config file only ---
-    api_key_sha256: str | None = option(None, "SHA-256 (hex) of the API key, instead of the key itself: what a "
-                                              "config file holds", cli=False)
-    model_max_ongoing_requests: int = option(64, "requests one model replica works on at once", cli=False)
-    model_max_queued_requests: int = option(256, "requests queued per caller of the model before a fast 503",
-                                            cli=False)
-    torch_threads: int | None = option(None, "torch threads of a model replica (default: torch's)", cli=False)
-    thumbnail_size: int = option(128, "key-slice thumbnails' side in pixels", cli=False)
     max_files: int = option(64, "multipart parts per request", cli=False)
     max_slices: int = option(256, "2-D slices per /v1/predict/slices request", cli=False)
     max_slice_side: int = option(2048, "largest side of an uploaded slice in pixels", cli=False)
     min_slice_side: int = option(8, "smallest side of an uploaded slice in pixels", cli=False)
+    thumbnail_size: int = option(128, "key-slice thumbnails' side in pixels", cli=False)
+
+
+@dataclass(repr=False)
+class ServeConfig(UploadLimitsConfig, ServeLoadConfig, ServeResourcesConfig, ServeTargetConfig):
+    """Everything `ctplatform serve` and a Serve config file's `args` set."""
 
     def validate(self) -> ServeConfig:
         if not 0 < self.port < 65536:
@@ -100,7 +137,7 @@ class ServeConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown serve configuration keys: {', '.join(sorted(unknown))}")
-        values = {k: tuple(v) if k.endswith("_replicas") and isinstance(v, list) else v for k, v in values.items()}
+        values = {k: parse_replicas(v) if k.endswith("_replicas") and v is not None else v for k, v in values.items()}
         return cls(**values)
 
     def replace(self, **changes: Any) -> ServeConfig:
