@@ -38,8 +38,8 @@ def option(
     command line (set by code or config files only).
     """
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "aliases": tuple(aliases),
-                "flag": flag, "const": const, "parse": parse, "metavar": metavar, "required": required, "secret": secret,
-                "cli": cli}
+                "flag": flag, "const": const, "parse": parse, "metavar": metavar, "required": required,
+                "secret": secret, "cli": cli}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
