@@ -23,8 +23,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ctplatform.data.hounsfield import RAW_RESCALE_INTERCEPT as RESCALE_INTERCEPT
+from ctplatform.data.hounsfield import RAW_RESCALE_SLOPE as RESCALE_SLOPE
 from ctplatform.data.synthetic.cohort import Volume
-from ctplatform.data.synthetic.scanner import RESCALE_INTERCEPT, RESCALE_SLOPE, Geometry
+from ctplatform.data.synthetic.scanner import Geometry
 from ctplatform.labels import CLASS_NAMES, VOLUME_COLUMN
 
 METADATA_COLUMNS: tuple[str, ...] = (

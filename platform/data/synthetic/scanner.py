@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ctplatform.data.hounsfield import HU_MAX, HU_MIN
+from ctplatform.data.hounsfield import RAW_RESCALE_INTERCEPT as RESCALE_INTERCEPT
+from ctplatform.data.hounsfield import RAW_RESCALE_SLOPE as RESCALE_SLOPE
 from ctplatform.data.synthetic.cohort import Volume
 from ctplatform.data.synthetic.streams import META, NOISE, PATIENT, rng
 
-RESCALE_SLOPE, RESCALE_INTERCEPT = 1.0, -1024.0  # stored raw values are HU + 1024
-HU_MIN, HU_MAX = -1024, 3071  # 12-bit CT range; raw values (HU + 1024) are 0..4095
 _MISSING_ZSPACING_P = 0.05  # rows with an empty ZSpacing, as in CT-RATE
 
 
