@@ -174,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"run {outcome.run_name}: best checkpoint {checkpoint}")
         print(f"TensorBoard logs: {run_dir / 'logs'}   checkpoints: {run_dir / 'checkpoints'}")
     if mode in ("evaluate", "both"):
-        from ctplatform.train.evaluate import evaluate
+        from ctplatform.evaluation.evaluate import evaluate
 
         if checkpoint is None:
             candidate = run_dir / "best_reported" / "checkpoint.ckpt"
@@ -194,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from ctplatform.metrics import score_files
+    from ctplatform.evaluation.evaluate import score_files
 
     metrics = score_files(args.labels, args.predictions, out_dir=args.out)
     macro = metrics["macro"]

@@ -19,8 +19,8 @@ from ctplatform.atomic import write_text_atomic
 from ctplatform.data.errors import DataFormatError
 from ctplatform.data.metadata import read_metadata_csv
 from ctplatform.data.volume_io import read_volume
+from ctplatform.evaluation.predictor import DECISION_THRESHOLD, Predictor
 from ctplatform.labels import CLASS_NAMES, volume_stem
-from ctplatform.model.inference import DECISION_THRESHOLD, Predictor
 
 
 def _read_slice(path: Path) -> np.ndarray:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ctplatform.model.aggregate import aggregate_by_volume, aggregate_slices
+from ctplatform.evaluation.aggregate import aggregate_by_volume, aggregate_slices
 
 
 def reference(values: list[float], method: str, k: int) -> float:

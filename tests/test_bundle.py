@@ -8,11 +8,11 @@ import torch
 
 from ctplatform.data.errors import DataFormatError
 from ctplatform.data.preprocess import PreprocessSettings
+from ctplatform.evaluation.predictor import Predictor
 from ctplatform.labels import CLASS_NAMES
 from ctplatform.model.bundle import BundleError, ModelSpec, export_bundle, load_bundle
 from ctplatform.model.calibration import Calibration
 from ctplatform.model.classifier import build_classifier
-from ctplatform.model.inference import Predictor
 
 
 def make_bundle(path, calibration=None):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
+from ctplatform.evaluation.calibration import fit_calibration
 from ctplatform.labels import CLASS_NAMES, VALID_PREVALENCE
-from ctplatform.model.calibration import Calibration, fit_calibration
+from ctplatform.model.calibration import Calibration
 
 
 def miscalibrated_set(num_exams: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

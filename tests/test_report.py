@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
+from ctplatform.evaluation.calibration import fit_calibration
+from ctplatform.evaluation.metrics import score_predictions
+from ctplatform.evaluation.report import write_report
+from ctplatform.evaluation.results import read_results_json
 from ctplatform.labels import CLASS_NAMES
-from ctplatform.metrics import read_results_json, score_predictions
-from ctplatform.model.calibration import fit_calibration
-from ctplatform.report import write_report
 
 REPORT_FILES = (
     "metrics.json",

@@ -15,7 +15,7 @@ import ray
 import yaml
 
 from ctplatform.config import TrainConfig
-from ctplatform.model.inference import Predictor
+from ctplatform.evaluation.predictor import Predictor
 from ctplatform.tune.space import load_space
 from ctplatform.tune.sweep import SweepSettings, run_sweep
 

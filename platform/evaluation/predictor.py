@@ -1,7 +1,7 @@
-"""Inference without training code: a bundle (or checkpoint) in, calibrated per-class probabilities out.
+"""The predictor: a bundle (or checkpoint) in, calibrated per-class probabilities and decisions out.
 
-Used by `predict`, `evaluate` and the HTTP service, so all three apply exactly the training preprocessing
-(`ctplatform.data.preprocess`), the same HU windows, aggregation and calibration.
+Used by `predict`, evaluation and the HTTP service, so all three apply exactly the training preprocessing
+(`ctplatform.data.preprocess`), the same HU windows, aggregation and calibration. No training code.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ctplatform.data.preprocess import PreprocessSettings, preprocess_volume, resize_slices
+from ctplatform.evaluation.aggregate import aggregate_slices
 from ctplatform.labels import CLASS_NAMES
-from ctplatform.model.aggregate import aggregate_slices
 from ctplatform.model.bundle import ModelSpec, load_bundle
 from ctplatform.model.windows import hu_to_input
 

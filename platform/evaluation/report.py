@@ -1,4 +1,4 @@
-"""Evaluation report: the official metrics (DESIGN.md §4) of one run, as files a person or a program can read.
+"""Evaluation report: the official VLM3D Task 2 metrics of one run, as files a person or a program can read.
 
 :func:`write_report` writes into one folder:
 
@@ -11,15 +11,13 @@
 * ``report.html``: self-contained (images embedded as base64 data URIs).
 
 Every file is written atomically (temp file in the same folder, then ``os.replace``), so a reader polling the
-folder never sees half a file. Plots use matplotlib's Agg canvas directly (no pyplot, so no global backend
-change and no display needed).
+folder never sees half a file.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -28,21 +26,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 from ctplatform.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
-from ctplatform.labels import CLASS_NAMES, VOLUME_COLUMN
-from ctplatform.metrics import (
-    DEFAULT_THRESHOLD,
-    METRIC_NAMES,
-    score_predictions,
-    write_results_json,
-)
+from ctplatform.evaluation.metrics import DECISION_THRESHOLD, METRIC_NAMES, score_predictions
+from ctplatform.evaluation.plots import curve_pngs
+from ctplatform.evaluation.results import write_predictions_csv, write_results_json
+from ctplatform.labels import CLASS_NAMES
 
 DEFAULT_TITLE = "CT-RATE multi-abnormality classification: evaluation report"
-PANEL_COLUMNS = 6  # 18 classes -> a 3 × 6 grid
 PER_CLASS_COLUMNS = (*METRIC_NAMES, "support", "n")
 
 
@@ -122,87 +113,6 @@ def _macro_table(metrics: dict[str, Any], uncalibrated: dict[str, Any] | None) -
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------------------------- plots
-def _grid_figure(num_panels: int) -> tuple[Figure, list[Any]]:
-    columns = min(PANEL_COLUMNS, max(num_panels, 1))
-    rows = math.ceil(num_panels / columns)
-    figure = Figure(figsize=(3.0 * columns, 2.9 * rows), dpi=80, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = [figure.add_subplot(rows, columns, index + 1) for index in range(num_panels)]
-    return figure, axes
-
-
-def _figure_png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _operating_point(truth: np.ndarray, probs: np.ndarray, threshold: float) -> tuple[float, float, float]:
-    """(false-positive rate, recall, precision) of the decision ``probs >= threshold``."""
-    decided = probs >= threshold
-    positives, negatives = truth.sum(), (1 - truth).sum()
-    tp = float(np.sum(decided & (truth == 1)))
-    fp = float(np.sum(decided & (truth == 0)))
-    fpr = fp / negatives if negatives else 0.0
-    recall = tp / positives if positives else 0.0
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    return fpr, recall, precision
-
-
-def _curve_pngs(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    probs_raw: np.ndarray | None,
-    class_names: Sequence[str],
-    metrics: dict[str, Any],
-    threshold: float,
-) -> tuple[bytes, bytes]:
-    """ROC and PR curves, one panel per class, with the operating point(s) at ``p >= threshold`` marked.
-
-    Calibration is monotone, so one curve serves both; the uncalibrated operating point (if given) shows how
-    far calibration moved the decision.
-    """
-    roc_figure, roc_axes = _grid_figure(len(class_names))
-    pr_figure, pr_axes = _grid_figure(len(class_names))
-    for index, name in enumerate(class_names):
-        truth, prob = y_true[:, index], probs[:, index]
-        roc_axis, pr_axis = roc_axes[index], pr_axes[index]
-        for axis in (roc_axis, pr_axis):
-            axis.set_title(name, fontsize=9)
-            axis.set_xlim(0, 1)
-            axis.set_ylim(0, 1.02)
-            axis.tick_params(labelsize=7)
-        if np.unique(truth).size < 2:
-            for axis in (roc_axis, pr_axis):
-                axis.text(0.5, 0.5, "one label value:\nskipped", ha="center", va="center", fontsize=8)
-            continue
-        fpr, tpr, _ = roc_curve(truth, prob)
-        roc_axis.plot(fpr, tpr, lw=1.2)
-        roc_axis.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
-        roc_axis.text(0.98, 0.03, f"AUROC {metrics['per_class'][name]['auroc']:.3f}", ha="right", fontsize=7)
-        precision, recall, _ = precision_recall_curve(truth, prob)
-        pr_axis.plot(recall, precision, lw=1.2)
-        pr_axis.axhline(truth.mean(), ls=":", color="grey", lw=0.8)
-        points = [(prob, "o", "C3", f"p≥{threshold:g}")]
-        if probs_raw is not None:
-            points.append((probs_raw[:, index], "x", "k", f"p≥{threshold:g} uncalibrated"))
-        for point_probs, marker, color, label in points:
-            op_fpr, op_recall, op_precision = _operating_point(truth, point_probs, threshold)
-            # clip_on=False: an operating point on the frame (nothing predicted positive) must stay visible.
-            style = {"marker": marker, "color": color, "ls": "none", "label": label, "clip_on": False}
-            roc_axis.plot([op_fpr], [op_recall], **style)
-            pr_axis.plot([op_recall], [op_precision], **style)
-        if index == 0:
-            roc_axis.legend(fontsize=6, loc="lower right", bbox_to_anchor=(1.0, 0.1))
-            pr_axis.legend(fontsize=6, loc="upper right")
-    for figure, x_label, y_label in ((roc_figure, "false-positive rate", "recall"),
-                                     (pr_figure, "recall", "precision")):
-        figure.supxlabel(x_label, fontsize=9)
-        figure.supylabel(y_label, fontsize=9)
-    return _figure_png(roc_figure), _figure_png(pr_figure)
-
-
 # --------------------------------------------------------------------------------------------- html
 _CSS = (
     "body{font-family:sans-serif;margin:2em;max-width:1400px}"
@@ -264,7 +174,7 @@ def write_report(
     class_names: Sequence[str] = CLASS_NAMES,
     slice_level: dict[str, Any] | None = None,
     title: str = DEFAULT_TITLE,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float = DECISION_THRESHOLD,
 ) -> dict[str, Any]:
     """Score and write the evaluation report into ``out_dir``; returns the metrics in ``metrics.json``.
 
@@ -297,9 +207,7 @@ def write_report(
         )
     write_json_atomic(out_dir / "metrics.json", metrics)
 
-    predictions = pd.DataFrame(probs, columns=list(class_names))
-    predictions.insert(0, VOLUME_COLUMN, volume_names)
-    write_text_atomic(out_dir / "predictions.csv", predictions.to_csv(index=False))
+    write_predictions_csv(out_dir / "predictions.csv", volume_names, probs, class_names)
     write_results_json(out_dir / "results.json", volume_names, probs, class_names)
 
     per_class = _per_class_table(metrics, uncalibrated if calibrated else None)
@@ -311,7 +219,7 @@ def write_report(
     )
     write_text_atomic(out_dir / "per_class.md", markdown)
 
-    roc_png, pr_png = _curve_pngs(
+    roc_png, pr_png = curve_pngs(
         y_true, probs, probs_raw if calibrated else None, class_names, metrics, threshold
     )
     write_bytes_atomic(out_dir / "roc_curves.png", roc_png)

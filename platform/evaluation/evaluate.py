@@ -1,4 +1,6 @@
-"""Evaluate a checkpoint or bundle on the cache's validation split, exactly as the challenge scores.
+"""The evaluation entry point: :func:`evaluate` scores a checkpoint or bundle on the cache's validation split
+(`run`/`evaluate`, and `tune` for its best epoch), :func:`score_files` scores a predictions file against a labels
+CSV (`score`); both exactly as the VLM3D Task 2 scorer does.
 
 Calibration: for a checkpoint, per-class calibration is fitted on the whole validation split and shipped in the
 exported bundle. The report's "calibrated" metrics use 2-fold cross-fitting by patient (each half calibrated by
@@ -8,16 +10,22 @@ that already carries a calibration, it is applied as is and the report shows bef
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ctplatform.atomic import write_json_atomic
 from ctplatform.data.datasets import load_cache_index
+from ctplatform.evaluation.calibration import fit_calibration
+from ctplatform.evaluation.metrics import DECISION_THRESHOLD, score_predictions
+from ctplatform.evaluation.predictor import Predictor
+from ctplatform.evaluation.report import write_report
+from ctplatform.evaluation.results import align_to_labels, read_labels_table, read_predictions
 from ctplatform.labels import CLASS_NAMES
 from ctplatform.model.bundle import export_bundle
-from ctplatform.model.calibration import fit_calibration
-from ctplatform.model.inference import Predictor
-from ctplatform.report import write_report
 
 
 def predict_split(predictor: Predictor, slice_dir: str | Path, split: str = "valid") -> dict:
@@ -94,4 +102,26 @@ def evaluate(
             "crg_calibrated_crossfit": metrics["crg"]["crg"],
         }
         export_bundle(bundle_dir, predictor.model, predictor.spec)
+    return metrics
+
+
+def score_files(
+    labels_csv: str | os.PathLike,
+    predictions_path: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    class_names: Sequence[str] = CLASS_NAMES,
+    threshold: float = DECISION_THRESHOLD,
+) -> dict[str, Any]:
+    """Score a predictions file (CSV, or ``results.json`` when it ends in ``.json``) against a labels CSV.
+
+    Cases are matched by name with extensions stripped (``train_1_a_1.nii.gz`` == ``train_1_a_1``). Every
+    labelled case must have a prediction (else ValueError naming it); predictions for unlabelled cases are
+    ignored, as the challenge scores only its own cases. Writes ``metrics.json`` into ``out_dir`` if given.
+    """
+    label_names, y_true = read_labels_table(labels_csv, class_names)
+    predicted_names, predicted_probs = read_predictions(predictions_path, class_names)
+    probs = align_to_labels(label_names, predicted_names, predicted_probs, str(labels_csv), str(predictions_path))
+    metrics = score_predictions(y_true, probs, class_names=class_names, threshold=threshold)
+    if out_dir is not None:
+        write_json_atomic(Path(out_dir) / "metrics.json", metrics)
     return metrics

@@ -1,4 +1,4 @@
-"""Slice -> volume aggregation of probabilities (the original guide trains slices on their volume's labels).
+"""Slice -> volume aggregation of probabilities (a slice head is trained on its volume's labels).
 
 `mean` is robust to single-slice noise, `max` favours small focal findings (a nodule on 3 of 32 slices), `topk`
 (mean of the k highest) sits between them. The challenge scores volumes, so this choice matters.
