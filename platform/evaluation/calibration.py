@@ -22,6 +22,8 @@ MIN_SLOPE = 1e-3
 SLOPE_L2 = 1e-4
 # When the F1-best cut is below the lowest validation score, put 0.5 this many logits below it.
 LOGIT_MARGIN_BELOW_ALL = 1.0
+# Halvings of a slope that rounds distinct validation scores onto one float64 probability (see _keep_order).
+MAX_FLATTENINGS = 64
 
 
 def _fit_platt(scores: np.ndarray, labels: np.ndarray, max_iter: int = 100) -> tuple[float, float]:
@@ -101,6 +103,24 @@ def f1_best_logit_threshold(calibrated_logits: np.ndarray, labels: np.ndarray) -
     return best_cut - LOGIT_MARGIN_BELOW_ALL
 
 
+def _keep_order(scores: np.ndarray, slope: float, intercept: float) -> tuple[float, float]:
+    """(slope, intercept), the slope halved about the 0.5 point until distinct scores stay distinct.
+
+    ``sigmoid(slope·z + intercept)`` is strictly increasing, but float64 rounds it to 1 above z ≈ 37 (and near
+    there it resolves only coarse steps), so a steep fit can give two validation cases one calibrated probability:
+    their order, and the AUROC a scorer computes from the calibrated file, would change. Halving the slope about
+    the point that maps to 0.5 keeps every decision at 0.5 and flattens the map until it separates them.
+    """
+    distinct = np.unique(scores)
+    zero_at = -intercept / slope
+    for _ in range(MAX_FLATTENINGS):
+        if (np.diff(sigmoid(slope * distinct + intercept)) > 0).all():
+            break
+        slope *= 0.5
+        intercept = -slope * zero_at
+    return slope, intercept
+
+
 def fit_calibration(y_true: Any, probs: Any) -> Calibration:
     """Fit per-class calibration on validation so that ``p >= 0.5`` is a good operating point (VLM3D Task 2 scoring).
 
@@ -112,6 +132,10 @@ def fit_calibration(y_true: Any, probs: Any) -> Calibration:
        calibrated probability of 0.5 is rarely the F1-best cut for a rare class. We find the cut t* that
        maximises F1 on the Platt-calibrated validation probabilities and subtract logit(t*) from the
        intercept, so t* maps exactly to 0.5.
+
+    3. Order kept: if float64 would round distinct validation scores onto one calibrated probability, the slope
+       is flattened about the 0.5 point (:func:`_keep_order`), so the calibrated validation probabilities rank
+       the cases exactly as the raw ones: the same AUROC, whichever of the two a scorer is given.
 
     A class whose validation labels are all one value has nothing to fit and gets identity (slope 1,
     intercept 0).
@@ -139,5 +163,5 @@ def fit_calibration(y_true: Any, probs: Any) -> Calibration:
             slope = MIN_SLOPE
             intercept = _fit_intercept_only(scores, labels, slope)
         cut = f1_best_logit_threshold(slope * scores + intercept, labels)
-        slopes[index], intercepts[index] = slope, intercept - cut
+        slopes[index], intercepts[index] = _keep_order(scores, slope, intercept - cut)
     return Calibration(slopes, intercepts, METHOD_PLATT_F1)

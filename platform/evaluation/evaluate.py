@@ -2,10 +2,18 @@
 (`run`/`evaluate`, and `tune` for its best epoch), :func:`score_files` scores a predictions file against a labels
 CSV (`score`); both exactly as the VLM3D Task 2 scorer does.
 
-Calibration: for a checkpoint, per-class calibration is fitted on the whole validation split and shipped in the
-exported bundle. The report's "calibrated" metrics use 2-fold cross-fitting by patient (each half calibrated by
-a fit on the other half), so they are not inflated by calibrating and scoring on the same cases. For a bundle
-that already carries a calibration, it is applied as is and the report shows before and after.
+One number per metric. Macro AUROC is the AUROC of the model's volume probabilities (the same number that
+training logs as ``val/volume_auroc`` for that epoch); calibration is monotone and cannot change it. Precision,
+recall, F1, accuracy and CRG are those of the calibrated decisions at ``p >= 0.5`` that the bundle ships, and the
+report's ``predictions.csv`` and ``results.json`` hold exactly those calibrated probabilities, so scoring them
+with `score` gives every figure of ``metrics.json`` again.
+
+Calibration: for a checkpoint (or a bundle without one), per-class calibration is fitted on the whole validation
+split and shipped in the exported bundle. Its decisions are then scored on the cases it was fitted on, which
+flatters F1 and CRG; the report adds ``held_out_calibration``, the same metrics when each half of the patients is
+calibrated by a fit on the other half (2-fold by patient), as the estimate for unseen cases. Those two
+calibrations are different maps, so the held-out probabilities are not one monotone function of the model's:
+their own ranking is never reported as an AUROC. A bundle that carries a calibration is applied as is.
 """
 
 from __future__ import annotations
@@ -57,8 +65,9 @@ def predict_split(predictor: Predictor, slice_dir: str | Path, split: str = "val
     }
 
 
-def cross_fitted_calibration(y_true: np.ndarray, probs: np.ndarray, patients: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Calibrated probabilities where each patient's cases were calibrated by a fit on the other half."""
+def held_out_calibrated(y_true: np.ndarray, probs: np.ndarray, patients: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Calibrated probabilities where each patient's cases were calibrated by a fit on the other half (for held-out
+    estimates of the decision metrics only: two different maps do not preserve the ranking across halves)."""
     unique = np.unique(patients)
     rng = np.random.default_rng(seed)
     half = set(rng.permutation(unique)[: len(unique) // 2].tolist())
@@ -81,26 +90,35 @@ def evaluate(
     bundle_dir: str | Path | None = None,
     device: str | None = None,
 ) -> dict:
-    """Score `source` (bundle or checkpoint) on the validation split; write the report, export a bundle."""
+    """Score `source` (bundle or checkpoint) on the validation split; write the report, export a bundle.
+
+    Returns the report's metrics (``metrics.json``): ``macro``/``per_class``/``crg`` of the calibrated decisions
+    with the model's AUROC, ``uncalibrated``, ``slice_level`` and, when the calibration was fitted here,
+    ``held_out_calibration``.
+    """
     predictor = Predictor.from_path(source, device=device)
     split = predict_split(predictor, slice_dir)
     y_true, raw = split["y_true"], split["probs"]
     slice_level = {"y_true": split["slice_y_true"], "probs": split["slice_probs"]}
+    held_out = None
     if predictor.spec.calibration is None:
-        calibrated_for_report = cross_fitted_calibration(y_true, raw, split["patients"])
         predictor.spec.calibration = fit_calibration(y_true, raw)
-    else:
-        calibrated_for_report = predictor.calibrate(raw)
-    metrics = write_report(report_dir, split["names"], y_true, raw, calibrated_for_report, CLASS_NAMES,
-                           slice_level=slice_level)
+        held_out = held_out_calibrated(y_true, raw, split["patients"])
+    metrics = write_report(report_dir, split["names"], y_true, raw, predictor.calibrate(raw), CLASS_NAMES,
+                           slice_level=slice_level, held_out=held_out)
     if bundle_dir is not None:
         predictor.spec.metrics = {
             "validation_volumes": len(split["names"]),
             "macro_auroc": metrics["macro"]["auroc"],
-            "macro_f1_calibrated_crossfit": metrics["macro"]["f1"],
+            "macro_f1_calibrated": metrics["macro"]["f1"],
+            "crg_calibrated": metrics["crg"]["crg"],
             "macro_f1_uncalibrated": metrics["uncalibrated"]["macro"]["f1"],
-            "crg_calibrated_crossfit": metrics["crg"]["crg"],
         }
+        if held_out is not None:
+            predictor.spec.metrics.update(
+                macro_f1_calibrated_crossfit=metrics["held_out_calibration"]["macro"]["f1"],
+                crg_calibrated_crossfit=metrics["held_out_calibration"]["crg"]["crg"],
+            )
         export_bundle(bundle_dir, predictor.model, predictor.spec)
     return metrics
 

@@ -49,21 +49,22 @@ def _operating_point(truth: np.ndarray, probs: np.ndarray, threshold: float) -> 
 
 def curve_pngs(
     y_true: np.ndarray,
-    probs: np.ndarray,
-    probs_raw: np.ndarray | None,
+    probs_raw: np.ndarray,
+    probs_calibrated: np.ndarray | None,
     class_names: Sequence[str],
     metrics: dict[str, Any],
     threshold: float,
 ) -> tuple[bytes, bytes]:
-    """ROC and PR curves, one panel per class, with the operating point(s) at ``p >= threshold`` marked.
+    """ROC and PR curves of the model's (raw) probabilities, one panel per class, with the operating point(s) at
+    ``p >= threshold`` marked.
 
-    Calibration is monotone, so one curve serves both; the uncalibrated operating point (if given) shows how
-    far calibration moved the decision.
+    Calibration is monotone, so one curve serves both; with a calibration, the uncalibrated operating point shows
+    how far calibration moved the decision.
     """
     roc_figure, roc_axes = _grid_figure(len(class_names))
     pr_figure, pr_axes = _grid_figure(len(class_names))
     for index, name in enumerate(class_names):
-        truth, prob = y_true[:, index], probs[:, index]
+        truth, prob = y_true[:, index], probs_raw[:, index]
         roc_axis, pr_axis = roc_axes[index], pr_axes[index]
         for axis in (roc_axis, pr_axis):
             axis.set_title(name, fontsize=9)
@@ -82,8 +83,9 @@ def curve_pngs(
         pr_axis.plot(recall, precision, lw=1.2)
         pr_axis.axhline(truth.mean(), ls=":", color="grey", lw=0.8)
         points = [(prob, "o", "C3", f"p≥{threshold:g}")]
-        if probs_raw is not None:
-            points.append((probs_raw[:, index], "x", "k", f"p≥{threshold:g} uncalibrated"))
+        if probs_calibrated is not None:
+            points = [(probs_calibrated[:, index], "o", "C3", f"p≥{threshold:g}"),
+                      (prob, "x", "k", f"p≥{threshold:g} uncalibrated")]
         for point_probs, marker, color, label in points:
             op_fpr, op_recall, op_precision = _operating_point(truth, point_probs, threshold)
             # clip_on=False: an operating point on the frame (nothing predicted positive) must stay visible.

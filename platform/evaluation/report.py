@@ -2,8 +2,10 @@
 
 :func:`write_report` writes into one folder:
 
-* ``metrics.json``: volume-level metrics of the reported probabilities (calibrated if given, else raw), the
-  ``"uncalibrated"`` metrics of the raw probabilities, and ``"slice_level"`` metrics if asked for;
+* ``metrics.json``: volume-level metrics of the reported probabilities (calibrated if given, else raw) with the
+  AUROC of the raw ones (a calibration never changes it), the ``"uncalibrated"`` metrics of the raw
+  probabilities, ``"held_out_calibration"`` (decisions of a calibration fitted without the case) and
+  ``"slice_level"`` metrics if asked for;
 * ``predictions.csv``: ``VolumeName`` + one probability column per exact class name;
 * ``results.json``: the same probabilities in the challenge's submission format;
 * ``per_class.csv`` / ``per_class.md``: one row per class, before and after calibration;
@@ -42,8 +44,9 @@ def _check_report_inputs(
     y_true: Any,
     probs_raw: Any,
     probs_calibrated: Any | None,
+    held_out: Any | None,
     class_names: Sequence[str],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     y_true = np.asarray(y_true)
     probs_raw = np.asarray(probs_raw, dtype=np.float64)
     expected = (len(volume_names), len(class_names))
@@ -56,9 +59,15 @@ def _check_report_inputs(
         probs_calibrated = np.asarray(probs_calibrated, dtype=np.float64)
         if probs_calibrated.shape != expected:
             raise ValueError(f"probs_calibrated must have shape {expected}, got {probs_calibrated.shape}")
+    if held_out is not None:
+        if probs_calibrated is None:
+            raise ValueError("held_out needs probs_calibrated: it estimates the calibrated decisions' metrics")
+        held_out = np.asarray(held_out, dtype=np.float64)
+        if held_out.shape != expected:
+            raise ValueError(f"held_out must have shape {expected}, got {held_out.shape}")
     if len(set(volume_names)) != len(volume_names):
         raise ValueError("volume_names contains duplicates")
-    return y_true, probs_raw, probs_calibrated
+    return y_true, probs_raw, probs_calibrated, held_out
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -68,8 +77,8 @@ def _per_class_table(metrics: dict[str, Any], uncalibrated: dict[str, Any] | Non
     for name, scores in metrics["per_class"].items():
         row: dict[str, Any] = {"class": name}
         row.update({column: scores[column] for column in PER_CLASS_COLUMNS})
-        if uncalibrated is not None:
-            for metric in METRIC_NAMES:
+        if uncalibrated is not None:  # AUROC is the model's either way: one column
+            for metric in METRIC_NAMES[1:]:
                 row[f"{metric}_uncalibrated"] = uncalibrated["per_class"][name][metric]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -110,6 +119,10 @@ def _macro_table(metrics: dict[str, Any], uncalibrated: dict[str, Any] | None) -
         )
     label = "calibrated" if uncalibrated is not None else "raw"
     rows.append({"probabilities": label, **metrics["macro"], "crg": metrics["crg"]["crg"]})
+    if "held_out_calibration" in metrics:
+        held_out = metrics["held_out_calibration"]
+        rows.append({"probabilities": "calibrated, held out (2-fold by patient)", **held_out["macro"],
+                     "crg": held_out["crg"]["crg"]})
     return pd.DataFrame(rows)
 
 
@@ -142,11 +155,15 @@ def _report_html(
         f"<p>{metrics['n_exams']} exams, decisions at p ≥ {metrics['threshold']:g}; probabilities "
         f"{'calibrated per class on validation' if calibrated else 'raw (no calibration)'}. "
         "Scored as VLM3D Task 2: per-class AUROC (one-valued classes skipped), precision/recall/F1/accuracy "
-        "at the threshold, macro = plain mean, CRG on the same decisions.</p>",
+        "at the threshold, macro = plain mean, CRG on the same decisions. AUROC is the model's: calibration "
+        "is monotone and leaves it unchanged.</p>",
         "<h2>Macro</h2>",
         _html_table(macro),
         f"<p>CRG counts: TP {crg['tp']}, FN {crg['fn']}, FP {crg['fp']}, X {crg['X']}, A {crg['A']}.</p>",
     ]
+    if "held_out_calibration" in metrics:
+        parts.append("<p>The calibration was fitted on these cases, which flatters the decision metrics; the held-out "
+                     "row scores each half of the patients calibrated by a fit on the other half.</p>")
     if "slice_level" in metrics:
         slice_metrics = metrics["slice_level"]
         slice_macro = pd.DataFrame([{**slice_metrics["macro"], "crg": slice_metrics["crg"]["crg"]}])
@@ -175,17 +192,20 @@ def write_report(
     slice_level: dict[str, Any] | None = None,
     title: str = DEFAULT_TITLE,
     threshold: float = DECISION_THRESHOLD,
+    held_out: Any | None = None,
 ) -> dict[str, Any]:
     """Score and write the evaluation report into ``out_dir``; returns the metrics in ``metrics.json``.
 
     ``y_true``, ``probs_raw`` and ``probs_calibrated`` are (N, C) in ``class_names`` order, one row per
-    ``volume_names`` entry. The reported probabilities (metrics, predictions.csv, results.json, curves) are
-    the calibrated ones if given, else the raw ones. ``slice_level={"y_true": (M, C), "probs": (M, C)}`` adds
-    slice-level metrics under ``"slice_level"``, for diagnosis only: the challenge scores volumes.
+    ``volume_names`` entry. The reported probabilities (decision metrics, predictions.csv, results.json) are
+    the calibrated ones if given, else the raw ones; AUROC and the curves are always the raw ones'. ``held_out``
+    (N, C), calibrated probabilities where no case's calibration was fitted on it, adds the held-out estimate of
+    the decision metrics under ``"held_out_calibration"``. ``slice_level={"y_true": (M, C), "probs": (M, C)}``
+    adds slice-level metrics under ``"slice_level"``, for diagnosis only: the challenge scores volumes.
     """
     volume_names = [str(name) for name in volume_names]
-    y_true, probs_raw, probs_calibrated = _check_report_inputs(
-        volume_names, y_true, probs_raw, probs_calibrated, class_names
+    y_true, probs_raw, probs_calibrated, held_out = _check_report_inputs(
+        volume_names, y_true, probs_raw, probs_calibrated, held_out, class_names
     )
     calibrated = probs_calibrated is not None
     probs = probs_calibrated if calibrated else probs_raw
@@ -194,11 +214,15 @@ def write_report(
 
     uncalibrated = score_predictions(y_true, probs_raw, class_names=class_names, threshold=threshold)
     metrics = (
-        score_predictions(y_true, probs, class_names=class_names, threshold=threshold) if calibrated
-        else dict(uncalibrated)
+        score_predictions(y_true, probs, class_names=class_names, threshold=threshold, ranking=probs_raw)
+        if calibrated else dict(uncalibrated)
     )
     metrics["calibrated"] = calibrated
     metrics["uncalibrated"] = uncalibrated
+    if held_out is not None:
+        metrics["held_out_calibration"] = score_predictions(
+            y_true, held_out, class_names=class_names, threshold=threshold, ranking=probs_raw
+        )
     if slice_level is not None:
         if "y_true" not in slice_level or "probs" not in slice_level:
             raise ValueError("slice_level must be a dict with 'y_true' and 'probs' arrays")
@@ -219,9 +243,7 @@ def write_report(
     )
     write_text_atomic(out_dir / "per_class.md", markdown)
 
-    roc_png, pr_png = curve_pngs(
-        y_true, probs, probs_raw if calibrated else None, class_names, metrics, threshold
-    )
+    roc_png, pr_png = curve_pngs(y_true, probs_raw, probs_calibrated, class_names, metrics, threshold)
     write_bytes_atomic(out_dir / "roc_curves.png", roc_png)
     write_bytes_atomic(out_dir / "pr_curves.png", pr_png)
     write_text_atomic(

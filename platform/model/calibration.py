@@ -2,11 +2,14 @@
 
 The transform is monotone increasing per class (slope > 0)::
 
-    calibrated = sigmoid(slope * logit(clip(p, 1e-6, 1 - 1e-6)) + intercept)
+    calibrated = sigmoid(slope * logit(clip(p, eps, 1 - eps)) + intercept)
 
 so the predictor applies exactly the same function wherever a bundle is used, and the bundle needs no pickle. It
-changes the decisions at ``p >= 0.5`` and never the ranking of the cases, hence never the AUROC. Fitting it on
-validation is evaluation's job (``ctplatform.evaluation.calibration``); this module is the format.
+changes the decisions at ``p >= 0.5`` and never the order of the cases, hence never the AUROC: strictly increasing
+in exact arithmetic, and in float64 wherever the result does not round to 0 or 1 and ``p`` lies inside the clip.
+The clip is ``eps = 1e-15`` (bundles written before it was stored used 1e-6, which tied every probability below
+1e-6). Fitting it on validation is evaluation's job (``ctplatform.evaluation.calibration``); this module is the
+format.
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ from typing import Any
 
 import numpy as np
 
-PROB_EPS = 1e-6
+PROB_EPS = 1e-15
+# The clip of bundles whose calibration does not say which it used.
+LEGACY_PROB_EPS = 1e-6
 
 METHOD_IDENTITY = "identity"
 METHOD_PLATT_F1 = "platt+f1-threshold"
 
 
-def logit(p: np.ndarray) -> np.ndarray:
-    """log(p / (1 − p)) after clipping to [1e-6, 1 − 1e-6], in float64 (0 and 1 stay finite)."""
-    p = np.clip(np.asarray(p, dtype=np.float64), PROB_EPS, 1.0 - PROB_EPS)
+def logit(p: np.ndarray, eps: float = PROB_EPS) -> np.ndarray:
+    """log(p / (1 − p)) after clipping to [eps, 1 − eps], in float64 (0 and 1 stay finite)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
     return np.log(p) - np.log1p(-p)
 
 
@@ -42,11 +47,12 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Calibration:
-    """Per-class affine map in logit space: ``sigmoid(slope * logit(p) + intercept)``, class axis last."""
+    """Per-class affine map in logit space: ``sigmoid(slope * logit(p, clip) + intercept)``, class axis last."""
 
     slope: np.ndarray
     intercept: np.ndarray
     method: str = METHOD_PLATT_F1
+    clip: float = PROB_EPS
 
     def __post_init__(self) -> None:
         self.slope = np.asarray(self.slope, dtype=np.float64).reshape(-1)
@@ -60,6 +66,8 @@ class Calibration:
         if (self.slope <= 0).any():
             # A non-positive slope would reorder (or tie) the cases and change AUROC.
             raise ValueError("calibration slopes must be > 0 so the transform is monotone increasing")
+        if not 0.0 < self.clip < 0.5:
+            raise ValueError(f"calibration clip must lie in (0, 0.5), got {self.clip}")
 
     @property
     def num_classes(self) -> int:
@@ -67,7 +75,7 @@ class Calibration:
 
     @classmethod
     def identity(cls, num_classes: int) -> Calibration:
-        """No-op calibration (up to the 1e-6 clip): slope 1, intercept 0 for every class."""
+        """No-op calibration (up to the clip): slope 1, intercept 0 for every class."""
         return cls(np.ones(num_classes), np.zeros(num_classes), METHOD_IDENTITY)
 
     def apply(self, probs: Any) -> np.ndarray:
@@ -79,13 +87,14 @@ class Calibration:
             )
         if not np.isfinite(probs).all():
             raise ValueError("probs contain NaN/inf")
-        return sigmoid(self.slope * logit(probs) + self.intercept)
+        return sigmoid(self.slope * logit(probs, self.clip) + self.intercept)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (lists of floats), for the model bundle's metadata."""
         return {
             "method": self.method,
-            "formula": "sigmoid(slope * logit(clip(p, 1e-6, 1 - 1e-6)) + intercept)",
+            "formula": "sigmoid(slope * logit(clip(p, eps, 1 - eps)) + intercept)",
+            "clip": float(self.clip),
             "slope": [float(v) for v in self.slope],
             "intercept": [float(v) for v in self.intercept],
         }
@@ -95,4 +104,5 @@ class Calibration:
         missing = [key for key in ("slope", "intercept", "method") if key not in payload]
         if missing:
             raise ValueError(f"calibration dict lacks {missing}")
-        return cls(np.asarray(payload["slope"]), np.asarray(payload["intercept"]), str(payload["method"]))
+        return cls(np.asarray(payload["slope"]), np.asarray(payload["intercept"]), str(payload["method"]),
+                   float(payload.get("clip", LEGACY_PROB_EPS)))
