@@ -55,11 +55,11 @@ from ctplatform.data.datasets import CacheIndex, load_cache_index
 from ctplatform.data.prepare import run_prepare
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.data.synthetic import generate_dataset, parse_size
+from ctplatform.evaluation.aggregate import aggregate_slices
+from ctplatform.evaluation.metrics import score_predictions
+from ctplatform.evaluation.predictor import Predictor
 from ctplatform.labels import CLASS_NAMES
-from ctplatform.metrics import score_predictions
-from ctplatform.model.aggregate import aggregate_slices
 from ctplatform.model.bundle import ModelSpec
-from ctplatform.model.inference import Predictor
 from ctplatform.train.datamodule import build_datamodule
 from ctplatform.train.lightning_import import pl
 from ctplatform.train.module import CTClassifierModule
@@ -118,7 +118,7 @@ def predictor_for(module: CTClassifierModule, index: CacheIndex, device: str = "
 
 def volume_predictions(predictor: Predictor, index: CacheIndex, split: str) -> list[dict]:
     """Each cached volume of `split` with its labels and whole `Prediction` (slice weights and positions, which the
-    attention mass needs; `ctplatform.train.evaluate.predict_split` keeps only the stacked probabilities)."""
+    attention mass needs; `ctplatform.evaluation.evaluate.predict_split` keeps only the stacked probabilities)."""
     labels = index.labels()
     out = []
     for row in index.split_volumes(split):

@@ -159,7 +159,7 @@ def server_cpu_seconds() -> float:
 
 def in_process_baseline(bundle: Path, slices: np.ndarray, volume_bytes: bytes, batch: int, seconds: float) -> dict:
     from ctplatform.data import read_volume
-    from ctplatform.model.inference import Predictor
+    from ctplatform.evaluation.predictor import Predictor
 
     predictor = Predictor.from_path(bundle, device="cuda" if _cuda() else "cpu", batch_size=batch)
     predictor.slice_logits(slices[:2])  # warm-up

@@ -92,7 +92,7 @@ def cmd_train_evaluate(cfg, mode: str) -> int:
         print(f"TensorBoard logs: {run_dir / 'logs'}   checkpoints: {run_dir / 'checkpoints'}   "
               f"settings: {config_file}")
     if mode in ("evaluate", "both"):
-        from ctplatform.train.evaluate import evaluate
+        from ctplatform.evaluation.evaluate import evaluate
 
         if checkpoint is None:
             candidate = run_dir / "best_reported" / "checkpoint.ckpt"
@@ -115,7 +115,7 @@ def cmd_run(cfg) -> int:
 
 
 def cmd_score(cfg) -> int:
-    from ctplatform.metrics import score_files
+    from ctplatform.evaluation.evaluate import score_files
 
     metrics = score_files(cfg.labels, cfg.predictions, out_dir=cfg.out)
     macro = metrics["macro"]

@@ -19,8 +19,9 @@ from ctplatform.atomic import write_text_atomic
 from ctplatform.data import read_volume
 from ctplatform.data.errors import DataFormatError
 from ctplatform.data.metadata import read_metadata_csv
+from ctplatform.evaluation.decision import decide
+from ctplatform.evaluation.predictor import Predictor
 from ctplatform.labels import CLASS_NAMES, volume_stem
-from ctplatform.model.inference import DECISION_THRESHOLD, Predictor
 
 
 def _read_slice(path: Path) -> np.ndarray:
@@ -65,7 +66,7 @@ def predict_files(checkpoint: str, inputs: list[str], predict_type: str, output:
     records = [
         {"input": name, "probabilities": dict(zip(CLASS_NAMES, map(float, probs), strict=True)),
          "raw_probabilities": dict(zip(CLASS_NAMES, map(float, raw), strict=True)),
-         "decisions": {c: bool(p >= DECISION_THRESHOLD) for c, p in zip(CLASS_NAMES, probs, strict=True)}}
+         "decisions": dict(zip(CLASS_NAMES, map(bool, decide(probs)), strict=True))}
         for name, probs, raw in rows
     ]
     for record, detail in zip(records, details, strict=False):
@@ -75,7 +76,8 @@ def predict_files(checkpoint: str, inputs: list[str], predict_type: str, output:
     if output:
         out = Path(output)
         csv_path = out if out.suffix == ".csv" else out.with_suffix(".csv")
-        decisions = table[list(CLASS_NAMES)].ge(DECISION_THRESHOLD).astype(int).add_suffix(" (decision)")
+        decisions = pd.DataFrame(decide(table[list(CLASS_NAMES)].to_numpy()).astype(int),
+                                 columns=[f"{c} (decision)" for c in CLASS_NAMES])
         write_text_atomic(csv_path, pd.concat([table, decisions], axis=1).to_csv(index=False))
         write_text_atomic(csv_path.with_suffix(".json"), json.dumps(records, indent=2) + "\n")
     return table
@@ -84,4 +86,4 @@ def predict_files(checkpoint: str, inputs: list[str], predict_type: str, output:
 def format_table(table: pd.DataFrame) -> str:
     """Classes as rows, inputs as columns, positives starred: readable in a terminal for a few inputs."""
     shown = table.set_index("VolumeName")[list(CLASS_NAMES)].T
-    return shown.map(lambda p: f"{p:.3f}{'*' if p >= DECISION_THRESHOLD else ' '}").to_string()
+    return shown.map(lambda p: f"{p:.3f}{'*' if decide(p) else ' '}").to_string()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ctplatform.model.aggregate import aggregate_by_volume, aggregate_slices
+from ctplatform.evaluation.aggregate import aggregate_by_volume, aggregate_slices, probabilities
 
 
 def reference(values: list[float], method: str, k: int) -> float:
@@ -43,3 +43,13 @@ def test_invalid_input_is_refused():
         aggregate_slices(np.ones((2, 3)), "median")
     with pytest.raises(ValueError, match="at least one slice"):
         aggregate_slices(np.ones((0, 3)))
+
+
+def test_probabilities_are_the_logistic_function_in_float64_for_any_logit():
+    logits = np.array([[-1000.0, -30.0, -1.5, 0.0, 2.0, 40.0, 1000.0]], dtype=np.float32)
+    with np.errstate(over="raise", invalid="raise"):  # no overflow anywhere (underflow to 0 is exact enough)
+        got = probabilities(logits)
+    assert got.dtype == np.float64
+    expected = [1.0 / (1.0 + np.exp(np.float64(-x))) if x > -700 else 0.0 for x in logits[0]]
+    np.testing.assert_allclose(got[0], expected, rtol=1e-14, atol=0)
+    assert (np.diff(got[0, 1:-2]) > 0).all()  # strictly increasing where float64 resolves it

@@ -8,11 +8,11 @@ import torch
 
 from ctplatform.data.errors import DataFormatError
 from ctplatform.data.preprocess import PreprocessSettings
+from ctplatform.evaluation.predictor import Predictor
 from ctplatform.labels import CLASS_NAMES
 from ctplatform.model.bundle import BundleError, ModelSpec, export_bundle, load_bundle
 from ctplatform.model.calibration import Calibration
 from ctplatform.model.classifier import build_classifier
-from ctplatform.model.inference import Predictor
 
 
 def make_bundle(path, calibration=None):
@@ -95,3 +95,19 @@ def test_predict_reads_ct_rate_files_as_prepare_cached_them(tiny_dataset, tiny_c
     lacking.write_text("\n".join(metadata_csv.read_text().splitlines()[:1]) + "\n")
     with pytest.raises(DataFormatError, match=f"no row for {original}"):
         predict_files(str(tmp_path / "b"), inputs, "volumes", device="cpu", metadata_csv=str(lacking))
+
+
+def test_volume_from_slice_logits_is_predict_prepared(tmp_path):
+    """The service computes slice logits batched across requests and hands them to the predictor: the same
+    prediction as the predictor's own path."""
+    make_bundle(tmp_path / "b", Calibration(np.full(18, 1.5), np.linspace(-1, 1, 18), "test"))
+    predictor = Predictor.from_path(tmp_path / "b", device="cpu")
+    slices = np.random.default_rng(0).integers(-1000, 400, (5, 32, 32)).astype(np.int16)
+    positions = np.array([3, 9, 14, 20, 27])
+    direct = predictor.predict_prepared(slices, positions)
+    via_logits = predictor.volume_from_slice_logits(predictor.slice_logits(slices), positions)
+    for field in ("probabilities", "raw_probabilities", "slice_probabilities", "slice_positions"):
+        np.testing.assert_array_equal(getattr(via_logits, field), getattr(direct, field))
+    raw, calibrated = predictor.slices_from_logits(predictor.slice_logits(slices))
+    np.testing.assert_array_equal(raw, direct.slice_probabilities)
+    np.testing.assert_array_equal(calibrated, predictor.calibrate(raw))

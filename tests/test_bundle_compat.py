@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from compat_bundles import FIXTURES, build_bundle, probe_slices
 
-from ctplatform.model.inference import Predictor
+from ctplatform.evaluation.predictor import Predictor
 
 pytestmark = pytest.mark.timeout(120)
 

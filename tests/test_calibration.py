@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
+from ctplatform.evaluation.calibration import fit_calibration
 from ctplatform.labels import CLASS_NAMES, VALID_PREVALENCE
-from ctplatform.model.calibration import Calibration, fit_calibration
+from ctplatform.model.calibration import Calibration
 
 
 def miscalibrated_set(num_exams: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,3 +103,31 @@ def test_invalid_calibrations_raise() -> None:
         Calibration.identity(2).apply(np.array([[np.nan, 0.1]]))
     with pytest.raises(ValueError, match="same shape"):
         fit_calibration(np.zeros((4, 2)), np.zeros((4, 3)))
+
+
+def test_steep_fit_keeps_every_validation_case_apart_and_its_decisions() -> None:
+    """Positives within 1e-12 of 1: the Platt slope alone would round several of them onto one float64
+    probability (ties change a scorer's AUROC); the fitted map is flattened about 0.5 until they stay apart."""
+    rng = np.random.default_rng(0)
+    y_valid = np.zeros((40, 1), dtype=int)
+    y_valid[:8] = 1
+    probs_valid = np.where(y_valid == 1, 1 - 10.0 ** -rng.uniform(1, 12, (40, 1)), rng.uniform(0.001, 0.4, (40, 1)))
+    calibration = fit_calibration(y_valid, probs_valid)
+    calibrated = calibration.apply(probs_valid)
+    order = np.argsort(probs_valid[:, 0])
+    assert (np.diff(calibrated[order, 0]) > 0).all()
+    shuffled = y_valid.copy()
+    shuffled[0, 0], shuffled[30, 0] = 0, 1  # a negative among the top: AUROC < 1, ties would show
+    assert roc_auc_score(shuffled[:, 0], calibrated[:, 0]) == roc_auc_score(shuffled[:, 0], probs_valid[:, 0])
+    np.testing.assert_array_equal(calibrated >= 0.5, y_valid == 1)  # the F1-best decisions (F1 = 1) are kept
+
+
+def test_probabilities_below_the_old_clip_stay_apart_and_old_bundles_keep_theirs() -> None:
+    tiny = np.array([[1e-12], [1e-10], [1e-8], [0.3]])
+    calibration = Calibration(np.array([0.8]), np.array([0.5]))
+    assert (np.diff(calibration.apply(tiny)[:, 0]) > 0).all()
+    assert calibration.to_dict()["clip"] == 1e-15
+    legacy = {key: value for key, value in calibration.to_dict().items() if key != "clip"}
+    restored = Calibration.from_dict(legacy)  # a bundle written before the clip was stored used 1e-6
+    assert restored.clip == 1e-6
+    assert len(np.unique(restored.apply(tiny)[:3])) == 1

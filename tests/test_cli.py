@@ -135,10 +135,10 @@ def test_predict_command_on_slices_prints_and_writes_the_model_s_probabilities(t
     import torch
 
     from ctplatform.data.preprocess import PreprocessSettings
+    from ctplatform.evaluation.predictor import Predictor
     from ctplatform.labels import CLASS_NAMES
     from ctplatform.model.bundle import ModelSpec, export_bundle
     from ctplatform.model.classifier import build_classifier
-    from ctplatform.model.inference import Predictor
 
     torch.manual_seed(0)
     model = build_classifier("resnet50").eval()

@@ -43,9 +43,9 @@ def test_ray_train_pinned_gpu_bf16(tiny_cache, tmp_path):
 @needs_cuda
 def test_predictor_on_cuda_matches_cpu(tmp_path):
     from ctplatform.data.preprocess import PreprocessSettings
+    from ctplatform.evaluation.predictor import Predictor
     from ctplatform.model.bundle import ModelSpec, export_bundle
     from ctplatform.model.classifier import build_classifier
-    from ctplatform.model.inference import Predictor
 
     torch.manual_seed(0)
     model = build_classifier("resnet50", use_attention="cbam", use_multiscale=True).eval()
@@ -60,8 +60,8 @@ def test_predictor_on_cuda_matches_cpu(tmp_path):
 @needs_cuda
 def test_attention_mil_bf16_checkpointed_step_and_cuda_predictor_match_cpu(tmp_path):
     from ctplatform.data.preprocess import PreprocessSettings
+    from ctplatform.evaluation.predictor import Predictor
     from ctplatform.model.bundle import ModelSpec, export_bundle
-    from ctplatform.model.inference import Predictor
     from ctplatform.model.mil import build_mil_model
     from ctplatform.model.windows import hu_to_input
 

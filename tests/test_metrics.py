@@ -9,15 +9,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
+from ctplatform.evaluation.evaluate import score_files
+from ctplatform.evaluation.metrics import crg_score, score_predictions
+from ctplatform.evaluation.results import read_predictions_csv, read_results_json, write_results_json
 from ctplatform.labels import CLASS_NAMES, volume_stem
-from ctplatform.metrics import (
-    crg_score,
-    read_predictions_csv,
-    read_results_json,
-    score_files,
-    score_predictions,
-    write_results_json,
-)
 
 SKIPPED_CLASS = 5  # all-negative column in the random set: AUROC undefined
 

@@ -11,9 +11,9 @@ import torch
 
 from ctplatform.config import TrainConfig
 from ctplatform.data.datasets import SliceBagDataset, bag_positions, collate_bags, load_cache_index
+from ctplatform.evaluation.predictor import Predictor
 from ctplatform.model.bundle import ModelSpec, export_bundle, load_bundle
 from ctplatform.model.gated_attention import GatedAttentionPool
-from ctplatform.model.inference import Predictor
 from ctplatform.model.mil import AttentionMILClassifier, build_mil_model
 
 
@@ -254,7 +254,7 @@ def _benchmark_module():
 
 
 def test_benchmark_maps_true_finding_extents_onto_cached_slices(tmp_path):
-    from ctplatform.model.inference import VolumePrediction
+    from ctplatform.evaluation.predictor import VolumePrediction
 
     bench = _benchmark_module()
     data = bench.make_data(tmp_path, volumes=8, size=(32, 32, 24), seed=3, image_size=32, num_slices=8)

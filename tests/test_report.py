@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
+from ctplatform.evaluation.calibration import fit_calibration
+from ctplatform.evaluation.metrics import score_predictions
+from ctplatform.evaluation.report import write_report
+from ctplatform.evaluation.results import read_results_json
 from ctplatform.labels import CLASS_NAMES
-from ctplatform.metrics import read_results_json, score_predictions
-from ctplatform.model.calibration import fit_calibration
-from ctplatform.report import write_report
 
 REPORT_FILES = (
     "metrics.json",
@@ -89,3 +90,26 @@ def test_uncalibrated_report_and_input_checks(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="y_true"):
         write_report(tmp_path, names[:-1], y_true, probs_raw)
+
+
+def test_auroc_is_the_raw_probabilities_whatever_the_calibration(tmp_path) -> None:
+    """Two calibrations on two halves are not one monotone map: their probabilities rank the cases otherwise. The
+    report's AUROC stays the model's; F1 and CRG are those of the calibrated decisions."""
+    names, y_true, probs_raw = synthetic_run(num_exams=60, seed=3)
+    first, second = slice(0, 30), slice(30, 60)
+    held_out = np.empty_like(probs_raw)
+    held_out[first] = fit_calibration(y_true[second], probs_raw[second]).apply(probs_raw[first])
+    held_out[second] = fit_calibration(y_true[first], probs_raw[first]).apply(probs_raw[second])
+    assert score_predictions(y_true, held_out)["macro"]["auroc"] != pytest.approx(
+        score_predictions(y_true, probs_raw)["macro"]["auroc"], abs=1e-6)  # the disagreement this test is about
+    probs_calibrated = fit_calibration(y_true, probs_raw).apply(probs_raw)
+
+    metrics = write_report(tmp_path, names, y_true, probs_raw, probs_calibrated, held_out=held_out)
+    raw_auroc = score_predictions(y_true, probs_raw)["macro"]["auroc"]
+    assert metrics["macro"]["auroc"] == raw_auroc
+    assert metrics["held_out_calibration"]["macro"]["auroc"] == raw_auroc
+    assert metrics["held_out_calibration"]["macro"]["f1"] == score_predictions(y_true, held_out)["macro"]["f1"]
+    assert metrics["held_out_calibration"]["crg"] == score_predictions(y_true, held_out)["crg"]
+    assert "held out (2-fold by patient)" in (tmp_path / "report.html").read_text()
+    with pytest.raises(ValueError, match="held_out needs probs_calibrated"):
+        write_report(tmp_path, names, y_true, probs_raw, held_out=held_out)

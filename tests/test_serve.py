@@ -154,7 +154,7 @@ def service(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline(service):
-    from ctplatform.model.inference import Predictor
+    from ctplatform.evaluation.predictor import Predictor
 
     return Predictor.from_path(service["bundles"]["a"], device="cpu")
 
@@ -259,7 +259,7 @@ def test_attention_mil_bundle_serves_attention_weights(service):
     from ray import serve
 
     from ctplatform.data import read_volume
-    from ctplatform.model.inference import Predictor
+    from ctplatform.evaluation.predictor import Predictor
     from ctplatform.serve.app import build_app
 
     bundle = make_mil_bundle(service["root"] / "mil")

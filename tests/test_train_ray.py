@@ -40,8 +40,8 @@ def test_two_ddp_workers_match_one_worker(local_ray, tiny_cache, tmp_path):
     # removed): its volume AUROC equals an offline evaluation of the same checkpoint.
     import torch
 
-    from ctplatform.model.inference import Predictor
-    from ctplatform.train.evaluate import predict_split
+    from ctplatform.evaluation.evaluate import predict_split
+    from ctplatform.evaluation.predictor import Predictor
     from ctplatform.train.module import multilabel_scores
 
     split = predict_split(Predictor.from_path(two.best_checkpoint, device="cpu"), tiny_cache)
@@ -142,10 +142,10 @@ def test_attention_mil_trains_exports_a_bundle_and_predicts_with_attention(local
 
     import numpy as np
 
+    from ctplatform.evaluation.evaluate import evaluate
     from ctplatform.model.bundle import load_bundle
     from ctplatform.model.mil import AttentionMILClassifier
     from ctplatform.predict import predict_files
-    from ctplatform.train.evaluate import evaluate
 
     # 16 slices per step: bags of 8 cached slices -> 2 volumes per batch
     outcome = run_training(config(tiny_cache, tmp_path, head="attention-mil", mil_pooling="shared", epochs=1,

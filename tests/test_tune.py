@@ -16,7 +16,7 @@ import yaml
 
 from ctplatform.config import TrainConfig
 from ctplatform.config.tune import TuneConfig
-from ctplatform.model.inference import Predictor
+from ctplatform.evaluation.predictor import Predictor
 from ctplatform.tune.space import load_space
 from ctplatform.tune.sweep import run_sweep
 

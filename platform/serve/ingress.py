@@ -35,6 +35,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from ctplatform.data.preprocess import PreprocessSettings
+from ctplatform.evaluation.decision import DECISION_THRESHOLD
 from ctplatform.serve.auth import bearer, key_accepted
 from ctplatform.serve.inputs import (
     InputError,
@@ -48,7 +49,7 @@ from ctplatform.serve.inputs import (
 from ctplatform.serve.model_deployment import replica_id
 from ctplatform.serve.page import load_page
 from ctplatform.serve.preprocessing import VolumeUpload, prepare_slices
-from ctplatform.serve.responses import DECISION_THRESHOLD, slices_response, volume_response
+from ctplatform.serve.responses import slices_response, volume_response
 from ctplatform.serve.thumbnails import key_slice_thumbnails
 
 logger = logging.getLogger("ray.serve")

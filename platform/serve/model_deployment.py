@@ -4,7 +4,7 @@ It receives int16 HU slices already selected and resized by the ingress, so a GP
 the model (plus the microseconds of slice->volume aggregation and calibration, kept beside the weights so a
 prediction and its `model_version` always come from one bundle, even mid-rollout). `@serve.batch` puts the slices
 of concurrent requests into one forward; :class:`BatchStats` records the batch sizes it achieved. Predictions
-equal :class:`ctplatform.model.inference.Predictor`'s: the same `slice_logits`, aggregation and calibration.
+are :class:`ctplatform.evaluation.predictor.Predictor`'s: it turns the batched logits into probabilities.
 """
 
 import asyncio
@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
+from ctplatform.evaluation.decision import DECISION_THRESHOLD
 from ctplatform.serve.bundles import bundle_version, preprocess_fingerprint, read_bundle_metadata
-from ctplatform.serve.responses import DECISION_THRESHOLD
 
 logger = logging.getLogger("ray.serve")
 
@@ -78,7 +78,7 @@ class ModelServer:
         import ray
         import torch
 
-        from ctplatform.model.inference import Predictor
+        from ctplatform.evaluation.predictor import Predictor
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
@@ -140,9 +140,6 @@ class ModelServer:
     # ------------------------------------------------------------------ calls from the ingress
     async def predict_volume(self, slices: np.ndarray, positions: np.ndarray, preprocess: dict) -> dict:
         """Prepared (K, S, S) int16 HU slices of one volume -> VolumePrediction (as Predictor.predict_prepared)."""
-        from ctplatform.model.aggregate import aggregate_slices
-        from ctplatform.model.inference import VolumePrediction
-
         mismatch = self._mismatch(preprocess)
         if mismatch:
             return mismatch
@@ -152,15 +149,7 @@ class ModelServer:
                 self._pool, self.predictor.predict_prepared, slices, positions)
             self.stats.record(1, len(slices), time.perf_counter() - start)
         else:
-            slice_probs = 1.0 / (1.0 + np.exp(-(await self._logits(slices))))
-            spec = self.predictor.spec
-            raw = aggregate_slices(slice_probs, spec.aggregation, spec.topk)
-            prediction = VolumePrediction(
-                probabilities=self.predictor.calibrate(raw[None])[0],
-                raw_probabilities=raw,
-                slice_probabilities=slice_probs,
-                slice_positions=np.asarray(positions),
-            )
+            prediction = self.predictor.volume_from_slice_logits(await self._logits(slices), positions)
         return {"status": "ok", "model_version": self.version, "prediction": prediction}
 
     async def predict_slices(self, slices: np.ndarray, preprocess: dict) -> dict:
@@ -168,8 +157,8 @@ class ModelServer:
         mismatch = self._mismatch(preprocess)
         if mismatch:
             return mismatch
-        raw = 1.0 / (1.0 + np.exp(-(await self._logits(slices))))
-        return {"status": "ok", "model_version": self.version, "raw": raw, "calibrated": self.predictor.calibrate(raw)}
+        raw, calibrated = self.predictor.slices_from_logits(await self._logits(slices))
+        return {"status": "ok", "model_version": self.version, "raw": raw, "calibrated": calibrated}
 
     def describe(self) -> dict:
         meta = self.metadata

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+from ctplatform.evaluation.decision import DECISION_THRESHOLD, decide
 from ctplatform.labels import CLASS_NAMES
 from ctplatform.serve.inputs import SliceInput
 from ctplatform.serve.preprocessing import VolumeUpload
-
-# The official operating point, as the offline predictor's; kept here so the ingress does not import the model code.
-DECISION_THRESHOLD = 0.5
 
 
 def volume_response(reply: dict, volume: VolumeUpload, slices_used: int) -> dict:
@@ -34,7 +32,7 @@ def slices_response(reply: dict, slices: list[SliceInput]) -> dict:
     raw, calibrated = reply["raw"], reply["calibrated"]
     out = []
     for k, item in enumerate(slices):
-        decisions = calibrated[k] >= DECISION_THRESHOLD
+        decisions = decide(calibrated[k])
         out.append({
             "name": item.name,
             "shape": list(item.hu.shape),

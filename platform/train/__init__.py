@@ -1,1 +1,1 @@
-"""Training: the LightningModule and DataModule (no Ray inside), evaluation, and the Ray Train launcher."""
+"""Training: the LightningModule and DataModule (no Ray inside) and the Ray Train launcher."""

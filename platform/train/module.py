@@ -24,8 +24,8 @@ from torchmetrics.functional.classification import (
 )
 
 from ctplatform.config import TrainConfig
+from ctplatform.evaluation.aggregate import aggregate_by_volume
 from ctplatform.labels import CLASS_NAMES, NUM_CLASSES
-from ctplatform.model.aggregate import aggregate_by_volume
 from ctplatform.model.augment import AdvancedAugment, BasicAugment
 from ctplatform.model.classifier import build_classifier
 from ctplatform.model.losses import build_loss

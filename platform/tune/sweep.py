@@ -185,7 +185,7 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
 def export_best_bundle(checkpoint_dir: str, slice_dir: str, workspace: str) -> dict:
     """Evaluate the best epoch's checkpoint (a folder or a URI) and export it as `<workspace>/best` (bundle +
     report)."""
-    from ctplatform.train.evaluate import evaluate
+    from ctplatform.evaluation.evaluate import evaluate
 
     local = checkpoint_dir
     if is_uri(checkpoint_dir):

@@ -1,7 +1,10 @@
-"""Slice -> volume aggregation of probabilities (the original guide trains slices on their volume's labels).
+"""Model outputs -> probabilities -> volume probabilities: the platform's one sigmoid and slice -> volume
+aggregation (a slice head is trained on its volume's labels; its volume probability aggregates its slices').
 
 `mean` is robust to single-slice noise, `max` favours small focal findings (a nodule on 3 of 32 slices), `topk`
-(mean of the k highest) sits between them. The challenge scores volumes, so this choice matters.
+(mean of the k highest) sits between them. The challenge scores volumes, so this choice matters. Probabilities are
+aggregated, not logits. The predictor and the training validation both go through :func:`probabilities` and
+:func:`aggregate_slices`, so a checkpoint's validation metric and its bundle's evaluation see the same numbers.
 """
 
 from __future__ import annotations
@@ -9,6 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 AGGREGATIONS = ("mean", "max", "topk")
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Logits of any shape -> probabilities ``1 / (1 + exp(-x))`` in float64, without overflow for any finite x."""
+    x = np.asarray(logits, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -x))
 
 
 def aggregate_slices(slice_probs: np.ndarray, method: str = "mean", k: int = 3) -> np.ndarray:

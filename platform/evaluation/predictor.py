@@ -1,7 +1,7 @@
-"""Inference without training code: a bundle (or checkpoint) in, calibrated per-class probabilities out.
+"""The predictor: a bundle (or checkpoint) in, calibrated per-class probabilities and decisions out.
 
-Used by `predict`, `evaluate` and the HTTP service, so all three apply exactly the training preprocessing
-(`ctplatform.data.preprocess`), the same HU windows, aggregation and calibration.
+Used by `predict`, evaluation and the HTTP service, so all three apply exactly the training preprocessing
+(`ctplatform.data.preprocess`), the same HU windows, aggregation and calibration. No training code.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import numpy as np
 import torch
 
 from ctplatform.data.preprocess import PreprocessSettings, preprocess_volume, resize_slices
+from ctplatform.evaluation.aggregate import aggregate_slices, probabilities
+from ctplatform.evaluation.decision import decide
 from ctplatform.labels import CLASS_NAMES
-from ctplatform.model.aggregate import aggregate_slices
 from ctplatform.model.bundle import ModelSpec, load_bundle
 from ctplatform.model.windows import hu_to_input
-
-DECISION_THRESHOLD = 0.5  # the official operating point; calibration moves each class's best cut onto it
 
 
 @dataclass
@@ -32,7 +31,7 @@ class VolumePrediction:
 
     @property
     def decisions(self) -> np.ndarray:
-        return self.probabilities >= DECISION_THRESHOLD
+        return decide(self.probabilities)
 
     def key_slices(self, top: int = 3) -> dict[str, list[int]]:
         """Per class, the source slice positions that drove the prediction most (attention, else slice probability)."""
@@ -64,6 +63,9 @@ class VolumePrediction:
 
 
 class Predictor:
+    """Builds every prediction from a bundle: preprocessing -> logits -> sigmoid -> aggregation (or the
+    attention-MIL head's own pooling) -> calibration; decisions at p >= 0.5 on the calibrated probabilities."""
+
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: str | torch.device | None = None,
                  batch_size: int = 64):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -100,29 +102,45 @@ class Predictor:
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(CLASS_NAMES)), np.float32)
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """Raw probabilities (..., C) -> the bundle's calibrated ones (unchanged when it has no calibration)."""
         return self.spec.calibration.apply(probs) if self.spec.calibration is not None else probs
+
+    def volume_from_slice_logits(self, slice_logits: np.ndarray, positions: np.ndarray) -> VolumePrediction:
+        """(K, C) slice-head logits of one volume's slices -> VolumePrediction: sigmoid, the bundle's slice ->
+        volume aggregation, then its calibration. (The service computes the logits batched across requests.)"""
+        slice_probs = probabilities(slice_logits)
+        raw = aggregate_slices(slice_probs, self.spec.aggregation, self.spec.topk)
+        return VolumePrediction(
+            probabilities=self.calibrate(raw[None])[0],
+            raw_probabilities=raw,
+            slice_probabilities=slice_probs,
+            slice_positions=np.asarray(positions),
+        )
+
+    def slices_from_logits(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, C) logits of independent slices -> (raw, calibrated) (N, C) probabilities.
+
+        The calibration was fitted on volume probabilities; applied to single slices it is the best available map.
+        """
+        raw = probabilities(logits)
+        return raw, self.calibrate(raw)
 
     # ------------------------------------------------------------------ public
     def predict_prepared(self, slices: np.ndarray, positions: np.ndarray | None = None) -> VolumePrediction:
         """Prepared (K, S, S) int16 HU slices of one volume (as in the cache) -> VolumePrediction."""
         positions = np.arange(len(slices)) if positions is None else np.asarray(positions)
-        if self.is_mil:
-            with torch.inference_mode():
-                x = self._inputs(slices).unsqueeze(0)
-                logits, weights, slice_logits = self.model(x, return_details=True)
-            raw = torch.sigmoid(logits.float()).cpu().numpy()[0]
-            slice_probs = torch.sigmoid(slice_logits.float()).cpu().numpy()[0]
-            weights_np = weights.float().cpu().numpy()[0]
-        else:
-            slice_probs = 1.0 / (1.0 + np.exp(-self.slice_logits(slices)))
-            raw = aggregate_slices(slice_probs, self.spec.aggregation, self.spec.topk)
-            weights_np = None
+        if not self.is_mil:
+            return self.volume_from_slice_logits(self.slice_logits(slices), positions)
+        with torch.inference_mode():
+            x = self._inputs(slices).unsqueeze(0)
+            logits, weights, slice_logits = self.model(x, return_details=True)
+        raw = probabilities(logits.float().cpu().numpy()[0])
         return VolumePrediction(
             probabilities=self.calibrate(raw[None])[0],
             raw_probabilities=raw,
-            slice_probabilities=slice_probs,
+            slice_probabilities=probabilities(slice_logits.float().cpu().numpy()[0]),
             slice_positions=positions,
-            slice_weights=weights_np,
+            slice_weights=weights.float().cpu().numpy()[0],
         )
 
     def predict_volume(self, hu_volume: np.ndarray, notes: list[str] | None = None) -> VolumePrediction:
@@ -133,11 +151,7 @@ class Predictor:
         return prediction
 
     def predict_slices(self, hu_slices: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Independent 2-D HU slices of any size -> (raw (N, C), calibrated (N, C)) probabilities per slice.
-
-        The calibration was fitted on volume probabilities; applied to single slices it is the best available map.
-        """
+        """Independent 2-D HU slices of any size -> (raw (N, C), calibrated (N, C)) probabilities per slice."""
         size = self.settings.image_size
         resized = np.concatenate([resize_slices(np.asarray(s, np.float32)[None], size) for s in hu_slices])
-        raw = 1.0 / (1.0 + np.exp(-self.slice_logits(resized)))
-        return raw, self.calibrate(raw)
+        return self.slices_from_logits(self.slice_logits(resized))

@@ -1,9 +1,11 @@
-"""Evaluation report: the official metrics (DESIGN.md §4) of one run, as files a person or a program can read.
+"""Evaluation report: the official VLM3D Task 2 metrics of one run, as files a person or a program can read.
 
 :func:`write_report` writes into one folder:
 
-* ``metrics.json``: volume-level metrics of the reported probabilities (calibrated if given, else raw), the
-  ``"uncalibrated"`` metrics of the raw probabilities, and ``"slice_level"`` metrics if asked for;
+* ``metrics.json``: volume-level metrics of the reported probabilities (calibrated if given, else raw) with the
+  AUROC of the raw ones (a calibration never changes it), the ``"uncalibrated"`` metrics of the raw
+  probabilities, ``"held_out_calibration"`` (decisions of a calibration fitted without the case) and
+  ``"slice_level"`` metrics if asked for;
 * ``predictions.csv``: ``VolumeName`` + one probability column per exact class name;
 * ``results.json``: the same probabilities in the challenge's submission format;
 * ``per_class.csv`` / ``per_class.md``: one row per class, before and after calibration;
@@ -11,15 +13,13 @@
 * ``report.html``: self-contained (images embedded as base64 data URIs).
 
 Every file is written atomically (temp file in the same folder, then ``os.replace``), so a reader polling the
-folder never sees half a file. Plots use matplotlib's Agg canvas directly (no pyplot, so no global backend
-change and no display needed).
+folder never sees half a file.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -28,21 +28,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 from ctplatform.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
-from ctplatform.labels import CLASS_NAMES, VOLUME_COLUMN
-from ctplatform.metrics import (
-    DEFAULT_THRESHOLD,
-    METRIC_NAMES,
-    score_predictions,
-    write_results_json,
-)
+from ctplatform.evaluation.decision import DECISION_THRESHOLD
+from ctplatform.evaluation.metrics import METRIC_NAMES, score_predictions
+from ctplatform.evaluation.plots import curve_pngs
+from ctplatform.evaluation.results import write_predictions_csv, write_results_json
+from ctplatform.labels import CLASS_NAMES
 
 DEFAULT_TITLE = "CT-RATE multi-abnormality classification: evaluation report"
-PANEL_COLUMNS = 6  # 18 classes -> a 3 × 6 grid
 PER_CLASS_COLUMNS = (*METRIC_NAMES, "support", "n")
 
 
@@ -51,8 +45,9 @@ def _check_report_inputs(
     y_true: Any,
     probs_raw: Any,
     probs_calibrated: Any | None,
+    held_out: Any | None,
     class_names: Sequence[str],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     y_true = np.asarray(y_true)
     probs_raw = np.asarray(probs_raw, dtype=np.float64)
     expected = (len(volume_names), len(class_names))
@@ -65,9 +60,15 @@ def _check_report_inputs(
         probs_calibrated = np.asarray(probs_calibrated, dtype=np.float64)
         if probs_calibrated.shape != expected:
             raise ValueError(f"probs_calibrated must have shape {expected}, got {probs_calibrated.shape}")
+    if held_out is not None:
+        if probs_calibrated is None:
+            raise ValueError("held_out needs probs_calibrated: it estimates the calibrated decisions' metrics")
+        held_out = np.asarray(held_out, dtype=np.float64)
+        if held_out.shape != expected:
+            raise ValueError(f"held_out must have shape {expected}, got {held_out.shape}")
     if len(set(volume_names)) != len(volume_names):
         raise ValueError("volume_names contains duplicates")
-    return y_true, probs_raw, probs_calibrated
+    return y_true, probs_raw, probs_calibrated, held_out
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -77,8 +78,8 @@ def _per_class_table(metrics: dict[str, Any], uncalibrated: dict[str, Any] | Non
     for name, scores in metrics["per_class"].items():
         row: dict[str, Any] = {"class": name}
         row.update({column: scores[column] for column in PER_CLASS_COLUMNS})
-        if uncalibrated is not None:
-            for metric in METRIC_NAMES:
+        if uncalibrated is not None:  # AUROC is the model's either way: one column
+            for metric in METRIC_NAMES[1:]:
                 row[f"{metric}_uncalibrated"] = uncalibrated["per_class"][name][metric]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -119,88 +120,11 @@ def _macro_table(metrics: dict[str, Any], uncalibrated: dict[str, Any] | None) -
         )
     label = "calibrated" if uncalibrated is not None else "raw"
     rows.append({"probabilities": label, **metrics["macro"], "crg": metrics["crg"]["crg"]})
+    if "held_out_calibration" in metrics:
+        held_out = metrics["held_out_calibration"]
+        rows.append({"probabilities": "calibrated, held out (2-fold by patient)", **held_out["macro"],
+                     "crg": held_out["crg"]["crg"]})
     return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------------------------- plots
-def _grid_figure(num_panels: int) -> tuple[Figure, list[Any]]:
-    columns = min(PANEL_COLUMNS, max(num_panels, 1))
-    rows = math.ceil(num_panels / columns)
-    figure = Figure(figsize=(3.0 * columns, 2.9 * rows), dpi=80, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = [figure.add_subplot(rows, columns, index + 1) for index in range(num_panels)]
-    return figure, axes
-
-
-def _figure_png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _operating_point(truth: np.ndarray, probs: np.ndarray, threshold: float) -> tuple[float, float, float]:
-    """(false-positive rate, recall, precision) of the decision ``probs >= threshold``."""
-    decided = probs >= threshold
-    positives, negatives = truth.sum(), (1 - truth).sum()
-    tp = float(np.sum(decided & (truth == 1)))
-    fp = float(np.sum(decided & (truth == 0)))
-    fpr = fp / negatives if negatives else 0.0
-    recall = tp / positives if positives else 0.0
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    return fpr, recall, precision
-
-
-def _curve_pngs(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    probs_raw: np.ndarray | None,
-    class_names: Sequence[str],
-    metrics: dict[str, Any],
-    threshold: float,
-) -> tuple[bytes, bytes]:
-    """ROC and PR curves, one panel per class, with the operating point(s) at ``p >= threshold`` marked.
-
-    Calibration is monotone, so one curve serves both; the uncalibrated operating point (if given) shows how
-    far calibration moved the decision.
-    """
-    roc_figure, roc_axes = _grid_figure(len(class_names))
-    pr_figure, pr_axes = _grid_figure(len(class_names))
-    for index, name in enumerate(class_names):
-        truth, prob = y_true[:, index], probs[:, index]
-        roc_axis, pr_axis = roc_axes[index], pr_axes[index]
-        for axis in (roc_axis, pr_axis):
-            axis.set_title(name, fontsize=9)
-            axis.set_xlim(0, 1)
-            axis.set_ylim(0, 1.02)
-            axis.tick_params(labelsize=7)
-        if np.unique(truth).size < 2:
-            for axis in (roc_axis, pr_axis):
-                axis.text(0.5, 0.5, "one label value:\nskipped", ha="center", va="center", fontsize=8)
-            continue
-        fpr, tpr, _ = roc_curve(truth, prob)
-        roc_axis.plot(fpr, tpr, lw=1.2)
-        roc_axis.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
-        roc_axis.text(0.98, 0.03, f"AUROC {metrics['per_class'][name]['auroc']:.3f}", ha="right", fontsize=7)
-        precision, recall, _ = precision_recall_curve(truth, prob)
-        pr_axis.plot(recall, precision, lw=1.2)
-        pr_axis.axhline(truth.mean(), ls=":", color="grey", lw=0.8)
-        points = [(prob, "o", "C3", f"p≥{threshold:g}")]
-        if probs_raw is not None:
-            points.append((probs_raw[:, index], "x", "k", f"p≥{threshold:g} uncalibrated"))
-        for point_probs, marker, color, label in points:
-            op_fpr, op_recall, op_precision = _operating_point(truth, point_probs, threshold)
-            # clip_on=False: an operating point on the frame (nothing predicted positive) must stay visible.
-            style = {"marker": marker, "color": color, "ls": "none", "label": label, "clip_on": False}
-            roc_axis.plot([op_fpr], [op_recall], **style)
-            pr_axis.plot([op_recall], [op_precision], **style)
-        if index == 0:
-            roc_axis.legend(fontsize=6, loc="lower right", bbox_to_anchor=(1.0, 0.1))
-            pr_axis.legend(fontsize=6, loc="upper right")
-    for figure, x_label, y_label in ((roc_figure, "false-positive rate", "recall"),
-                                     (pr_figure, "recall", "precision")):
-        figure.supxlabel(x_label, fontsize=9)
-        figure.supylabel(y_label, fontsize=9)
-    return _figure_png(roc_figure), _figure_png(pr_figure)
 
 
 # --------------------------------------------------------------------------------------------- html
@@ -232,11 +156,15 @@ def _report_html(
         f"<p>{metrics['n_exams']} exams, decisions at p ≥ {metrics['threshold']:g}; probabilities "
         f"{'calibrated per class on validation' if calibrated else 'raw (no calibration)'}. "
         "Scored as VLM3D Task 2: per-class AUROC (one-valued classes skipped), precision/recall/F1/accuracy "
-        "at the threshold, macro = plain mean, CRG on the same decisions.</p>",
+        "at the threshold, macro = plain mean, CRG on the same decisions. AUROC is the model's: calibration "
+        "is monotone and leaves it unchanged.</p>",
         "<h2>Macro</h2>",
         _html_table(macro),
         f"<p>CRG counts: TP {crg['tp']}, FN {crg['fn']}, FP {crg['fp']}, X {crg['X']}, A {crg['A']}.</p>",
     ]
+    if "held_out_calibration" in metrics:
+        parts.append("<p>The calibration was fitted on these cases, which flatters the decision metrics; the held-out "
+                     "row scores each half of the patients calibrated by a fit on the other half.</p>")
     if "slice_level" in metrics:
         slice_metrics = metrics["slice_level"]
         slice_macro = pd.DataFrame([{**slice_metrics["macro"], "crg": slice_metrics["crg"]["crg"]}])
@@ -264,18 +192,21 @@ def write_report(
     class_names: Sequence[str] = CLASS_NAMES,
     slice_level: dict[str, Any] | None = None,
     title: str = DEFAULT_TITLE,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float = DECISION_THRESHOLD,
+    held_out: Any | None = None,
 ) -> dict[str, Any]:
     """Score and write the evaluation report into ``out_dir``; returns the metrics in ``metrics.json``.
 
     ``y_true``, ``probs_raw`` and ``probs_calibrated`` are (N, C) in ``class_names`` order, one row per
-    ``volume_names`` entry. The reported probabilities (metrics, predictions.csv, results.json, curves) are
-    the calibrated ones if given, else the raw ones. ``slice_level={"y_true": (M, C), "probs": (M, C)}`` adds
-    slice-level metrics under ``"slice_level"``, for diagnosis only: the challenge scores volumes.
+    ``volume_names`` entry. The reported probabilities (decision metrics, predictions.csv, results.json) are
+    the calibrated ones if given, else the raw ones; AUROC and the curves are always the raw ones'. ``held_out``
+    (N, C), calibrated probabilities where no case's calibration was fitted on it, adds the held-out estimate of
+    the decision metrics under ``"held_out_calibration"``. ``slice_level={"y_true": (M, C), "probs": (M, C)}``
+    adds slice-level metrics under ``"slice_level"``, for diagnosis only: the challenge scores volumes.
     """
     volume_names = [str(name) for name in volume_names]
-    y_true, probs_raw, probs_calibrated = _check_report_inputs(
-        volume_names, y_true, probs_raw, probs_calibrated, class_names
+    y_true, probs_raw, probs_calibrated, held_out = _check_report_inputs(
+        volume_names, y_true, probs_raw, probs_calibrated, held_out, class_names
     )
     calibrated = probs_calibrated is not None
     probs = probs_calibrated if calibrated else probs_raw
@@ -284,11 +215,15 @@ def write_report(
 
     uncalibrated = score_predictions(y_true, probs_raw, class_names=class_names, threshold=threshold)
     metrics = (
-        score_predictions(y_true, probs, class_names=class_names, threshold=threshold) if calibrated
-        else dict(uncalibrated)
+        score_predictions(y_true, probs, class_names=class_names, threshold=threshold, ranking=probs_raw)
+        if calibrated else dict(uncalibrated)
     )
     metrics["calibrated"] = calibrated
     metrics["uncalibrated"] = uncalibrated
+    if held_out is not None:
+        metrics["held_out_calibration"] = score_predictions(
+            y_true, held_out, class_names=class_names, threshold=threshold, ranking=probs_raw
+        )
     if slice_level is not None:
         if "y_true" not in slice_level or "probs" not in slice_level:
             raise ValueError("slice_level must be a dict with 'y_true' and 'probs' arrays")
@@ -297,9 +232,7 @@ def write_report(
         )
     write_json_atomic(out_dir / "metrics.json", metrics)
 
-    predictions = pd.DataFrame(probs, columns=list(class_names))
-    predictions.insert(0, VOLUME_COLUMN, volume_names)
-    write_text_atomic(out_dir / "predictions.csv", predictions.to_csv(index=False))
+    write_predictions_csv(out_dir / "predictions.csv", volume_names, probs, class_names)
     write_results_json(out_dir / "results.json", volume_names, probs, class_names)
 
     per_class = _per_class_table(metrics, uncalibrated if calibrated else None)
@@ -311,9 +244,7 @@ def write_report(
     )
     write_text_atomic(out_dir / "per_class.md", markdown)
 
-    roc_png, pr_png = _curve_pngs(
-        y_true, probs, probs_raw if calibrated else None, class_names, metrics, threshold
-    )
+    roc_png, pr_png = curve_pngs(y_true, probs_raw, probs_calibrated, class_names, metrics, threshold)
     write_bytes_atomic(out_dir / "roc_curves.png", roc_png)
     write_bytes_atomic(out_dir / "pr_curves.png", pr_png)
     write_text_atomic(
