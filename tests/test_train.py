@@ -1,4 +1,5 @@
-"""The Lightning loop without Ray: guide callbacks and files, progressive unfreezing, validation metrics."""
+"""The Lightning loop without Ray: callbacks and checkpoint files, progressive unfreezing, heads, validation metrics,
+loading older checkpoints."""
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def test_progressive_unfreeze_flips_requires_grad_at_the_epoch(tiny_cache, tmp_p
 
 
 @pytest.mark.slow
-def test_guide_checkpoints_logs_and_volume_metrics(tiny_cache, tmp_path):
+def test_checkpoint_files_logs_and_volume_metrics(tiny_cache, tmp_path):
     cfg = tiny_config(tiny_cache, epochs=2, loss_type="bce", use_advanced_aug=True, limit_train_batches=3)
     datamodule = CTDataModule(cfg.slice_dir, cfg.batch_size, 0)
     module = CTClassifierModule(cfg.to_dict(), pos_weight=[2.0] * 18)
@@ -56,8 +57,8 @@ def test_guide_checkpoints_logs_and_volume_metrics(tiny_cache, tmp_path):
     trainer.fit(module, datamodule=datamodule)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert "last.ckpt" in names
-    guide = [n for n in names if n.startswith("multi_abnormality-epoch=")]
-    assert len(guide) == 2 and all("-val_loss=" in n and n.endswith(".ckpt") for n in guide)
+    per_epoch = [n for n in names if n.startswith("multi_abnormality-epoch=")]
+    assert len(per_epoch) == 2 and all("-val_loss=" in n and n.endswith(".ckpt") for n in per_epoch)
     assert (tmp_path / "logs" / "multi_abnormality_classification" / "version_0").is_dir()
     for key in ("val_loss", "val/volume_auroc", "val/slice_auroc", "val/volume_ap", "val/volume_f1", "lr-AdamW",
                 "val/volume_f1/Cardiomegaly"):  # per class too (AUROC/AP where the class has both labels)
