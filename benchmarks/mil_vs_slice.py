@@ -204,7 +204,7 @@ def train_on_slice_labels(cfg: TrainConfig, data: BenchData, device: str = "cpu"
             batch_on_device = (hu[batch].to(device), y[batch].to(device), None, None)
             x, target, _, _ = module.on_after_batch_transfer(batch_on_device, 0)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.use_mixed_precision):
-                logits = module.model(module.basic_augment(x))
+                logits = module.model(module.head.basic_augment(x))
             loss = module.loss(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,4 +1,5 @@
-"""Losses against independent references: torchvision's focal loss, a float64 ASL from the paper, torch's BCE."""
+"""Losses against independent references: float64 focal and ASL formulas from the papers, torchvision's focal loss,
+torch's BCE."""
 
 from __future__ import annotations
 
@@ -31,6 +32,31 @@ def test_focal_matches_torchvision(alpha: float, gamma: float, soft: bool) -> No
     ours = FocalLoss(alpha=alpha, gamma=gamma)(logits, targets)
     reference = torchvision.ops.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="mean")
     assert ours.item() == pytest.approx(reference.item(), abs=1e-6, rel=1e-6)
+
+
+def focal_reference(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> float:
+    """Lin et al. 2017 eq. 5 for (soft) targets in float64 NumPy, elementwise, then the mean over elements."""
+    x = logits.double().numpy()
+    t = targets.double().numpy()
+    p = 1.0 / (1.0 + np.exp(-x))
+    ce = -(t * np.log(p) + (1.0 - t) * np.log1p(-p))
+    p_t = p * t + (1.0 - p) * (1.0 - t)
+    alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t) if alpha >= 0 else 1.0
+    return float(np.mean(alpha_t * (1.0 - p_t) ** gamma * ce))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize(("alpha", "gamma"), [(0.85, 4.0), (0.25, 2.0), (0.5, 0.0), (-1.0, 1.5)])
+def test_focal_matches_float64_paper_formula(alpha: float, gamma: float, soft: bool) -> None:
+    logits, targets = random_batch(seed=int(gamma * 10) + soft, soft=soft)
+    ours = FocalLoss(alpha=alpha, gamma=gamma)(logits, targets)
+    assert ours.item() == pytest.approx(focal_reference(logits, targets, alpha, gamma), rel=1e-5, abs=1e-7)
+
+
+def test_focal_defaults_are_alpha_085_gamma_4() -> None:
+    assert (FocalLoss().alpha, FocalLoss().gamma) == (0.85, 4.0)
+    built = build_loss("focal")
+    assert isinstance(built, FocalLoss) and (built.alpha, built.gamma) == (0.85, 4.0)
 
 
 def asl_reference(logits: torch.Tensor, targets: torch.Tensor, gamma_neg, gamma_pos, clip, eps=1e-8) -> float:

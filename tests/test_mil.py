@@ -220,11 +220,10 @@ def test_frozen_encoder_trains_on_cached_features(tiny_cache, tmp_path):
 
 
 def test_config_and_cli_flags():
-    from ctplatform.cli import build_parser, config_from_args
+    from ctplatform.cli import parse_settings
 
-    args = build_parser().parse_args(["train", "--head", "attention-mil", "--mil-pooling", "shared", "--mil-slices",
-                                      "12", "--mil-grad-checkpoint", "--mil-frozen-encoder", "--mil-hidden", "64"])
-    cfg = config_from_args(args, "train")
+    cfg = parse_settings(["train", "--head", "attention-mil", "--mil-pooling", "shared", "--mil-slices", "12",
+                          "--mil-grad-checkpoint", "--mil-frozen-encoder", "--mil-hidden", "64"])
     assert (cfg.head, cfg.mil_pooling, cfg.mil_slices, cfg.mil_hidden) == ("attention-mil", "shared", 12, 64)
     assert cfg.mil_grad_checkpoint and cfg.mil_frozen_encoder
     assert TrainConfig().head == "slice"  # the slice head stays the default

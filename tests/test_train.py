@@ -1,4 +1,5 @@
-"""The Lightning loop without Ray: guide callbacks and files, progressive unfreezing, validation metrics."""
+"""The Lightning loop without Ray: callbacks and checkpoint files, progressive unfreezing, heads, validation metrics,
+loading older checkpoints."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import torch
 from ctplatform.config import TrainConfig
 from ctplatform.train.datamodule import CTDataModule
 from ctplatform.train.lightning_import import pl
-from ctplatform.train.module import CTClassifierModule, multilabel_scores
+from ctplatform.train.module import CTClassifierModule
+from ctplatform.train.stage_metrics import multilabel_scores
 from ctplatform.train.trainer import build_trainer
 
 
@@ -47,7 +49,7 @@ def test_progressive_unfreeze_flips_requires_grad_at_the_epoch(tiny_cache, tmp_p
 
 
 @pytest.mark.slow
-def test_guide_checkpoints_logs_and_volume_metrics(tiny_cache, tmp_path):
+def test_checkpoint_files_logs_and_volume_metrics(tiny_cache, tmp_path):
     cfg = tiny_config(tiny_cache, epochs=2, loss_type="bce", use_advanced_aug=True, limit_train_batches=3)
     datamodule = CTDataModule(cfg.slice_dir, cfg.batch_size, 0)
     module = CTClassifierModule(cfg.to_dict(), pos_weight=[2.0] * 18)
@@ -55,8 +57,8 @@ def test_guide_checkpoints_logs_and_volume_metrics(tiny_cache, tmp_path):
     trainer.fit(module, datamodule=datamodule)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert "last.ckpt" in names
-    guide = [n for n in names if n.startswith("multi_abnormality-epoch=")]
-    assert len(guide) == 2 and all("-val_loss=" in n and n.endswith(".ckpt") for n in guide)
+    per_epoch = [n for n in names if n.startswith("multi_abnormality-epoch=")]
+    assert len(per_epoch) == 2 and all("-val_loss=" in n and n.endswith(".ckpt") for n in per_epoch)
     assert (tmp_path / "logs" / "multi_abnormality_classification" / "version_0").is_dir()
     for key in ("val_loss", "val/volume_auroc", "val/slice_auroc", "val/volume_ap", "val/volume_f1", "lr-AdamW",
                 "val/volume_f1/Cardiomegaly"):  # per class too (AUROC/AP where the class has both labels)
@@ -179,3 +181,142 @@ def test_run_name_ignores_what_does_not_change_training():
         assert stable_run_name(base.replace(**change)) == name, change
     for change in ({"learning_rate": 3e-4}, {"weights": "imagenet"}, {"slice_dir": "/other"}, {"seed": 1}):
         assert stable_run_name(base.replace(**change)) != name, change
+
+
+class KeepVolumeProbabilities(pl.Callback):
+    """The validation metric's volume probabilities of the last epoch (callbacks run before the module's epoch-end
+    hook, which scores and resets the metric)."""
+
+    def on_validation_epoch_end(self, trainer, module):
+        self.volumes, self.probs, self.targets = module.val_metrics["scores"].volume_probabilities()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("head", "aggregation"), [("slice", "topk"), ("slice", "mean"), ("attention-mil", "max")])
+def test_validation_scores_the_probabilities_the_checkpoint_predicts(tiny_cache, tmp_path, head, aggregation):
+    """Validation aggregates the sigmoid probabilities of all of a volume's cached slices as prediction does (the
+    attention head: one volume logit), so the logged volume AUROC is the official scoring of what the checkpoint
+    predicts."""
+    from ctplatform.evaluation.evaluate import predict_split
+    from ctplatform.evaluation.metrics import score_predictions
+    from ctplatform.evaluation.predictor import Predictor
+    from ctplatform.train.datamodule import build_datamodule
+
+    cfg = tiny_config(tiny_cache, epochs=1, head=head, aggregation=aggregation, model="resnet50", loss_type="bce",
+                      limit_train_batches=2)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    module = CTClassifierModule(cfg.to_dict(), preprocess=datamodule.index.settings.to_dict())
+    kept = KeepVolumeProbabilities()
+    trainer = build_trainer(cfg, tmp_path, extra_callbacks=[kept], enable_progress_bar=False, accelerator="cpu")
+    trainer.fit(module, datamodule=datamodule)
+    split = predict_split(Predictor.from_path(tmp_path / "checkpoints" / "last.ckpt", device="cpu"), tiny_cache)
+    assert split["probs"].std(axis=0).max() > 1e-4, "the model's outputs are constant: nothing to compare"
+    np.testing.assert_array_equal(kept.volumes, datamodule.index.split_volumes("valid"))
+    np.testing.assert_allclose(kept.probs, split["probs"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(kept.targets, split["y_true"])
+    official = score_predictions(split["y_true"], split["probs"])
+    assert float(trainer.callback_metrics["val/volume_auroc"]) == pytest.approx(official["macro"]["auroc"], abs=1e-6)
+    for name, scores in official["per_class"].items():
+        assert float(trainer.callback_metrics[f"val/volume_f1/{name}"]) == pytest.approx(scores["f1"], abs=1e-6)
+        if scores["auroc"] is not None:
+            assert float(trainer.callback_metrics[f"val/volume_auroc/{name}"]) == pytest.approx(scores["auroc"],
+                                                                                              abs=1e-6)
+
+
+# sha256 (first 16 hex digits) of the sorted "key:shape:dtype" lines of CTClassifierModule.state_dict(), recorded
+# from the module as it was before the heads (ctplatform.train.heads) and the stage metrics: checkpoints written
+# then must keep loading.
+OLD_CHECKPOINT_LAYOUTS = {
+    "slice-bce-cbam-multiscale": (dict(loss_type="bce", use_attention="cbam", use_multiscale=True), [2.0] * 18,
+                                  "77a7c10ab97fec26"),
+    "slice-focal-se": (dict(use_attention="se"), None, "3aa6002a3a452f03"),
+    "mil-per-class-asl": (dict(head="attention-mil", loss_type="asl"), None, "68e507bc3f1b2f82"),
+    "mil-shared-frozen-bce": (dict(head="attention-mil", mil_pooling="shared", mil_frozen_encoder=True,
+                                   loss_type="bce"), [1.0] * 18, "8ffcf551ce16d32c"),
+}
+
+
+def state_layout(state: dict) -> str:
+    import hashlib
+
+    lines = "\n".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in sorted(state.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def old_module_state(cfg: TrainConfig, pos_weight: list[float] | None) -> dict:
+    """A state dict laid out as the old module saved it (the plain model under `model.`, BCE weights under `loss.`)
+    with seeded random values."""
+    from ctplatform.model.classifier import build_classifier
+    from ctplatform.model.mil import build_mil_model
+
+    common = dict(use_attention=cfg.use_attention, use_multiscale=cfg.use_multiscale)
+    model = (build_mil_model(cfg.model, mil_pooling=cfg.mil_pooling, mil_hidden=cfg.mil_hidden, **common)
+             if cfg.head == "attention-mil" else build_classifier(cfg.model, **common))
+    generator = torch.Generator().manual_seed(0)
+    state = {f"model.{k}": torch.randn(v.shape, generator=generator) if v.is_floating_point() else v + 7
+             for k, v in model.state_dict().items()}
+    if pos_weight is not None:
+        state["loss.pos_weight"] = torch.tensor(pos_weight)
+    return state
+
+
+@pytest.mark.parametrize("case", sorted(OLD_CHECKPOINT_LAYOUTS))
+def test_checkpoints_written_before_the_heads_still_load(case, tmp_path):
+    changes, pos_weight, layout = OLD_CHECKPOINT_LAYOUTS[case]
+    cfg = TrainConfig(model="efficientnet_b0", **changes).validate()
+    old_state = old_module_state(cfg, pos_weight)
+    assert state_layout(old_state) == layout  # the fixture is what the old module saved
+    module = CTClassifierModule(cfg.to_dict(), pos_weight=pos_weight)
+    assert state_layout(module.state_dict()) == layout  # no metric state or head object in the checkpoint
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": old_state, "pytorch-lightning_version": pl.__version__, "epoch": 3,
+                "hyper_parameters": {"config": cfg.to_dict(), "pos_weight": pos_weight, "preprocess": None}}, path)
+    loaded = CTClassifierModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    new_state = loaded.state_dict()
+    assert new_state.keys() == old_state.keys()
+    for key, value in old_state.items():
+        assert torch.equal(new_state[key], value), key
+
+
+def test_heads_are_chosen_by_name():
+    from ctplatform.config import HEADS as CONFIG_HEADS
+    from ctplatform.model.classifier import SliceClassifier
+    from ctplatform.model.mil import AttentionMILClassifier
+    from ctplatform.train.heads import HEADS, AttentionMILHead, SliceHead, build_head
+
+    assert tuple(HEADS) == CONFIG_HEADS  # every --head choice has a head, and no other
+    slice_head = build_head(TrainConfig(model="efficientnet_b0"))
+    mil_head = build_head(TrainConfig(model="efficientnet_b0", head="attention-mil"))
+    assert isinstance(slice_head, SliceHead) and isinstance(slice_head.build_model(), SliceClassifier)
+    assert isinstance(mil_head, AttentionMILHead) and isinstance(mil_head.build_model(), AttentionMILClassifier)
+    assert not mil_head.encoder_fixed
+    assert build_head(TrainConfig(head="attention-mil", mil_frozen_encoder=True)).encoder_fixed
+    with pytest.raises(ValueError, match="unknown head 'transformer': choose one of slice, attention-mil"):
+        build_head(TrainConfig(head="transformer"))
+
+
+def test_validation_scores_drop_padding_duplicates_and_aggregate_slices():
+    """Items seen twice (DistributedSampler pads ranks with repeats) count once; slices aggregate per volume with
+    the configured aggregation; F1 decides at p >= 0.5."""
+    from ctplatform.evaluation.aggregate import aggregate_slices
+    from ctplatform.train.stage_metrics import ValidationScores
+
+    probs = torch.tensor([[0.2, 0.4], [0.6, 0.1], [0.5, 0.3], [0.1, 0.8], [0.3, 0.2]])
+    targets = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    volumes, items = torch.tensor([5, 5, 5, 2, 2]), torch.arange(5)
+    metric = ValidationScores("max", slice_level=True, class_names=["a", "b"])
+    metric.update(probs[:3], targets[:3], volumes[:3], items[:3])
+    metric.update(probs[2:], targets[2:], volumes[2:], items[2:])  # item 2 again
+    ids, volume_probs, volume_targets = metric.volume_probabilities()
+    assert ids.tolist() == [2, 5]
+    np.testing.assert_allclose(volume_probs, [aggregate_slices(probs[3:].numpy(), "max"),
+                                              aggregate_slices(probs[:3].numpy(), "max")])
+    np.testing.assert_array_equal(volume_targets, [[0, 1], [1, 0]])
+    scores = metric.compute()
+    assert scores["volume_auroc"] == pytest.approx(1.0) and scores["volume_f1/a"] == pytest.approx(1.0)
+    assert scores["slice_f1"] == pytest.approx(np.mean([4 / 5, 2 / 3]))  # p = 0.5 is a positive decision
+    with pytest.raises(ValueError, match="more than one item"):
+        volume_metric = ValidationScores(None)
+        volume_metric.update(probs[:2], targets[:2], volumes[:2], items[:2])
+        volume_metric.volume_probabilities()

@@ -42,7 +42,7 @@ def test_two_ddp_workers_match_one_worker(local_ray, tiny_cache, tmp_path):
 
     from ctplatform.evaluation.evaluate import predict_split
     from ctplatform.evaluation.predictor import Predictor
-    from ctplatform.train.module import multilabel_scores
+    from ctplatform.train.stage_metrics import multilabel_scores
 
     split = predict_split(Predictor.from_path(two.best_checkpoint, device="cpu"), tiny_cache)
     assert split["probs"].std(axis=0).max() > 1e-4, "the model's outputs are constant: nothing to compare"

@@ -132,7 +132,7 @@ def build_classifier(
     num_classes: int = NUM_CLASSES,
     dropout: float = 0.2,
 ) -> SliceClassifier:
-    """Build a :class:`SliceClassifier` from the guide's flags (`--model`, `--use-attention`, `--use-multiscale`).
+    """Build a :class:`SliceClassifier` from the `--model`, `--use-attention` and `--use-multiscale` flags.
 
     ``weights`` initialises the backbone only (see :func:`~ctplatform.model.backbones.build_backbone`).
     """

@@ -143,10 +143,6 @@ class AttentionMILClassifier(nn.Module):
     def backbone_parameters(self) -> list[nn.Parameter]:
         return self.encoder.backbone_parameters()
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        backbone_ids = {id(p) for p in self.encoder.backbone.parameters()}
-        return [p for p in self.parameters() if id(p) not in backbone_ids]
-
     @property
     def backbone_frozen(self) -> bool:
         return self.encoder.backbone_frozen

@@ -32,8 +32,6 @@ class BackboneFreezeUnfreeze(pl.callbacks.BaseFinetuning):
             scheduler = config.scheduler
             if isinstance(scheduler, ReduceLROnPlateau) and len(scheduler.min_lrs) < len(optimizer.param_groups):
                 scheduler.min_lrs.append(scheduler.min_lrs[-1])
-        if hasattr(pl_module, "log_unfreeze"):
-            pl_module.log_unfreeze(current_epoch)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         # Resumed past the unfreeze epoch: BaseFinetuning.on_fit_start restored the backbone's param group, but

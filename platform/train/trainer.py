@@ -1,4 +1,4 @@
-"""The Lightning Trainer with the guide's callbacks (no Ray here; the Ray launcher adds its strategy and callback).
+"""The Lightning Trainer and its callbacks (no Ray here; the Ray launcher adds its strategy and callback).
 
 Checkpoints: `multi_abnormality-epoch={epoch:02d}-val_loss={val_loss:.3f}.ckpt`, top 3 by val_loss plus
 `last.ckpt`; early stopping on val_loss; learning rate logged per epoch; TensorBoard under
@@ -13,6 +13,7 @@ import torch
 
 from ctplatform.config import TrainConfig
 from ctplatform.train.finetune import BackboneFreezeUnfreeze
+from ctplatform.train.heads import build_head
 from ctplatform.train.lightning_import import pl
 
 CHECKPOINT_FILENAME = "multi_abnormality-epoch={epoch:02d}-val_loss={val_loss:.3f}"
@@ -67,8 +68,8 @@ def build_callbacks(cfg: TrainConfig, run_dir: str | Path) -> list:
         pl.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience),
         pl.callbacks.LearningRateMonitor(logging_interval="epoch"),
     ]
-    frozen_encoder = cfg.head == "attention-mil" and cfg.mil_frozen_encoder  # fixed already (cached features)
-    if (cfg.freeze_backbone or cfg.progressive_unfreeze) and not frozen_encoder:
+    # a head whose encoder is fixed (cached features) has no backbone to freeze or unfreeze
+    if (cfg.freeze_backbone or cfg.progressive_unfreeze) and not build_head(cfg).encoder_fixed:
         callbacks.append(BackboneFreezeUnfreeze(cfg.unfreeze_epoch if cfg.progressive_unfreeze else None))
     return callbacks
 
