@@ -53,7 +53,7 @@ def _device(cfg) -> str | None:
 
 
 def cmd_predict(cfg) -> int:
-    from ctplatform.predict import format_table, predict_files
+    from ctplatform.evaluation.predict_files import format_table, predict_files
 
     if not cfg.checkpoint:
         raise ValueError("predict needs --checkpoint (a bundle folder or a checkpoint)")

@@ -65,7 +65,7 @@ def test_predict_reads_ct_rate_files_as_prepare_cached_them(tiny_dataset, tiny_c
     only in the metadata CSV; `_fixed`: int16 with the rescale in the header), gives what the same model gives on
     the slices `prepare` cached from them (read with the metadata CSV), with and without that CSV."""
     from ctplatform.data.datasets import load_cache_index
-    from ctplatform.predict import predict_files
+    from ctplatform.evaluation.predict_files import predict_files
 
     index = load_cache_index(tiny_cache)
     torch.manual_seed(0)

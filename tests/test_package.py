@@ -24,3 +24,14 @@ def test_console_script_help():
     exe = Path(sys.executable).with_name("ctplatform")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert "prepare" in out.stdout and "demo-data" in out.stdout
+
+
+def test_every_subpackage_is_in_the_installed_package_list():
+    """pyproject.toml names its packages (platform/ is mapped to ctplatform): a subpackage missing there would be
+    absent from a wheel although the editable install finds it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"ctplatform"} | {"ctplatform." + ".".join(p.parent.relative_to(ROOT / "platform").parts)
+                              for p in (ROOT / "platform").rglob("__init__.py")}
+    assert listed == found
