@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-LOSSES: tuple[str, ...] = ("focal", "bce", "asl")
+from ctplatform.config.loss import LOSSES
 
 POS_WEIGHT_MIN = 1.0
 POS_WEIGHT_MAX = 100.0
