@@ -143,9 +143,9 @@ def test_attention_mil_trains_exports_a_bundle_and_predicts_with_attention(local
     import numpy as np
 
     from ctplatform.evaluation.evaluate import evaluate
+    from ctplatform.evaluation.predict_files import predict_files
     from ctplatform.model.bundle import load_bundle
     from ctplatform.model.mil import AttentionMILClassifier
-    from ctplatform.evaluation.predict_files import predict_files
 
     # 16 slices per step: bags of 8 cached slices -> 2 volumes per batch
     outcome = run_training(config(tiny_cache, tmp_path, head="attention-mil", mil_pooling="shared", epochs=1,
