@@ -114,6 +114,17 @@ def read_results_json(
     return names, _check_probability_table(names, probs, class_names)
 
 
+def _read_class_table(path: str | os.PathLike, class_names: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """A CSV with ``VolumeName`` and a column per class name (any order, other columns allowed), and its names."""
+    table = pd.read_csv(path)
+    if VOLUME_COLUMN not in table.columns:
+        raise ValueError(f"{path}: no {VOLUME_COLUMN!r} column (columns: {list(table.columns)})")
+    missing = [cls for cls in class_names if cls not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing class column {missing[0]!r} (missing: {missing})")
+    return table, [str(name) for name in table[VOLUME_COLUMN]]
+
+
 def read_predictions_csv(
     path: str | os.PathLike, class_names: Sequence[str] = CLASS_NAMES
 ) -> tuple[list[str], np.ndarray]:
@@ -122,13 +133,7 @@ def read_predictions_csv(
     Columns are aligned by name, never by position; other columns are ignored. Returns (names as written,
     probs (N, C) in ``class_names`` order). A missing class column is an error naming the class.
     """
-    table = pd.read_csv(path)
-    if VOLUME_COLUMN not in table.columns:
-        raise ValueError(f"{path}: no {VOLUME_COLUMN!r} column (columns: {list(table.columns)})")
-    missing = [cls for cls in class_names if cls not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: missing class column {missing[0]!r} (missing: {missing})")
-    names = [str(name) for name in table[VOLUME_COLUMN]]
+    table, names = _read_class_table(path, class_names)
     _check_unique(names, str(path))
     try:
         probs = table[list(class_names)].to_numpy(dtype=np.float64)
@@ -141,13 +146,7 @@ def read_labels_table(
     path: str | os.PathLike, class_names: Sequence[str] = CLASS_NAMES
 ) -> tuple[list[str], np.ndarray]:
     """Labels CSV -> (VolumeNames, y_true (N, C) of 0/1 in ``class_names`` order), aligned by column name."""
-    table = pd.read_csv(path)
-    if VOLUME_COLUMN not in table.columns:
-        raise ValueError(f"{path}: no {VOLUME_COLUMN!r} column (columns: {list(table.columns)})")
-    missing = [cls for cls in class_names if cls not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: missing class column {missing[0]!r} (missing: {missing})")
-    names = [str(name) for name in table[VOLUME_COLUMN]]
+    table, names = _read_class_table(path, class_names)
     labels = table[list(class_names)]
     if labels.isna().to_numpy().any():
         row = int(np.nonzero(labels.isna().to_numpy().any(axis=1))[0][0])
