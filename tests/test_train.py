@@ -171,14 +171,17 @@ def test_mixed_precision_is_bf16_where_the_device_supports_it_else_fp16(monkeypa
 def test_run_name_ignores_what_does_not_change_training():
     """Rerunning a command resumes its run only if the stable name ignores settings that do not change training:
     prediction and evaluation options, epochs (more epochs continue a run), where it is stored."""
+    from ctplatform.cli import parse_settings
+    from ctplatform.config.options import project
     from ctplatform.train.ray_launcher import stable_run_name
 
     base = TrainConfig(slice_dir="/cache", model="efficientnet_b0")
     name = stable_run_name(base)
-    for change in ({"predict_metadata": "meta.csv", "predict_input": ["a.nii.gz"], "predict_type": "volumes"},
-                   {"epochs": 50, "mode": "evaluate", "report_dir": "r", "output": "o.csv"},
-                   {"storage_path": "/elsewhere", "num_workers": 8, "gpu_device": 1}):
-        assert stable_run_name(base.replace(**change)) == name, change
+    for extra in (["--predict-metadata", "meta.csv", "--predict-input", "a.nii.gz", "--predict-type", "volumes"],
+                  ["--epochs", "50", "--mode", "evaluate", "--report-dir", "r", "--output", "o.csv"],
+                  ["--storage-path", "/elsewhere", "--num-workers", "8", "--gpu-device", "1"]):
+        settings = parse_settings(["run", "--slice-dir", "/cache", "--model", "efficientnet_b0", *extra])
+        assert stable_run_name(project(settings, TrainConfig)) == name, extra
     for change in ({"learning_rate": 3e-4}, {"weights": "imagenet"}, {"slice_dir": "/other"}, {"seed": 1}):
         assert stable_run_name(base.replace(**change)) != name, change
 
