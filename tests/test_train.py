@@ -283,7 +283,7 @@ def test_checkpoints_written_before_the_heads_still_load(case, tmp_path):
 
 
 def test_heads_are_chosen_by_name():
-    from ctplatform.config import HEADS as CONFIG_HEADS
+    from ctplatform.config.model import HEADS as CONFIG_HEADS
     from ctplatform.model.classifier import SliceClassifier
     from ctplatform.model.mil import AttentionMILClassifier
     from ctplatform.train.heads import HEADS, AttentionMILHead, SliceHead, build_head
@@ -306,20 +306,21 @@ def test_validation_scores_drop_padding_duplicates_and_aggregate_slices():
     from ctplatform.train.stage_metrics import ValidationScores
 
     probs = torch.tensor([[0.2, 0.4], [0.6, 0.1], [0.5, 0.3], [0.1, 0.8], [0.3, 0.2]])
+    logits = torch.logit(probs)  # the metric takes the model's logits
     targets = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     volumes, items = torch.tensor([5, 5, 5, 2, 2]), torch.arange(5)
     metric = ValidationScores("max", slice_level=True, class_names=["a", "b"])
-    metric.update(probs[:3], targets[:3], volumes[:3], items[:3])
-    metric.update(probs[2:], targets[2:], volumes[2:], items[2:])  # item 2 again
+    metric.update(logits[:3], targets[:3], volumes[:3], items[:3])
+    metric.update(logits[2:], targets[2:], volumes[2:], items[2:])  # item 2 again
     ids, volume_probs, volume_targets = metric.volume_probabilities()
     assert ids.tolist() == [2, 5]
     np.testing.assert_allclose(volume_probs, [aggregate_slices(probs[3:].numpy(), "max"),
-                                              aggregate_slices(probs[:3].numpy(), "max")])
+                                              aggregate_slices(probs[:3].numpy(), "max")], rtol=1e-6)
     np.testing.assert_array_equal(volume_targets, [[0, 1], [1, 0]])
     scores = metric.compute()
     assert scores["volume_auroc"] == pytest.approx(1.0) and scores["volume_f1/a"] == pytest.approx(1.0)
     assert scores["slice_f1"] == pytest.approx(np.mean([4 / 5, 2 / 3]))  # p = 0.5 is a positive decision
     with pytest.raises(ValueError, match="more than one item"):
         volume_metric = ValidationScores(None)
-        volume_metric.update(probs[:2], targets[:2], volumes[:2], items[:2])
+        volume_metric.update(logits[:2], targets[:2], volumes[:2], items[:2])
         volume_metric.volume_probabilities()
