@@ -4,9 +4,50 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import contextlib
+import signal
+import time
 from pathlib import Path
 
 import pytest
+
+
+def ray_daemons() -> set[int]:
+    """PIDs of Ray's GCS servers and raylets running on this machine (what a live local cluster consists of)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                program = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if program.endswith((b"/gcs_server", b"/raylet")):
+                pids.add(int(entry.name))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_ray_cluster_outlives_its_test(request):
+    """A test marked `ray` leaves no Ray session open and no GCS server or raylet it started behind. A leftover is
+    killed (so the tests after it start clean) and reported as this test's error."""
+    if request.node.get_closest_marker("ray") is None:
+        yield
+        return
+    before = ray_daemons()
+    yield
+    import ray
+
+    still_connected = ray.is_initialized()
+    if still_connected:
+        ray.shutdown()
+    deadline = time.time() + 60  # a loaded machine takes a while to stop a cluster
+    while (left := ray_daemons() - before) and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not still_connected, "the test left ray.init() connected"
+    assert not left, f"the test left Ray daemons running (killed now): {sorted(left)}"
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,11 @@ from ctplatform.config import TrainConfig
 from ctplatform.model.backbones import check_weights
 from ctplatform.ray_session import cluster_has_gpus, connect, shutdown_if
 
+# Ray Train V2 retries a controller error (e.g. "worker group startup timed out": the workers' resources never
+# came) forever by default (controller_failure_limit=-1), printing a line a minute. Bounded, the run fails with
+# that error instead: a Tune trial then errors (and is retried by Tune's own FailureConfig) while the sweep goes on.
+CONTROLLER_RETRIES = 2
+
 # Fields that do not change what is trained (or only extend it, like --epochs): left out of the stable run name,
 # so rerunning a command, or rerunning it with more epochs, resumes the same run.
 _NOT_TRAINING = {"epochs", "mode", "checkpoint", "predict_input", "predict_type", "predict_metadata", "report_dir",
@@ -141,7 +146,7 @@ def build_torch_trainer(cfg: TrainConfig, *, run_callbacks: list | None = None, 
             storage_path=cfg.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=3, checkpoint_score_attribute=checkpoint_score[0],
                                                checkpoint_score_order=checkpoint_score[1]),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=CONTROLLER_RETRIES),
             callbacks=run_callbacks,
         ),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -59,6 +60,22 @@ class LiveTrialsTable(Callback):
         print("\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n", flush=True)
 
 
+def error_line(error: BaseException) -> str:
+    """One line saying why a trial failed. Ray wraps the cause in its traceback text; the innermost exception line
+    there is the reason (e.g. Ray Train's "The worker group startup timed out after 60.0 seconds waiting for 1
+    workers"), without Ray's generic advice after it."""
+    lines = str(error).splitlines()
+    name, text = type(error).__name__, next((line.strip() for line in lines if line.strip()), "")
+    for i in range(len(lines) - 1, -1, -1):
+        match = re.match(r"^([\w.]+(?:Error|Exception)): ?(.*)$", lines[i])
+        if match:
+            name, text = match[1].rsplit(".", 1)[-1], match[2].strip()
+            if (not text or text.endswith(":")) and i + 1 < len(lines):
+                text = f"{text} {lines[i + 1].strip()}".strip()
+            break
+    return f"{name}: {text.split(' Potential causes')[0]}"[:300]
+
+
 def trials_frame(results, space: SearchSpace, max_epochs: int) -> pd.DataFrame:
     rows = []
     for result in results:
@@ -69,7 +86,8 @@ def trials_frame(results, space: SearchSpace, max_epochs: int) -> pd.DataFrame:
         state = "error" if result.error else ("finished" if epochs >= max_epochs else "stopped early")
         row = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name}
         row.update({k: v for k, v in (result.config or {}).items() if k in space.params})
-        row.update({"best_" + space.metric: _finite(best) if len(values) else None, "epochs": epochs, "state": state})
+        row.update({"best_" + space.metric: _finite(best) if len(values) else None, "epochs": epochs, "state": state,
+                    "error": error_line(result.error) if result.error else ""})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -122,7 +140,10 @@ def _optuna_plots(sweep_dir: str, name: str, out: Path) -> list[str]:
     return written
 
 
-def write_summary(results, space: SearchSpace, max_epochs: int, sweep_dir: str, settings) -> dict:
+def write_summary(results, space: SearchSpace, max_epochs: int, sweep_dir: str, settings,
+                  resources_note: str = "") -> dict:
+    """The trials table and plots under <sweep>/summary, and one line per failed trial; `resources_note` (what a
+    trial holds, what the cluster has) follows the failures that waited for resources."""
     frame = trials_frame(results, space, max_epochs)
     path, best = best_checkpoint(results, space)
     summary = {"sweep_dir": sweep_dir, "trials": len(frame), "best_checkpoint": path, **best,
@@ -134,5 +155,10 @@ def write_summary(results, space: SearchSpace, max_epochs: int, sweep_dir: str, 
     write_text_atomic(out / "trials.csv", frame.to_csv(index=False))
     summary["summary_dir"] = str(out)
     summary["plots"] = _optuna_plots(sweep_dir, settings.name, out)
-    print("\nSweep summary\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    shown = frame.drop(columns=["error"]) if len(frame) else frame
+    print("\nSweep summary\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    for _, row in frame[frame["state"] == "error"].iterrows() if len(frame) else ():
+        waited = "worker group" in row["error"].lower() and resources_note
+        print(f"trial {row['trial_id']} failed: {row['error']}" + (f" ({resources_note})" if waited else ""),
+              flush=True)
     return summary

@@ -30,8 +30,9 @@ from ray.tune.search.optuna import OptunaSearch
 from ctplatform.config import TrainConfig
 from ctplatform.config.tune import TuneConfig
 from ctplatform.model.backbones import check_weights
-from ctplatform.ray_session import connect, shutdown_if
+from ctplatform.ray_session import cluster_has_gpus, connect, shutdown_if
 from ctplatform.train.ray_launcher import build_torch_trainer, is_uri, local_run_dir, resolved
+from ctplatform.tune.resources import concurrent_trials, resources_note, trial_demand
 from ctplatform.tune.space import SearchSpace
 from ctplatform.tune.summary import LiveTrialsTable, write_summary
 
@@ -110,7 +111,7 @@ class ResumableOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def _searcher(space: SearchSpace, settings: TuneConfig, workspace: str):
+def _searcher(space: SearchSpace, settings: TuneConfig, workspace: str, max_concurrent: int):
     if settings.searcher == "optuna":
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True, constant_liar=True)
     elif settings.searcher == "random":
@@ -120,7 +121,7 @@ def _searcher(space: SearchSpace, settings: TuneConfig, workspace: str):
     storage = optuna.storages.RDBStorage(f"sqlite:///{workspace}/optuna.db")
     searcher = ResumableOptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode, sampler=sampler,
                             study_name=settings.name, storage=storage)
-    return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
 def _scheduler(space: SearchSpace, settings: TuneConfig, max_epochs: int):
@@ -145,10 +146,15 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
                         slice_dir=str(Path(base.slice_dir).resolve()))
     started = connect(settings.address)
     try:
+        driver = settings.driver_resources or {"CPU": 0.1}
+        use_gpu = base.use_gpu if base.use_gpu is not None else cluster_has_gpus()
+        demand = trial_demand(driver, settings.workers_per_trial, settings.cpus_per_worker, settings.gpus_per_trial,
+                              use_gpu)
+        max_concurrent = concurrent_trials(demand, settings.max_concurrent, fixed_cluster=settings.address is None)
         trainable = tune.with_resources(  # the trial driver needs little; Train workers ask for their own
             tune.with_parameters(run_trial, base=base.to_dict(), trials_dir=f"{sweep_dir}/trials",
                                  metric=space.metric, mode=space.mode, worker_callbacks=worker_callbacks),
-            settings.driver_resources or {"CPU": 0.1},
+            driver,
         )
         table = LiveTrialsTable(Path(workspace) / "trials.csv", space, base.epochs)
         if resume:
@@ -161,7 +167,7 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
                                  "it, or choose another --name")
             tuner = tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(search_alg=_searcher(space, settings, workspace),
+                tune_config=tune.TuneConfig(search_alg=_searcher(space, settings, workspace, max_concurrent),
                                             scheduler=_scheduler(space, settings, base.epochs),
                                             num_samples=settings.num_samples, reuse_actors=False),
                 run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(sweep_dir).parent)
@@ -171,7 +177,8 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
             )
         begin = time.perf_counter()
         results = tuner.fit()
-        summary = write_summary(results, space, base.epochs, workspace, settings)
+        summary = write_summary(results, space, base.epochs, workspace, settings,
+                                resources_note=resources_note(demand))
         summary.update(sweep_dir=sweep_dir, workspace=workspace, seconds=round(time.perf_counter() - begin, 1))
         if export_best and summary.get("best_checkpoint"):
             summary.update(export_best_bundle(summary["best_checkpoint"], base.slice_dir, workspace))

@@ -1,0 +1,77 @@
+"""A sweep never waits forever for Train workers: trials are capped to what the cluster holds, a trial that can
+never fit a fixed cluster is refused before anything starts, and a worker group that cannot start fails its trial
+after bounded retries (one line in the sweep summary) while the sweep goes on."""
+
+import pytest
+import ray
+import yaml
+
+from ctplatform.config import TrainConfig
+from ctplatform.config.tune import TuneConfig
+from ctplatform.tune.resources import trial_demand, trials_that_fit
+from ctplatform.tune.space import load_space
+from ctplatform.tune.sweep import run_sweep
+
+SPACE = {"metric": "val_loss", "mode": "min",
+         "params": {"learning_rate": {"type": "categorical", "choices": [0.003, 1.0e-4]}}}
+
+
+def test_trial_demand_and_how_many_fit():
+    demand = trial_demand({"CPU": 0.1}, workers=2, cpus_per_worker=1.0, gpus_per_worker=0.5, use_gpu=True)
+    assert demand == pytest.approx({"CPU": 2.1, "GPU": 1.0})
+    assert trials_that_fit(demand, {"CPU": 8.0, "GPU": 2.0}) == 2  # GPUs bound it
+    assert trials_that_fit(demand, {"CPU": 4.0, "GPU": 8.0}) == 1  # CPUs bound it: 2 x 2.1 > 4
+    assert trials_that_fit(demand, {"CPU": 2.0, "GPU": 8.0}) == 0
+    assert trials_that_fit({"CPU": 0.1, "sweep_driver": 1.0}, {"CPU": 4.0}) == 0  # a resource no node advertises
+    assert "GPU" not in trial_demand({"CPU": 0.1}, 1, 1.0, 1.0, use_gpu=False)
+
+
+def _base(cache) -> TrainConfig:
+    return TrainConfig(slice_dir=str(cache), model="resnet50", batch_size=16, epochs=1, num_workers=0,
+                       use_gpu=False, limit_train_batches=2, seed=0).validate()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_a_trial_that_cannot_fit_a_fixed_cluster_is_refused_at_once(tiny_cache, tmp_path):
+    """Before, such a sweep waited forever: Ray Train's controller timed out starting the worker group and retried
+    without end (the hang this guards against fails this test by its timeout instead)."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
+             configure_logging=False, log_to_driver=False)
+    try:
+        settings = TuneConfig(name="big", storage_path=str(tmp_path / "runs"), num_samples=2, cpus_per_worker=2)
+        with pytest.raises(ValueError, match=r"one trial needs 2.1 CPU .* the cluster has 1 CPU"):
+            run_sweep(_base(tiny_cache), load_space(space), settings)
+    finally:
+        ray.shutdown()
+    assert not (tmp_path / "runs" / "big" / "trials").exists()  # no trial started
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_worker_group_that_cannot_start_fails_its_trial_after_bounded_retries(tiny_cache, tmp_path, capsys):
+    """On a cluster that may grow (an address is given) the sweep starts; each trial's workers never get their
+    CPUs here, so Ray Train's controller gives up after its bounded retries, the trial fails with one line saying
+    why, and the sweep goes on to the next trial and ends."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
+             configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3"}})
+    try:
+        settings = TuneConfig(name="wait", storage_path=str(tmp_path / "runs"), num_samples=2, cpus_per_worker=2,
+                              max_failures=0, address="auto", scheduler="fifo")
+        summary = run_sweep(_base(tiny_cache), load_space(space), settings, export_best=False)
+    finally:
+        ray.shutdown()
+    assert summary["trials"] == 2 and summary["errors"] == 2
+    out = capsys.readouterr()
+    failed = [line for line in out.out.splitlines() if line.startswith("trial ") and " failed: " in line]
+    assert len(failed) == 2, out.out[-3000:]
+    for line in failed:  # what the trial waited for, and what a trial holds against what the cluster has
+        assert "worker group startup timed out" in line and "waiting for 1 workers" in line, line
+        assert "a trial holds 2.1 CPU; the cluster has 1 CPU" in line and "Traceback" not in line, line
+    assert "the autoscaler" in out.err  # the sweep said up front that a trial does not fit the cluster as it is
