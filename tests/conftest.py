@@ -6,6 +6,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import contextlib
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -26,28 +27,28 @@ def ray_daemons() -> set[int]:
     return pids
 
 
-@pytest.fixture(autouse=True)
-def no_ray_cluster_outlives_its_test(request):
-    """A test marked `ray` leaves no Ray session open and no GCS server or raylet it started behind. A leftover is
-    killed (so the tests after it start clean) and reported as this test's error."""
-    if request.node.get_closest_marker("ray") is None:
-        yield
-        return
+@pytest.fixture(autouse=True, scope="module")
+def no_ray_cluster_outlives_its_module():
+    """A test module leaves no Ray session open and no GCS server or raylet it started behind (module-scoped, as
+    some modules share one cluster across their tests). A leftover is killed, so the modules after it start clean,
+    and is reported as an error of the module's last test."""
     before = ray_daemons()
     yield
-    import ray
+    still_connected = False
+    if "ray" in sys.modules:
+        import ray
 
-    still_connected = ray.is_initialized()
-    if still_connected:
-        ray.shutdown()
+        still_connected = ray.is_initialized()
+        if still_connected:
+            ray.shutdown()
     deadline = time.time() + 60  # a loaded machine takes a while to stop a cluster
     while (left := ray_daemons() - before) and time.time() < deadline:
         time.sleep(0.5)
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    assert not still_connected, "the test left ray.init() connected"
-    assert not left, f"the test left Ray daemons running (killed now): {sorted(left)}"
+    assert not still_connected, "a test of this module left ray.init() connected"
+    assert not left, f"a test of this module left Ray daemons running (killed now): {sorted(left)}"
 
 
 @pytest.fixture(scope="session")
