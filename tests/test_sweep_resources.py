@@ -75,3 +75,44 @@ def test_a_worker_group_that_cannot_start_fails_its_trial_after_bounded_retries(
         assert "worker group startup timed out" in line and "waiting for 1 workers" in line, line
         assert "a trial holds 2.1 CPU; the cluster has 1 CPU" in line and "Traceback" not in line, line
     assert "the autoscaler" in out.err  # the sweep said up front that a trial does not fit the cluster as it is
+
+
+def test_retry_backoff_doubles_up_to_its_cap():
+    from ctplatform.train.ray_launcher import RetryBackoff
+
+    backoff = RetryBackoff(first_s=2.0, max_s=30.0)
+    assert [backoff.delay_s(retry) for retry in range(1, 7)] == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_worker_group_that_cannot_start_is_retried_with_backoff_then_fails(tiny_cache, tmp_path, capfd):
+    """A plain training run whose worker cannot get its CPUs: Ray Train's controller waits 2 s, then 4 s, before its
+    two retries (each said in the log), then the run fails with the startup timeout; it never loops forever."""
+    import time
+
+    from ctplatform.train.ray_launcher import CONTROLLER_RETRIES, build_torch_trainer, resolved
+
+    start_timeout_s = 3
+    ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
+             configure_logging=False, log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(start_timeout_s)}})
+    try:
+        cfg = resolved(_base(tiny_cache).replace(cpus_per_worker=2, max_failures=0, run_name="wait",
+                                                 storage_path=str(tmp_path / "runs")))
+        started = time.monotonic()
+        result = build_torch_trainer(cfg, progress_bar=False).fit()
+        elapsed = time.monotonic() - started
+    except Exception as error:  # Ray Train 2.60 raises the run's error from fit()
+        elapsed = time.monotonic() - started
+        result = error
+    finally:
+        time.sleep(2)  # the controller's log lines reach the driver asynchronously
+        ray.shutdown()
+    assert "worker group startup timed out" in str(getattr(result, "error", result))
+    log = capfd.readouterr().err
+    assert "worker group retry 1: starting it again in 2 s" in log, log[-3000:]
+    assert "worker group retry 2: starting it again in 4 s" in log, log[-3000:]
+    assert "worker group retry 3" not in log  # bounded: CONTROLLER_RETRIES retries, then the run fails
+    assert CONTROLLER_RETRIES == 2
+    assert elapsed >= (CONTROLLER_RETRIES + 1) * start_timeout_s + 2 + 4

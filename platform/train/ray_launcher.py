@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,8 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.failure_handling import FailureDecision
 
 from ctplatform.config import TrainConfig
 from ctplatform.model.backbones import check_weights
@@ -30,6 +34,12 @@ from ctplatform.ray_session import cluster_has_gpus, connect, shutdown_if
 # came) forever by default (controller_failure_limit=-1), printing a line a minute. Bounded, the run fails with
 # that error instead: a Tune trial then errors (and is retried by Tune's own FailureConfig) while the sweep goes on.
 CONTROLLER_RETRIES = 2
+# Ray Train restarts a failed worker group at once; waiting first (doubling, capped) gives a lost node, a slow
+# autoscaler or a loaded machine time to free what the group needs, instead of failing every retry the same way.
+RETRY_BACKOFF_FIRST_S = 2.0
+RETRY_BACKOFF_MAX_S = 30.0  # the controller cannot be stopped while it waits: keep a Tune stop prompt
+
+logger = logging.getLogger(__name__)
 
 # Fields that do not change what is trained (or only extend it, like --epochs): left out of the stable run name,
 # so rerunning a command, or rerunning it with more epochs, resumes the same run.
@@ -125,6 +135,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ckpt_path=os.path.join(folder, RayTrainReportCallback.CHECKPOINT_NAME))
 
 
+class RetryBackoff(ControllerCallback):
+    """Waits before each restart of a failed worker group (worker errors and controller errors alike): the first
+    retry after `first_s`, each later one twice as long, at most `max_s`. Runs in the Train controller actor; a
+    Ray Train internal hook (Ray is pinned to one minor version for this)."""
+
+    def __init__(self, first_s: float = RETRY_BACKOFF_FIRST_S, max_s: float = RETRY_BACKOFF_MAX_S):
+        self.first_s, self.max_s = first_s, max_s
+        self.retries = 0
+
+    def delay_s(self, retry: int) -> float:
+        return min(self.max_s, self.first_s * 2 ** (retry - 1))
+
+    def before_controller_execute_failure_decision(self, failure_decision: FailureDecision) -> None:
+        if failure_decision == FailureDecision.RETRY:
+            self.retries += 1
+
+    def on_controller_start_worker_group(self, *, scaling_config, num_workers: int) -> None:
+        if self.retries:
+            delay = self.delay_s(self.retries)
+            logger.warning("worker group retry %d: starting it again in %.0f s", self.retries, delay)
+            time.sleep(delay)
+        return None  # no label selector: placement as the scaling config says
+
+
 def build_torch_trainer(cfg: TrainConfig, *, run_callbacks: list | None = None, progress_bar: bool = True,
                         worker_callbacks: list | None = None, checkpoint_score: tuple[str, str] = ("val_loss", "min"),
                         stock_ddp: bool = False) -> TorchTrainer:
@@ -147,7 +181,7 @@ def build_torch_trainer(cfg: TrainConfig, *, run_callbacks: list | None = None, 
             checkpoint_config=CheckpointConfig(num_to_keep=3, checkpoint_score_attribute=checkpoint_score[0],
                                                checkpoint_score_order=checkpoint_score[1]),
             failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=CONTROLLER_RETRIES),
-            callbacks=run_callbacks,
+            callbacks=[RetryBackoff(), *(run_callbacks or [])],
         ),
     )
 
