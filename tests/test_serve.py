@@ -8,6 +8,7 @@ rolling update, which swaps in a second bundle, runs last. Run with the Ray lock
 import asyncio
 import gzip
 import io
+import json
 import os
 import shutil
 import socket
@@ -492,6 +493,26 @@ def test_overload_gets_a_fast_503_and_the_service_recovers(service):
     assert rejected, "40 concurrent volumes against 4 ongoing + 4 queued: some must be refused"
     assert statuses.count(200) >= 4
     assert max(t for t, _ in rejected) < 2.0, rejected  # refused at once, not after waiting in a queue
+    assert_good_request_works(service["client"])
+
+
+def test_a_rolling_update_to_a_tampered_bundle_is_refused_and_the_old_version_serves(service, tmp_path):
+    """The new bundle is checked in the driver: nothing is deployed from it, and the running version keeps
+    answering."""
+    from ray import serve
+
+    from ctplatform.model.bundle import BundleError
+    from ctplatform.serve.app import build_app
+
+    bad = tmp_path / "bad"
+    shutil.copytree(service["bundles"]["b"], bad)
+    metadata = json.loads((bad / "metadata.json").read_text())
+    metadata["class_names"] = metadata["class_names"][::-1]
+    (bad / "metadata.json").write_text(json.dumps(metadata))
+    serving = service["client"].get("/readyz").json()["model_version"]
+    with pytest.raises(BundleError, match="class_names differ"):
+        serve.run(build_app(app_config(bad)), name=APP, route_prefix="/")
+    assert service["client"].get("/readyz").json()["model_version"] == serving
     assert_good_request_works(service["client"])
 
 

@@ -315,7 +315,7 @@ def test_bundle_metadata_and_version(tmp_path):
     meta = json.loads((bundle / "metadata.json").read_text())
     meta["class_names"] = meta["class_names"][::-1]
     (bundle / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match="class list"):
+    with pytest.raises(BundleError, match="class_names differ"):
         read_bundle_metadata(bundle)
     with pytest.raises(BundleError, match="no such bundle"):
         read_bundle_metadata(tmp_path / "missing")

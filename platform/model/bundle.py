@@ -9,7 +9,6 @@ checkpoints are read with `torch.load(weights_only=True)`, which refuses arbitra
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,40 +92,16 @@ def export_bundle(out_dir: str | Path, model: torch.nn.Module, spec: ModelSpec) 
     return out
 
 
-def _spec_from_metadata(metadata: dict, where: Path) -> ModelSpec:
-    if metadata.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{where}: not a ctplatform model bundle (format {metadata.get('format')!r})")
-    if metadata.get("format_version", 0) > BUNDLE_VERSION:
-        raise BundleError(f"{where}: bundle format {metadata['format_version']} is newer than this ctplatform")
-    if list(metadata.get("class_names", [])) != list(CLASS_NAMES):
-        raise BundleError(f"{where}: the bundle's class list differs from this ctplatform's CLASS_NAMES")
-    calibration = metadata.get("calibration")
-    return ModelSpec(
-        architecture=metadata["architecture"],
-        input_windows=metadata["input"]["windows"],
-        preprocess=metadata["preprocess"],
-        aggregation=metadata["aggregation"]["method"],
-        topk=int(metadata["aggregation"]["topk"]),
-        calibration=Calibration.from_dict(calibration) if calibration else None,
-        metrics=metadata.get("metrics"),
-        source=metadata.get("source"),
-    )
-
-
 def load_bundle(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
     """Load a bundle folder (or its metadata.json) or a Lightning checkpoint; returns (model in eval mode, spec)."""
     path = Path(path)
     if path.is_file() and path.name == METADATA_FILE:
         path = path.parent
     if path.is_dir():
-        metadata_path = path / METADATA_FILE
-        if not metadata_path.is_file():
-            raise BundleError(f"{path}: no {METADATA_FILE} here; not a model bundle")
-        try:
-            metadata = json.loads(metadata_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise BundleError(f"{metadata_path}: unreadable JSON ({exc})") from exc
-        spec = _spec_from_metadata(metadata, metadata_path)
+        from ctplatform.model.bundle_check import check_bundle, spec_from_metadata, validated_metadata
+
+        check_bundle(path)  # schema, calibration, and the weights' header against the architecture
+        spec = spec_from_metadata(validated_metadata(path / METADATA_FILE))
         try:
             state = safetensors.torch.load_file(str(path / WEIGHTS_FILE))
         except Exception as exc:  # safetensors raises its own error types for corrupt files

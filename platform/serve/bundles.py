@@ -1,14 +1,13 @@
-"""Which bundle to serve and what it is: the default bundle, light metadata checks, a content version (no Ray)."""
+"""Which bundle to serve and what it is: the default bundle, the checked metadata, a content version (no Ray)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from ctplatform.data.preprocess import PreprocessSettings
-from ctplatform.labels import CLASS_NAMES
-from ctplatform.model.bundle import BUNDLE_FORMAT, METADATA_FILE, WEIGHTS_FILE, BundleError
+from ctplatform.model.bundle import METADATA_FILE, WEIGHTS_FILE, BundleError
+from ctplatform.model.bundle_check import check_bundle, validated_metadata
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -40,22 +39,11 @@ def resolve_bundle_dir(path: str | Path) -> Path:
 
 
 def read_bundle_metadata(path: str | Path) -> dict:
-    """metadata.json of a bundle folder, checked enough to configure the service (weights are not read)."""
+    """metadata.json of a bundle folder once the whole bundle has passed `check_bundle` (schema, calibration,
+    weights header against the architecture): nothing is deployed from a bundle that would fail in a replica."""
     folder = resolve_bundle_dir(path)
-    where = folder / METADATA_FILE
-    try:
-        metadata = json.loads(where.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{where}: unreadable JSON ({exc})") from exc
-    if not isinstance(metadata, dict) or metadata.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{where}: not a ctplatform model bundle")
-    if list(metadata.get("class_names", [])) != list(CLASS_NAMES):
-        raise BundleError(f"{where}: the bundle's class list differs from this ctplatform's CLASS_NAMES")
-    try:
-        PreprocessSettings.from_dict(metadata["preprocess"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{where}: invalid preprocess settings ({exc})") from exc
-    return metadata
+    check_bundle(folder)
+    return validated_metadata(folder / METADATA_FILE)
 
 
 def bundle_version(path: str | Path) -> str:

@@ -30,6 +30,7 @@ def cmd_serve(config: ServeConfig) -> int:
     import ray
     from ray import serve
 
+    from ctplatform.model.bundle_check import check_bundle
     from ctplatform.ray_session import cluster_has_gpus, connect
     from ctplatform.serve.app import build_app
     from ctplatform.serve.bundles import bundle_version, default_bundle_path, resolve_bundle_dir
@@ -37,6 +38,7 @@ def cmd_serve(config: ServeConfig) -> int:
     config = config.replace(api_key=config.api_key or None)  # an empty key, from the flag or the environment: none
     bundle = resolve_bundle_dir(config.bundle) if config.bundle else default_bundle_path()
     config = config.replace(bundle=str(bundle)).validate()
+    check_bundle(bundle)  # a bad bundle stops here, in seconds and before Ray starts, with one line (exit 2)
     if not _is_loopback(config.host) and not config.api_key:
         print(f"warning: serving on {config.host} without an API key: anyone who can reach this port can use the "
               f"model (set --api-key or ${API_KEY_ENV}, and put TLS in front)", file=sys.stderr)
