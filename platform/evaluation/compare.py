@@ -22,6 +22,7 @@ from ctplatform.evaluation.bootstrap import bootstrap_distributions, patient_res
 from ctplatform.evaluation.delong import clustered_covariance, delong_paired_test, macro_auroc_influence, paired_test
 from ctplatform.evaluation.metrics import score_predictions
 from ctplatform.evaluation.run_files import EvaluatedRun, check_comparable
+from ctplatform.labels import volume_stem
 
 AUROC_METHOD = "DeLong's paired test, cluster-robust by patient (per-class p Holm-adjusted)"
 BOOTSTRAP_METHOD = "paired percentile bootstrap, resampling patients"
@@ -52,6 +53,37 @@ def macro_auroc_test(y_true: np.ndarray, ranking_a: np.ndarray, ranking_b: np.nd
     variance = clustered_covariance(influence_a - influence_b, patients)[0, 0]
     return {"auroc_a": macro_a, "auroc_b": macro_b, "classes": len(used),
             **paired_test(macro_a - macro_b, variance)}
+
+
+def ties_with_best(predictions: dict[str, dict[str, Any]], best: str, alpha: float = 0.05) -> dict[str, dict]:
+    """Which trials' macro AUROC is not significantly below the best trial's.
+
+    ``predictions``: trial -> ``{"volume_names", "patients", "probs" (N, C), "targets" (N, C)}`` (the validation
+    volumes each trial's reported epoch was scored on). Each trial is tested against ``best`` on the same cases
+    (DeLong, cluster-robust by patient, two-sided): tied when ``p >= alpha`` or when it is not below the best at
+    all. Returns trial -> ``{"tied": bool | None, "difference": best − trial, "p", "note"}`` (``tied`` None when
+    the trial cannot be tested: other cases or labels).
+    """
+    reference = predictions[best]
+    keys = [volume_stem(name) for name in reference["volume_names"]]
+    y_true = np.asarray(reference["targets"]).astype(np.int64)
+    out: dict[str, dict] = {best: {"tied": True, "difference": 0.0, "p": None, "note": "best"}}
+    for trial, entry in predictions.items():
+        if trial == best:
+            continue
+        row_of = {volume_stem(name): i for i, name in enumerate(entry["volume_names"])}
+        if set(row_of) != set(keys):
+            out[trial] = {"tied": None, "difference": None, "p": None, "note": "other validation cases"}
+            continue
+        order = [row_of[k] for k in keys]
+        if not np.array_equal(np.asarray(entry["targets"])[order], y_true):
+            out[trial] = {"tied": None, "difference": None, "p": None, "note": "other validation labels"}
+            continue
+        test = macro_auroc_test(y_true, np.asarray(reference["probs"], dtype=np.float64),
+                                np.asarray(entry["probs"], dtype=np.float64)[order], reference["patients"])
+        out[trial] = {"tied": bool(test["p"] >= alpha or test["difference"] <= 0), "difference": test["difference"],
+                      "p": test["p"], "note": ""}
+    return out
 
 
 def auroc_comparison(y_true, ranking_a, ranking_b, patients, class_names, alpha) -> dict[str, Any]:
