@@ -132,13 +132,16 @@ def cmd_run(cfg) -> int:
 def cmd_score(cfg) -> int:
     from ctplatform.evaluation.evaluate import score_files
 
-    metrics = score_files(cfg.labels, cfg.predictions, out_dir=cfg.out)
-    macro, ci = metrics["macro"], metrics["confidence_intervals"]
-    intervals = {"macro_auroc": [ci["macro"]["auroc"]["low"], ci["macro"]["auroc"]["high"]],
-                 "macro_f1": [ci["macro"]["f1"]["low"], ci["macro"]["f1"]["high"]],
-                 "crg": [ci["crg"]["low"], ci["crg"]["high"]], "resamples": ci["resamples"], "seed": ci["seed"]}
-    print(json.dumps({"macro": macro, "crg": metrics["crg"]["crg"], "n_exams": metrics["n_exams"],
-                      "patient_bootstrap_95ci": intervals}, indent=2))
+    metrics = score_files(cfg.labels, cfg.predictions, out_dir=cfg.out, bootstrap_resamples=cfg.bootstrap_resamples,
+                          bootstrap_seed=cfg.bootstrap_seed)
+    shown = {"macro": metrics["macro"], "crg": metrics["crg"]["crg"], "n_exams": metrics["n_exams"]}
+    if "confidence_intervals" in metrics:
+        ci = metrics["confidence_intervals"]
+        shown["patient_bootstrap_95ci"] = {
+            "macro_auroc": [ci["macro"]["auroc"]["low"], ci["macro"]["auroc"]["high"]],
+            "macro_f1": [ci["macro"]["f1"]["low"], ci["macro"]["f1"]["high"]],
+            "crg": [ci["crg"]["low"], ci["crg"]["high"]], "resamples": ci["resamples"], "seed": ci["seed"]}
+    print(json.dumps(shown, indent=2))
     return 0
 
 

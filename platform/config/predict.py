@@ -56,4 +56,6 @@ class ScoreConfig:
     labels: str | None = option(None, "ground-truth labels CSV", required=True)
     predictions: str | None = option(None, "predictions CSV or the challenge's results.json", required=True)
     out: str | None = option(None, "folder for metrics.json")
+    bootstrap_resamples: int = option(1000, "patient-bootstrap resamples for 95%% confidence intervals (0: none)")
+    bootstrap_seed: int = option(0, "seed of the bootstrap resamples (recorded in metrics.json)")
 

@@ -147,15 +147,16 @@ def score_files(
     out_dir: str | os.PathLike | None = None,
     class_names: Sequence[str] = CLASS_NAMES,
     threshold: float = DECISION_THRESHOLD,
-    bootstrap_resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_resamples: int = 0,
     bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
     """Score a predictions file (CSV, or ``results.json`` when it ends in ``.json``) against a labels CSV.
 
     Cases are matched by name with extensions stripped (``train_1_a_1.nii.gz`` == ``train_1_a_1``). Every
     labelled case must have a prediction (else ValueError naming it); predictions for unlabelled cases are
-    ignored, as the challenge scores only its own cases. Writes ``metrics.json`` into ``out_dir`` if given. Adds
-    ``confidence_intervals`` (patients read from the CT-RATE case names) unless ``bootstrap_resamples`` is 0.
+    ignored, as the challenge scores only its own cases. Writes ``metrics.json`` into ``out_dir`` if given. With
+    ``bootstrap_resamples`` > 0 (`ctplatform score` asks for 1,000), adds ``confidence_intervals`` (patients read
+    from the CT-RATE case names).
     """
     label_names, y_true = read_labels_table(labels_csv, class_names)
     predicted_names, predicted_probs = read_predictions(predictions_path, class_names)
