@@ -125,3 +125,29 @@ def test_report_carries_intervals_subgroups_and_calibration(tmp_path):
         assert heading in page, heading
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Confidence intervals" in (out / "per_class.md").read_text()
+
+
+def test_evaluate_with_the_metadata_csv_reports_subgroups(tiny_dataset, tiny_cache, tmp_path):
+    """`ctplatform evaluate --subgroup-metadata` end to end on the synthetic data set's own metadata CSV (which has
+    PatientSex, PatientAge and Manufacturer as CT-RATE's does), with a bundle of deterministic weights."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from compat_bundles import build_bundle
+
+    from ctplatform.evaluation.evaluate import evaluate
+
+    bundle = build_bundle("slice", tmp_path)
+    metadata = tiny_dataset / "dataset" / "metadata" / "validation_metadata.csv"
+    metrics = evaluate(bundle, tiny_cache, tmp_path / "report", device="cpu", subgroup_metadata=metadata,
+                       bootstrap_resamples=50, bootstrap_seed=2, min_group_patients=2)
+    table = pd.read_csv(metadata)
+    sexes = metrics["subgroups"]["attributes"]["sex"]
+    assert sum(group["volumes"] for group in sexes.values()) == metrics["n_exams"]
+    for sex, group in sexes.items():
+        assert group["volumes"] == int((table["PatientSex"] == sex).sum()), sex
+        assert group.get("too_small") is (True if group["patients"] < 2 else None)
+    assert metrics["confidence_intervals"]["resamples"] == 50 and metrics["confidence_intervals"]["seed"] == 2
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["subgroups"] == json.loads(
+        json.dumps(metrics["subgroups"]))
