@@ -134,3 +134,18 @@ def test_patients_of_ct_rate_names_and_bad_input():
                              {"per_class": {}, "macro": {}, "crg": {}})
     with pytest.raises(ValueError, match="at least 1"):
         patient_resample_weights(["a"], 0, 0)
+
+
+def test_run_summary_prints_each_headline_metric_with_its_interval():
+    from ctplatform.cli import summary_line
+
+    rng = np.random.default_rng(6)
+    patients, y, probs = _data(rng, volumes=100, classes=3)
+    names = ["a", "b", "c"]
+    metrics = score_predictions(y, probs, class_names=names)
+    assert "[" not in summary_line(metrics)
+    metrics["confidence_intervals"] = ci = confidence_intervals(y, probs, patients, names, metrics, n_resamples=100,
+                                                                seed=3)
+    line = summary_line(metrics)
+    assert f"macro AUROC {format_interval(ci['macro']['auroc'])}" in line
+    assert f"CRG {format_interval(ci['crg'])}" in line and "100 patient-bootstrap resamples of 50 patients" in line
