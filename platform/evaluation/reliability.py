@@ -84,13 +84,13 @@ def reliability_png(y_true: Any, probs_raw: Any, probs_calibrated: Any | None, c
             axis.plot(bins["mean_prob"][filled], bins["frac_positive"][filled], marker=marker, color=color, lw=1,
                       ms=3, label=label)
             text.append(f"ECE {label[:5]}. {errors['per_class'][name]['ece_' + label]:.3f}")
-        axis.text(0.03, 0.97, "\n".join(text), va="top", fontsize=6)
+        axis.text(0.97, 0.03, "\n".join(text), ha="right", va="bottom", fontsize=6)
         axis.set_title(name, fontsize=9)
         axis.set_xlim(0, 1)
         axis.set_ylim(0, 1.02)
         axis.tick_params(labelsize=7)
         if index == 0:
-            axis.legend(fontsize=6, loc="lower right")
+            axis.legend(fontsize=6, loc="center right")
     figure.supxlabel("mean predicted probability (bin)", fontsize=9)
     figure.supylabel("fraction positive", fontsize=9)
     buffer = io.BytesIO()
