@@ -151,3 +151,14 @@ def test_evaluate_with_the_metadata_csv_reports_subgroups(tiny_dataset, tiny_cac
     assert metrics["confidence_intervals"]["resamples"] == 50 and metrics["confidence_intervals"]["seed"] == 2
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["subgroups"] == json.loads(
         json.dumps(metrics["subgroups"]))
+
+
+def test_without_resamples_groups_get_estimates_only():
+    names, y, probs, metadata = planted_cohort(patients=80, seed=2)
+    groups = pd.DataFrame({"sex": metadata["PatientSex"], "age": "40-59", "manufacturer": "GE"})
+    patients = np.array([n.rsplit("_", 2)[0] for n in names])
+    result = subgroup_metrics(y, probs, patients, groups, CLASS_NAMES, min_patients=10, n_resamples=0)
+    men = result["attributes"]["sex"]["M"]
+    mask = (groups["sex"] == "M").to_numpy()
+    assert men["auroc"] == {"estimate": score_predictions(y[mask], probs[mask])["macro"]["auroc"], "low": None,
+                            "high": None, "valid_resamples": 0}

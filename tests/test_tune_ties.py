@@ -90,3 +90,19 @@ def test_each_checkpoint_keeps_the_validation_predictions_it_was_scored_on(tiny_
     assert saved["volume_names"] == list(valid["VolumeName"]) and saved["patients"] == list(valid["patient"])
     assert float(trainer.callback_metrics["val/volume_auroc"]) == pytest.approx(
         macro_auroc(saved["targets"].numpy(), saved["probs"].numpy()), abs=1e-6)
+
+
+def test_trials_scored_on_other_cases_or_labels_are_not_tested():
+    from ctplatform.evaluation.compare import ties_with_best
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((40, CLASSES)) < 0.4).astype(int)
+    names = [f"valid_{i}_a_1" for i in range(40)]
+    entry = {"volume_names": names, "patients": [n[:-4] for n in names], "probs": rng.random(y.shape), "targets": y}
+    flipped = y.copy()
+    flipped[0, 0] = 1 - flipped[0, 0]
+    marks = ties_with_best({"best": entry, "fewer": {**entry, "volume_names": names[:-1] + ["valid_99_a_1"]},
+                            "relabelled": {**entry, "targets": flipped}, "same": dict(entry)}, "best")
+    assert marks["fewer"]["tied"] is None and marks["fewer"]["note"] == "other validation cases"
+    assert marks["relabelled"]["tied"] is None and marks["relabelled"]["note"] == "other validation labels"
+    assert marks["same"]["tied"] is True and marks["same"]["p"] == 1.0

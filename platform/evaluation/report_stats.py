@@ -46,7 +46,7 @@ def report_statistics(
     if subgroups is not None:
         metrics["subgroups"] = subgroup_metrics(
             y_true, probs, patients, subgroups, class_names, ranking=probs_raw, min_patients=min_patients,
-            n_resamples=max(n_resamples, 1), seed=seed, threshold=threshold)
+            n_resamples=n_resamples, seed=seed, threshold=threshold)
 
 
 def _row(metric: str, entry: dict[str, Any]) -> dict[str, Any]:

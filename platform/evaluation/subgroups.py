@@ -132,6 +132,9 @@ def _group_scores(y_true, probs, ranked, patients, class_names, n_resamples, see
         # CRG is undefined without a positive (or a negative) label: say so instead of failing the report
         return {"auroc": None, "f1": None, "crg": None, "note": "all labels one value in this group"}
     point = score_predictions(y_true, probs, class_names=class_names, threshold=threshold, ranking=ranked)
+    if n_resamples < 1:  # estimates only
+        return {metric: {"estimate": value, "low": None, "high": None, "valid_resamples": 0} for metric, value in
+                (("auroc", point["macro"]["auroc"]), ("f1", point["macro"]["f1"]), ("crg", point["crg"]["crg"]))}
     ci = confidence_intervals(y_true, probs, patients, class_names, point, ranking=ranked, n_resamples=n_resamples,
                               seed=seed, threshold=threshold)
     return {"auroc": ci["macro"]["auroc"], "f1": ci["macro"]["f1"], "crg": ci["crg"]}
