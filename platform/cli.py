@@ -101,13 +101,28 @@ def cmd_train_evaluate(cfg, mode: str) -> int:
             checkpoint = str(candidate)
         report_dir = Path(cfg.report_dir) if getattr(cfg, "report_dir", None) else run_dir / "report"
         bundle_dir = run_dir / "bundle" if not Path(checkpoint).is_dir() else None
-        metrics = evaluate(checkpoint, train.slice_dir, report_dir, bundle_dir=bundle_dir, device=_device(train))
-        print(f"validation macro AUROC {metrics['macro']['auroc']:.4f}  macro F1 {metrics['macro']['f1']:.4f}  "
-              f"CRG {metrics['crg']['crg']:.4f}  (volume level, calibrated)")
+        metrics = evaluate(checkpoint, train.slice_dir, report_dir, bundle_dir=bundle_dir, device=_device(train),
+                           subgroup_metadata=cfg.subgroup_metadata, bootstrap_resamples=cfg.bootstrap_resamples,
+                           bootstrap_seed=cfg.bootstrap_seed, min_group_patients=cfg.min_group_patients)
+        print(summary_line(metrics))
         print(f"report: {report_dir / 'report.html'}")
         if bundle_dir is not None:
             print(f"model bundle: {bundle_dir}")
     return 0
+
+
+def summary_line(metrics: dict) -> str:
+    """The run summary: each headline metric with its 95% patient-bootstrap interval when the report has one."""
+    from ctplatform.evaluation.bootstrap import format_interval
+
+    ci = metrics.get("confidence_intervals")
+    if ci is None:
+        return (f"validation macro AUROC {metrics['macro']['auroc']:.4f}  macro F1 {metrics['macro']['f1']:.4f}  "
+                f"CRG {metrics['crg']['crg']:.4f}  (volume level, calibrated)")
+    return (f"validation macro AUROC {format_interval(ci['macro']['auroc'])}  macro F1 "
+            f"{format_interval(ci['macro']['f1'])}  CRG {format_interval(ci['crg'])}  (volume level, calibrated; "
+            f"[95% CI]: {ci['resamples']} patient-bootstrap resamples of {ci['patients']} patients, seed "
+            f"{ci['seed']})")
 
 
 def cmd_run(cfg) -> int:
@@ -117,9 +132,32 @@ def cmd_run(cfg) -> int:
 def cmd_score(cfg) -> int:
     from ctplatform.evaluation.evaluate import score_files
 
-    metrics = score_files(cfg.labels, cfg.predictions, out_dir=cfg.out)
-    macro = metrics["macro"]
-    print(json.dumps({"macro": macro, "crg": metrics["crg"]["crg"], "n_exams": metrics["n_exams"]}, indent=2))
+    metrics = score_files(cfg.labels, cfg.predictions, out_dir=cfg.out, bootstrap_resamples=cfg.bootstrap_resamples,
+                          bootstrap_seed=cfg.bootstrap_seed)
+    shown = {"macro": metrics["macro"], "crg": metrics["crg"]["crg"], "n_exams": metrics["n_exams"]}
+    if "confidence_intervals" in metrics:
+        ci = metrics["confidence_intervals"]
+        shown["patient_bootstrap_95ci"] = {
+            "macro_auroc": [ci["macro"]["auroc"]["low"], ci["macro"]["auroc"]["high"]],
+            "macro_f1": [ci["macro"]["f1"]["low"], ci["macro"]["f1"]["high"]],
+            "crg": [ci["crg"]["low"], ci["crg"]["high"]], "resamples": ci["resamples"], "seed": ci["seed"]}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def cmd_compare(cfg) -> int:
+    from ctplatform.atomic import write_json_atomic
+    from ctplatform.evaluation.compare import compare_runs, format_comparison
+    from ctplatform.evaluation.run_files import aligned_labels, load_run
+
+    run_a, run_b = load_run(cfg.run_a), load_run(cfg.run_b)
+    labels = aligned_labels(cfg.labels, run_a.names, run_a.class_names) if cfg.labels else None
+    result = compare_runs(run_a, run_b, labels, resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed,
+                          alpha=cfg.alpha)
+    print(format_comparison(result))
+    if cfg.out:
+        write_json_atomic(cfg.out, result)
+        print(f"comparison written to {cfg.out}")
     return 0
 
 
@@ -158,6 +196,8 @@ COMMANDS = {
     "predict": (cmd_predict, "predict files with a bundle or checkpoint"),
     "tune": (cmd_tune, "hyper-parameter sweep: Optuna + ASHA over Ray Train trials"),
     "score": (cmd_score, "score predictions (CSV or results.json) against a labels CSV"),
+    "compare": (cmd_compare, "test two evaluated runs against each other: AUROC (DeLong), macro F1 and CRG "
+                             "(paired patient bootstrap)"),
     "serve": (serve_cli.cmd_serve, "serve a model bundle over HTTP (Ray Serve; OpenAPI docs at /docs)"),
 }
 DESCRIPTIONS = {"serve": serve_cli.DESCRIPTION}

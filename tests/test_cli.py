@@ -120,6 +120,8 @@ def test_score_command_scores_like_scikit_learn_and_names_a_missing_case(tiny_da
     scored = [j for j in range(len(CLASS_NAMES)) if 0 < truth[:, j].sum() < len(truth)]
     expected = np.mean([roc_auc_score(truth[:, j], probabilities[:, j]) for j in scored])
     assert json.loads(out.stdout)["macro"]["auroc"] == pytest.approx(expected, abs=1e-9)
+    low, high = json.loads(out.stdout)["patient_bootstrap_95ci"]["macro_auroc"]  # patients resampled, 1000 times
+    assert low < expected < high and json.loads(out.stdout)["patient_bootstrap_95ci"]["resamples"] == 1000
     written = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert written["macro"]["auroc"] == pytest.approx(expected, abs=1e-9)
     predictions.iloc[1:].to_csv(tmp_path / "short.csv", index=False)

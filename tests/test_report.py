@@ -71,7 +71,7 @@ def test_calibrated_report_writes_every_file(tmp_path) -> None:
     assert all(name in markdown for name in CLASS_NAMES)
 
     page = (out / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 2
+    assert page.count('src="data:image/png;base64,') == 3  # ROC, PR, reliability
     assert all(name in page for name in CLASS_NAMES)
     assert "uncalibrated" in page and "Slice level" in page
 

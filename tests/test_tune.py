@@ -1,5 +1,6 @@
 """Sweeps on a real local Ray: Optuna records trials, ASHA stops some, the best epoch is exported; resumable."""
 
+import json
 import os
 import signal
 import subprocess
@@ -111,6 +112,12 @@ def test_sweep_optuna_asha_fault_tolerance_and_best_epoch_bundle(tiny_cache, tmp
     assert predictor.predict_prepared(slices).probabilities.shape == (18,)
     for plot in ("optimization_history.png", "parallel_coordinates.png"):
         assert (sweep / "summary" / plot).is_file()
+    # every trial's checkpoint kept its validation predictions: each is tested against the best trial's
+    marks = pd.read_csv(sweep / "summary" / "trials.csv", keep_default_na=False)["tied_with_best"]
+    assert sorted(marks)[0] == "best" and set(marks) <= {"best", "yes", "no"} and (marks == "best").sum() == 1
+    assert summary["tied_with_best"] == trials.loc[marks == "yes", "trial_id"].tolist()
+    report = json.loads((bundle / "report" / "metrics.json").read_text())
+    assert report["confidence_intervals"]["resamples"] == 1000
 
 
 def test_sweep_driver_killed_then_resumed_runs_each_trial_once(tiny_cache, tmp_path, space_file):

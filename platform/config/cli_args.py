@@ -104,6 +104,10 @@ def _default_text(item: dataclasses.Field) -> str:
 
 def _add_flag(group, item: dataclasses.Field, hint: Any) -> None:
     meta = item.metadata
+    if meta.get("positional"):
+        group.add_argument(item.name, metavar=meta.get("metavar"), help=meta.get("help") or "",
+                           type=lambda text, item=item, hint=hint: _parse_flag(text, item, hint))
+        return
     flags = [meta.get("flag") or "--" + item.name.replace("_", "-"), *meta.get("aliases", ())]
     kwargs: dict[str, Any] = {"dest": item.name, "default": argparse.SUPPRESS,
                               "help": (meta.get("help") or "") + _default_text(item)}

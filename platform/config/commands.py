@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ctplatform.config.compare import CompareConfig
 from ctplatform.config.predict import EvaluateConfig, ModeConfig, PredictConfig, ScoreConfig
 from ctplatform.config.prepare import DemoConfig, PrepareConfig, SyntheticDataConfig
 from ctplatform.config.resources import DeviceConfig
@@ -39,7 +40,7 @@ class TuneCommand(TuneConfig, TrainConfig):
 COMMAND_CONFIGS: dict[str, type] = {
     "run": RunCommand, "train": TrainConfig, "evaluate": EvaluateCommand, "predict": PredictCommand,
     "tune": TuneCommand, "prepare": PrepareConfig, "demo-data": SyntheticDataConfig, "demo": DemoConfig,
-    "score": ScoreConfig, "serve": ServeConfig,
+    "score": ScoreConfig, "serve": ServeConfig, "compare": CompareConfig,
 }
 
 

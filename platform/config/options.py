@@ -27,6 +27,7 @@ def option(
     required: bool = False,
     secret: bool = False,
     cli: bool = True,
+    positional: bool = False,
 ) -> Any:
     """A dataclass field with its flag's description.
 
@@ -35,11 +36,12 @@ def option(
     takes no value and sets this constant (`--cpu` sets `use_gpu` to False); `parse` turns the flag's text (or a
     config file's value) into the field's value where the annotation alone cannot; `required` makes a command
     refuse to run without a value (from the command line or a config file); `cli=False` keeps a field out of the
-    command line (set by code or config files only).
+    command line (set by code or config files only); `positional=True` makes it a positional argument
+    (`ctplatform compare RUN_A RUN_B`), named by `metavar`.
     """
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "aliases": tuple(aliases),
                 "flag": flag, "const": const, "parse": parse, "metavar": metavar, "required": required,
-                "secret": secret, "cli": cli}
+                "secret": secret, "cli": cli, "positional": positional}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

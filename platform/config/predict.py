@@ -29,6 +29,13 @@ class EvaluateConfig(ModelSourceConfig):
     """Evaluation"""
 
     report_dir: str | None = option(None, "evaluation report folder (default <run>/report)")
+    subgroup_metadata: str | None = option(None, "CT-RATE metadata CSV of the evaluated split (PatientSex, PatientAge, "
+                                                 "Manufacturer): adds metrics per sex, age band and scanner maker "
+                                                 "to the report", metavar="CSV")
+    bootstrap_resamples: int = option(1000, "patient-bootstrap resamples for the report's 95%% confidence intervals "
+                                            "(0: none)")
+    bootstrap_seed: int = option(0, "seed of the bootstrap resamples (recorded in metrics.json)")
+    min_group_patients: int = option(30, "subgroups with fewer patients are reported as too small")
 
 
 @dataclass
@@ -49,4 +56,6 @@ class ScoreConfig:
     labels: str | None = option(None, "ground-truth labels CSV", required=True)
     predictions: str | None = option(None, "predictions CSV or the challenge's results.json", required=True)
     out: str | None = option(None, "folder for metrics.json")
+    bootstrap_resamples: int = option(1000, "patient-bootstrap resamples for 95%% confidence intervals (0: none)")
+    bootstrap_seed: int = option(0, "seed of the bootstrap resamples (recorded in metrics.json)")
 

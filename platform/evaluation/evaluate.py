@@ -27,12 +27,14 @@ import numpy as np
 
 from ctplatform.atomic import write_json_atomic
 from ctplatform.data.datasets import load_cache_index
+from ctplatform.evaluation.bootstrap import DEFAULT_RESAMPLES, confidence_intervals, patients_of
 from ctplatform.evaluation.calibration import fit_calibration
 from ctplatform.evaluation.decision import DECISION_THRESHOLD
 from ctplatform.evaluation.metrics import score_predictions
 from ctplatform.evaluation.predictor import Predictor
 from ctplatform.evaluation.report import write_report
 from ctplatform.evaluation.results import align_to_labels, read_labels_table, read_predictions
+from ctplatform.evaluation.subgroups import DEFAULT_MIN_PATIENTS, read_subgroups
 from ctplatform.labels import CLASS_NAMES
 from ctplatform.model.bundle import export_bundle
 
@@ -90,12 +92,17 @@ def evaluate(
     *,
     bundle_dir: str | Path | None = None,
     device: str | None = None,
+    subgroup_metadata: str | os.PathLike | None = None,
+    bootstrap_resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = 0,
+    min_group_patients: int = DEFAULT_MIN_PATIENTS,
 ) -> dict:
     """Score `source` (bundle or checkpoint) on the validation split; write the report, export a bundle.
 
     Returns the report's metrics (``metrics.json``): ``macro``/``per_class``/``crg`` of the calibrated decisions
-    with the model's AUROC, ``uncalibrated``, ``slice_level`` and, when the calibration was fitted here,
-    ``held_out_calibration``.
+    with the model's AUROC, ``uncalibrated``, ``slice_level``, ``confidence_intervals`` (patient bootstrap,
+    ``bootstrap_resamples`` with ``bootstrap_seed``), ``calibration_error``, ``subgroups`` when a CT-RATE metadata
+    CSV is given (``subgroup_metadata``) and, when the calibration was fitted here, ``held_out_calibration``.
     """
     predictor = Predictor.from_path(source, device=device)
     split = predict_split(predictor, slice_dir)
@@ -105,8 +112,11 @@ def evaluate(
     if predictor.spec.calibration is None:
         predictor.spec.calibration = fit_calibration(y_true, raw)
         held_out = held_out_calibrated(y_true, raw, split["patients"])
+    subgroups = read_subgroups(subgroup_metadata, split["names"]) if subgroup_metadata else None
     metrics = write_report(report_dir, split["names"], y_true, raw, predictor.calibrate(raw), CLASS_NAMES,
-                           slice_level=slice_level, held_out=held_out)
+                           slice_level=slice_level, held_out=held_out, patients=split["patients"],
+                           subgroups=subgroups, bootstrap_resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed,
+                           min_group_patients=min_group_patients)
     if bundle_dir is not None:
         predictor.spec.metrics = {
             "validation_volumes": len(split["names"]),
@@ -115,6 +125,13 @@ def evaluate(
             "crg_calibrated": metrics["crg"]["crg"],
             "macro_f1_uncalibrated": metrics["uncalibrated"]["macro"]["f1"],
         }
+        if "confidence_intervals" in metrics:
+            ci = metrics["confidence_intervals"]
+            predictor.spec.metrics["confidence_intervals_95"] = {
+                "macro_auroc": [ci["macro"]["auroc"]["low"], ci["macro"]["auroc"]["high"]],
+                "macro_f1_calibrated": [ci["macro"]["f1"]["low"], ci["macro"]["f1"]["high"]],
+                "crg_calibrated": [ci["crg"]["low"], ci["crg"]["high"]],
+                "resamples": ci["resamples"], "seed": ci["seed"], "unit": "patient"}
         if held_out is not None:
             predictor.spec.metrics.update(
                 macro_f1_calibrated_crossfit=metrics["held_out_calibration"]["macro"]["f1"],
@@ -130,17 +147,25 @@ def score_files(
     out_dir: str | os.PathLike | None = None,
     class_names: Sequence[str] = CLASS_NAMES,
     threshold: float = DECISION_THRESHOLD,
+    bootstrap_resamples: int = 0,
+    bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
     """Score a predictions file (CSV, or ``results.json`` when it ends in ``.json``) against a labels CSV.
 
     Cases are matched by name with extensions stripped (``train_1_a_1.nii.gz`` == ``train_1_a_1``). Every
     labelled case must have a prediction (else ValueError naming it); predictions for unlabelled cases are
-    ignored, as the challenge scores only its own cases. Writes ``metrics.json`` into ``out_dir`` if given.
+    ignored, as the challenge scores only its own cases. Writes ``metrics.json`` into ``out_dir`` if given. With
+    ``bootstrap_resamples`` > 0 (`ctplatform score` asks for 1,000), adds ``confidence_intervals`` (patients read
+    from the CT-RATE case names).
     """
     label_names, y_true = read_labels_table(labels_csv, class_names)
     predicted_names, predicted_probs = read_predictions(predictions_path, class_names)
     probs = align_to_labels(label_names, predicted_names, predicted_probs, str(labels_csv), str(predictions_path))
     metrics = score_predictions(y_true, probs, class_names=class_names, threshold=threshold)
+    if bootstrap_resamples > 0:
+        metrics["confidence_intervals"] = confidence_intervals(
+            y_true, probs, patients_of(label_names), class_names, metrics, n_resamples=bootstrap_resamples,
+            seed=bootstrap_seed, threshold=threshold)
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / "metrics.json", metrics)
     return metrics

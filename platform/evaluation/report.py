@@ -5,11 +5,15 @@
 * ``metrics.json``: volume-level metrics of the reported probabilities (calibrated if given, else raw) with the
   AUROC of the raw ones (a calibration never changes it), the ``"uncalibrated"`` metrics of the raw
   probabilities, ``"held_out_calibration"`` (decisions of a calibration fitted without the case) and
-  ``"slice_level"`` metrics if asked for;
+  ``"slice_level"`` metrics if asked for; ``"confidence_intervals"`` (patient bootstrap: macro AUROC, macro F1,
+  CRG, per-class AUROC, with resamples and seed), ``"calibration_error"`` (ECE per class, before and after
+  calibration) and, with subgroup labels, ``"subgroups"`` (:mod:`ctplatform.evaluation.report_stats`);
+* ``labels.csv``: the labels scored against (so `ctplatform compare` can test two runs on the same cases), and
+  ``predictions_uncalibrated.csv``, the model's own probabilities, when a calibration was applied;
 * ``predictions.csv``: ``VolumeName`` + one probability column per exact class name;
 * ``results.json``: the same probabilities in the challenge's submission format;
 * ``per_class.csv`` / ``per_class.md``: one row per class, before and after calibration;
-* ``roc_curves.png`` / ``pr_curves.png``: one panel per class;
+* ``roc_curves.png`` / ``pr_curves.png`` / ``reliability.png``: one panel per class;
 * ``report.html``: self-contained (images embedded as base64 data URIs).
 
 Every file is written atomically (temp file in the same folder, then ``os.replace``), so a reader polling the
@@ -30,10 +34,20 @@ import numpy as np
 import pandas as pd
 
 from ctplatform.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from ctplatform.evaluation.bootstrap import DEFAULT_RESAMPLES
 from ctplatform.evaluation.decision import DECISION_THRESHOLD
 from ctplatform.evaluation.metrics import METRIC_NAMES, score_predictions
 from ctplatform.evaluation.plots import curve_pngs
+from ctplatform.evaluation.reliability import reliability_png
+from ctplatform.evaluation.report_stats import (
+    calibration_table,
+    interval_note,
+    interval_table,
+    report_statistics,
+    subgroup_table,
+)
 from ctplatform.evaluation.results import write_predictions_csv, write_results_json
+from ctplatform.evaluation.subgroups import DEFAULT_MIN_PATIENTS
 from ctplatform.labels import CLASS_NAMES
 
 DEFAULT_TITLE = "CT-RATE multi-abnormality classification: evaluation report"
@@ -144,6 +158,7 @@ def _report_html(
     roc_png: bytes,
     pr_png: bytes,
     calibrated: bool,
+    reliability: bytes,
 ) -> str:
     def image(png: bytes, alt: str) -> str:
         return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
@@ -169,7 +184,21 @@ def _report_html(
         slice_metrics = metrics["slice_level"]
         slice_macro = pd.DataFrame([{**slice_metrics["macro"], "crg": slice_metrics["crg"]["crg"]}])
         parts += ["<h2>Slice level (raw)</h2>", _html_table(slice_macro)]
+    if "confidence_intervals" in metrics:
+        ci = metrics["confidence_intervals"]
+        parts += ["<h2>Confidence intervals</h2>", f"<p>{html.escape(interval_note(ci))}</p>",
+                  _html_table(interval_table(ci))]
+    if "subgroups" in metrics:
+        parts += ["<h2>Subgroups</h2>",
+                  f"<p>Macro AUROC, macro F1 and CRG per group, with patient-bootstrap intervals; groups under "
+                  f"{metrics['subgroups']['min_patients']} patients are too small to report.</p>",
+                  _html_table(subgroup_table(metrics["subgroups"]))]
     parts += [
+        "<h2>Calibration</h2>",
+        "<p>Expected calibration error (10 equal-width bins) and reliability diagrams, before and after the "
+        "calibration: points on the diagonal are calibrated probabilities.</p>",
+        _html_table(calibration_table(metrics["calibration_error"])),
+        image(reliability, "Reliability diagrams per class"),
         "<h2>Per class</h2>",
         "<p>Columns ending in <code>_uncalibrated</code> are before calibration.</p>" if calibrated else "",
         _html_table(per_class),
@@ -194,6 +223,12 @@ def write_report(
     title: str = DEFAULT_TITLE,
     threshold: float = DECISION_THRESHOLD,
     held_out: Any | None = None,
+    *,
+    patients: Sequence[Any] | None = None,
+    subgroups: pd.DataFrame | None = None,
+    bootstrap_resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = 0,
+    min_group_patients: int = DEFAULT_MIN_PATIENTS,
 ) -> dict[str, Any]:
     """Score and write the evaluation report into ``out_dir``; returns the metrics in ``metrics.json``.
 
@@ -203,6 +238,11 @@ def write_report(
     (N, C), calibrated probabilities where no case's calibration was fitted on it, adds the held-out estimate of
     the decision metrics under ``"held_out_calibration"``. ``slice_level={"y_true": (M, C), "probs": (M, C)}``
     adds slice-level metrics under ``"slice_level"``, for diagnosis only: the challenge scores volumes.
+
+    ``patients`` (one id per volume; default: the CT-RATE patient in each name) are what the bootstrap resamples
+    (``bootstrap_resamples``, ``bootstrap_seed``; 0 resamples leaves the intervals out); ``subgroups``, one row
+    per volume with ``sex``, ``age`` and ``manufacturer`` (:func:`~ctplatform.evaluation.subgroups.read_subgroups`),
+    adds per-group metrics (groups under ``min_group_patients`` patients reported as too small).
     """
     volume_names = [str(name) for name in volume_names]
     y_true, probs_raw, probs_calibrated, held_out = _check_report_inputs(
@@ -230,9 +270,15 @@ def write_report(
         metrics["slice_level"] = score_predictions(
             slice_level["y_true"], slice_level["probs"], class_names=class_names, threshold=threshold
         )
+    report_statistics(metrics, volume_names, y_true, probs, probs_raw, probs_calibrated, class_names, threshold,
+                      patients=patients, subgroups=subgroups, n_resamples=bootstrap_resamples, seed=bootstrap_seed,
+                      min_patients=min_group_patients)
     write_json_atomic(out_dir / "metrics.json", metrics)
 
     write_predictions_csv(out_dir / "predictions.csv", volume_names, probs, class_names)
+    write_predictions_csv(out_dir / "labels.csv", volume_names, y_true, class_names)
+    if calibrated:
+        write_predictions_csv(out_dir / "predictions_uncalibrated.csv", volume_names, probs_raw, class_names)
     write_results_json(out_dir / "results.json", volume_names, probs, class_names)
 
     per_class = _per_class_table(metrics, uncalibrated if calibrated else None)
@@ -242,12 +288,18 @@ def write_report(
         f"# {title}\n\n{metrics['n_exams']} exams, decisions at p >= {threshold:g}.\n\n## Macro\n\n"
         f"{_markdown_table(macro)}\n\n## Per class\n\n{_markdown_table(per_class)}\n"
     )
+    if "confidence_intervals" in metrics:
+        ci = metrics["confidence_intervals"]
+        markdown += f"\n## Confidence intervals\n\n{interval_note(ci)}\n\n{_markdown_table(interval_table(ci))}\n"
+    if "subgroups" in metrics:
+        markdown += f"\n## Subgroups\n\n{_markdown_table(subgroup_table(metrics['subgroups']))}\n"
     write_text_atomic(out_dir / "per_class.md", markdown)
 
     roc_png, pr_png = curve_pngs(y_true, probs_raw, probs_calibrated, class_names, metrics, threshold)
     write_bytes_atomic(out_dir / "roc_curves.png", roc_png)
     write_bytes_atomic(out_dir / "pr_curves.png", pr_png)
-    write_text_atomic(
-        out_dir / "report.html", _report_html(title, metrics, macro, per_class, roc_png, pr_png, calibrated)
-    )
+    reliability = reliability_png(y_true, probs_raw, probs_calibrated, class_names, metrics["calibration_error"])
+    write_bytes_atomic(out_dir / "reliability.png", reliability)
+    write_text_atomic(out_dir / "report.html",
+                      _report_html(title, metrics, macro, per_class, roc_png, pr_png, calibrated, reliability))
     return metrics

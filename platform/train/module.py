@@ -5,7 +5,8 @@ Optimisation: AdamW and ReduceLROnPlateau(factor 0.5, patience 5) on ``val_loss`
 ``MetricCollection`` per stage (:func:`~ctplatform.train.stage_metrics.stage_metrics`). The losses are logged as
 ``train_loss`` and ``val_loss`` (checkpoint names, early stopping and the scheduler monitor them); the validation
 scores as ``val/{level}_{metric}`` and ``val/volume_{metric}/{class}``, with ``val/volume_auroc`` (macro AUROC of
-volume probabilities) the headline.
+volume probabilities) the headline. Each checkpoint also keeps the volume predictions its epoch was scored on
+(``VALIDATION_PREDICTIONS_KEY``: plain lists and tensors, so ``torch.load(weights_only=True)`` still reads it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from ctplatform.train.lightning_import import pl
 from ctplatform.train.stage_metrics import stage_metrics
 
 HEADLINE_METRIC = "val/volume_auroc"
+# Checkpoint key of the epoch's validation volume predictions (names, patients, probabilities, labels): a sweep
+# compares trials on them (tune.summary: which trials are statistically tied with the best) without re-predicting.
+VALIDATION_PREDICTIONS_KEY = "validation_predictions"
 
 
 class CTClassifierModule(pl.LightningModule):
@@ -43,6 +47,7 @@ class CTClassifierModule(pl.LightningModule):
                                pos_weight=pos_weight)
         self.train_metrics = stage_metrics()
         self.val_metrics = stage_metrics(self.head.validation_scores())
+        self.validation_predictions: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -84,7 +89,24 @@ class CTClassifierModule(pl.LightningModule):
             # gathered from every process already: identical on every rank, logged without another reduction
             for name, value in scores.compute().items():
                 self.log(f"val/{name}", value, prog_bar=f"val/{name}" == HEADLINE_METRIC, sync_dist=False)
+            self.validation_predictions = self._kept_predictions(scores.last_volume_predictions)
         scores.reset()
+
+    def _kept_predictions(self, scored) -> dict | None:
+        if scored is None:
+            return None
+        rows, probs, targets = scored
+        index = getattr(getattr(self.trainer, "datamodule", None), "index", None)
+        if index is None:
+            return None
+        volumes = index.volumes.iloc[rows]
+        return {"epoch": int(self.current_epoch), "volume_names": [str(v) for v in volumes["VolumeName"]],
+                "patients": [str(p) for p in volumes["patient"]], "probs": torch.from_numpy(probs).double(),
+                "targets": torch.from_numpy(targets).to(torch.uint8)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.validation_predictions is not None:
+            checkpoint[VALIDATION_PREDICTIONS_KEY] = self.validation_predictions
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -72,6 +72,7 @@ class ValidationScores(Metric):
             raise ValueError("slice-level scores need slice items, which need an aggregation into volumes")
         self.aggregation, self.topk, self.slice_level = aggregation, topk, slice_level
         self.class_names = tuple(class_names)
+        self.last_volume_predictions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         for name in ("logits", "targets", "volumes", "items"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -112,7 +113,10 @@ class ValidationScores(Metric):
         if self.slice_level:
             slice_scores = multilabel_scores(torch.from_numpy(probs), torch.from_numpy(targets))
             scores.update({f"slice_{name}": value for name, value in slice_scores.items()})
-        _, volume_probs, volume_targets = self._volumes(probs, targets, volumes)
+        ids, volume_probs, volume_targets = self._volumes(probs, targets, volumes)
+        # what was just scored, gathered from every process (compute() runs on the synced state): the module
+        # keeps it in the epoch's checkpoint, where a sweep's tie test finds it
+        self.last_volume_predictions = (ids, volume_probs, volume_targets)
         volume_scores = multilabel_scores(torch.from_numpy(volume_probs), torch.from_numpy(volume_targets),
                                           self.class_names)
         scores.update({f"volume_{name}": value for name, value in volume_scores.items()})

@@ -1,4 +1,10 @@
-"""Sweep results: a trials table kept current while the sweep runs, and the final summary with plots."""
+"""Sweep results: a trials table kept current while the sweep runs, and the final summary with plots.
+
+The summary marks the trials whose macro AUROC is not significantly below the best trial's (``tied_with_best``;
+DeLong's paired test, cluster-robust by patient, on the validation predictions each trial's best epoch was scored
+on, which its checkpoint keeps: no trial is predicted again). Two trials 0.005 apart on a few thousand validation
+volumes are often not different: pick among the tied ones by cost or simplicity, not by the third decimal.
+"""
 
 from __future__ import annotations
 
@@ -92,24 +98,82 @@ def trials_frame(results, space: SearchSpace, max_epochs: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _best_epoch(result, space: SearchSpace) -> tuple[float, str, int] | None:
+    """(metric, checkpoint path, epoch) of a trial's best epoch that has a checkpoint, from its metrics history."""
+    frame = result.metrics_dataframe
+    if frame is None or space.metric not in frame or "checkpoint_path" not in frame:
+        return None
+    frame = frame.dropna(subset=[space.metric, "checkpoint_path"])
+    if frame.empty:
+        return None
+    index = frame[space.metric].idxmax() if space.mode == "max" else frame[space.metric].idxmin()
+    return (float(frame.loc[index, space.metric]), str(frame.loc[index, "checkpoint_path"]),
+            int(frame.loc[index, "training_iteration"]))
+
+
 def best_checkpoint(results, space: SearchSpace) -> tuple[str | None, dict]:
     """The checkpoint of the best epoch (not the last) of the best trial, from its metrics history."""
     best_value, best_path, best_row = None, None, {}
     for result in results:
-        frame = result.metrics_dataframe
-        if frame is None or space.metric not in frame or "checkpoint_path" not in frame:
+        best = _best_epoch(result, space)
+        if best is None:
             continue
-        frame = frame.dropna(subset=[space.metric, "checkpoint_path"])
-        if frame.empty:
-            continue
-        index = frame[space.metric].idxmax() if space.mode == "max" else frame[space.metric].idxmin()
-        value = float(frame.loc[index, space.metric])
+        value, path, epoch = best
         if best_value is None or (value > best_value if space.mode == "max" else value < best_value):
-            best_value, best_path = value, str(frame.loc[index, "checkpoint_path"])
-            best_row = {"best_trial": Path(result.path).name, "best_epoch": int(frame.loc[index, "training_iteration"]),
+            best_value, best_path = value, path
+            best_row = {"best_trial": Path(result.path).name, "best_epoch": epoch,
                         "best_" + space.metric: value, "best_config": {k: v for k, v in result.config.items()
                                                                       if k in space.params}}
     return best_path, best_row
+
+
+def read_validation_predictions(checkpoint_dir: str) -> dict | None:
+    """The validation predictions a trial's checkpoint keeps (None for a URI, a missing file or an older
+    checkpoint without them). Memory-mapped: only the predictions are read, not the weights."""
+    import torch
+
+    from ctplatform.train.module import VALIDATION_PREDICTIONS_KEY
+
+    path = Path(checkpoint_dir) / "checkpoint.ckpt"
+    if "://" in checkpoint_dir or not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    kept = checkpoint.get(VALIDATION_PREDICTIONS_KEY)
+    if kept is None:
+        return None
+    return {**kept, "probs": kept["probs"].double().numpy(), "targets": kept["targets"].numpy()}
+
+
+def mark_ties(frame: pd.DataFrame, results, space: SearchSpace, best_trial: str | None,
+              alpha: float = 0.05) -> tuple[pd.DataFrame, str]:
+    """Add ``tied_with_best`` (yes / no / best / n/a) and ``p_vs_best`` to the trials table; returns it and a
+    one-line note."""
+    from ctplatform.evaluation.compare import ties_with_best
+
+    frame = frame.copy()
+    frame["tied_with_best"], frame["p_vs_best"] = "n/a", None
+    if best_trial is None or not len(frame):
+        return frame, ""
+    predictions, row_of = {}, {}
+    for position, result in enumerate(results):
+        best = _best_epoch(result, space)
+        kept = read_validation_predictions(best[1]) if best is not None else None
+        if kept is not None:
+            predictions[Path(result.path).name] = kept
+            row_of[Path(result.path).name] = frame.index[position]
+    if best_trial not in predictions:
+        return frame, ("tie test n/a: the best trial's checkpoint keeps no validation predictions (an object-store "
+                       "URI or a checkpoint from an older version)")
+    for trial, test in ties_with_best(predictions, best_trial, alpha).items():
+        label = {True: "yes", False: "no", None: "n/a"}[test["tied"]]
+        frame.loc[row_of[trial], ["tied_with_best", "p_vs_best"]] = ["best" if trial == best_trial else label,
+                                                                      test["p"]]
+    tied = int((frame["tied_with_best"] == "yes").sum())
+    return frame, (f"{tied} trial(s) statistically tied with the best (macro AUROC not significantly below it: "
+                   f"DeLong, patient-clustered, two-sided p >= {alpha:g})")
 
 
 def _optuna_plots(sweep_dir: str, name: str, out: Path) -> list[str]:
@@ -146,10 +210,13 @@ def write_summary(results, space: SearchSpace, max_epochs: int, sweep_dir: str, 
     trial holds, what the cluster has) follows the failures that waited for resources."""
     frame = trials_frame(results, space, max_epochs)
     path, best = best_checkpoint(results, space)
+    frame, ties_note = mark_ties(frame, results, space, best.get("best_trial"))
     summary = {"sweep_dir": sweep_dir, "trials": len(frame), "best_checkpoint": path, **best,
                "epochs_trained": int(frame["epochs"].sum()) if len(frame) else 0,
                "stopped_early": int((frame["state"] == "stopped early").sum()) if len(frame) else 0,
-               "errors": int((frame["state"] == "error").sum()) if len(frame) else 0}
+               "errors": int((frame["state"] == "error").sum()) if len(frame) else 0,
+               "tied_with_best": frame.loc[frame["tied_with_best"] == "yes", "trial_id"].tolist() if len(frame)
+               else []}
     out = Path(sweep_dir) / "summary"
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "trials.csv", frame.to_csv(index=False))
@@ -157,6 +224,8 @@ def write_summary(results, space: SearchSpace, max_epochs: int, sweep_dir: str, 
     summary["plots"] = _optuna_plots(sweep_dir, settings.name, out)
     shown = frame.drop(columns=["error"]) if len(frame) else frame
     print("\nSweep summary\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    if ties_note:
+        print(ties_note, flush=True)
     for _, row in frame[frame["state"] == "error"].iterrows() if len(frame) else ():
         waited = "worker group" in row["error"].lower() and resources_note
         print(f"trial {row['trial_id']} failed: {row['error']}" + (f" ({resources_note})" if waited else ""),
