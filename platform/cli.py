@@ -145,6 +145,15 @@ def cmd_score(cfg) -> int:
     return 0
 
 
+def cmd_bundle(cfg) -> int:
+    from ctplatform.config.options import check_choices
+    from ctplatform.model.bundle_check import check_bundle
+
+    check_choices(cfg)
+    print(check_bundle(cfg.bundle).line())
+    return 0
+
+
 def cmd_compare(cfg) -> int:
     from ctplatform.atomic import write_json_atomic
     from ctplatform.evaluation.compare import compare_runs, format_comparison
@@ -198,6 +207,8 @@ COMMANDS = {
     "score": (cmd_score, "score predictions (CSV or results.json) against a labels CSV"),
     "compare": (cmd_compare, "test two evaluated runs against each other: AUROC (DeLong), macro F1 and CRG "
                              "(paired patient bootstrap)"),
+    "bundle": (cmd_bundle, "check a model bundle (schema, calibration, weights against the architecture) without "
+                           "deploying it"),
     "serve": (serve_cli.cmd_serve, "serve a model bundle over HTTP (Ray Serve; OpenAPI docs at /docs)"),
 }
 DESCRIPTIONS = {"serve": serve_cli.DESCRIPTION}

@@ -141,3 +141,13 @@ def test_an_oversized_metadata_file_is_refused_before_it_is_parsed(good_bundle, 
         json.dumps({"format": "ctplatform-bundle", "pad": "x" * (2 << 20)})))
     with pytest.raises(BundleError, match="more than a bundle's metadata can be"):
         check_bundle(bundle)
+
+
+def test_bundle_check_command(good_bundle, tmp_path):
+    exe = Path(sys.executable).with_name("ctplatform")
+    good = subprocess.run([str(exe), "bundle", "check", str(good_bundle)], capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0 and good.stdout.startswith(f"{good_bundle.resolve()}: ok: efficientnet_b0"), good
+    bad_bundle = tampered(good_bundle, tmp_path, truncate_weights)
+    bad = subprocess.run([str(exe), "bundle", "check", str(bad_bundle)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == "", bad
+    assert bad.stderr.count("\n") == 1 and f"{bad_bundle / 'model.safetensors'}: unreadable weights" in bad.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ctplatform.config.bundle import BundleCommandConfig
 from ctplatform.config.compare import CompareConfig
 from ctplatform.config.predict import EvaluateConfig, ModeConfig, PredictConfig, ScoreConfig
 from ctplatform.config.prepare import DemoConfig, PrepareConfig, SyntheticDataConfig
@@ -40,7 +41,7 @@ class TuneCommand(TuneConfig, TrainConfig):
 COMMAND_CONFIGS: dict[str, type] = {
     "run": RunCommand, "train": TrainConfig, "evaluate": EvaluateCommand, "predict": PredictCommand,
     "tune": TuneCommand, "prepare": PrepareConfig, "demo-data": SyntheticDataConfig, "demo": DemoConfig,
-    "score": ScoreConfig, "serve": ServeConfig, "compare": CompareConfig,
+    "score": ScoreConfig, "bundle": BundleCommandConfig, "serve": ServeConfig, "compare": CompareConfig,
 }
 
 
