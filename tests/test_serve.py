@@ -493,6 +493,7 @@ def test_overload_gets_a_fast_503_and_the_service_recovers(service):
     assert rejected, "40 concurrent volumes against 4 ongoing + 4 queued: some must be refused"
     assert statuses.count(200) >= 4
     assert max(t for t, _ in rejected) < 2.0, rejected  # refused at once, not after waiting in a queue
+    assert all(retry == "1" for _, retry in rejected), rejected  # and told when to come back
     assert_good_request_works(service["client"])
 
 

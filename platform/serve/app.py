@@ -17,6 +17,9 @@ from ctplatform.serve.inputs import ServeLimits
 from ctplatform.serve.model_deployment import ModelServer
 
 APP_NAME = "ctplatform"
+# Seconds a client refused for overload is told to wait (`Retry-After` on Serve's own 503 when the ingress queue is
+# full; the ingress's 503s for a busy or restarting model carry theirs).
+OVERLOAD_RETRY_AFTER_S = 1.0
 
 
 def _replicas(options: dict, replicas: int | tuple[int, int] | None, target_ongoing: float) -> dict:
@@ -55,6 +58,7 @@ def build_app(config: ServeConfig) -> serve.Application:
     ingress_options = _replicas(
         {"ray_actor_options": {"num_cpus": config.ingress_cpus},
          "max_ongoing_requests": config.max_ongoing, "max_queued_requests": config.max_queued,
+         "backpressure_config": {"retry_after_s": OVERLOAD_RETRY_AFTER_S},
          "graceful_shutdown_timeout_s": config.request_timeout},
         config.ingress_replicas, target_ongoing=max(1.0, config.max_ongoing / 2))
     model = ModelServer.options(**model_options).bind(
