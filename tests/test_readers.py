@@ -280,6 +280,77 @@ def test_header_declaring_terabytes_is_refused_before_decompression():
         read_volume(data, name="huge.nii.gz")
 
 
+def _with_vox_offset(shape_xyz, offset: int) -> bytes:
+    """A NIfTI-1 whose header puts the image `offset` bytes in (zeros in between, as a bomb's filler would be)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape_xyz)
+    header.set_data_dtype(np.int16)
+    header.set_data_offset(offset)
+    image = np.arange(int(np.prod(shape_xyz)), dtype=np.int16).tobytes()
+    return header.binaryblock + bytes(offset - 348) + image
+
+
+def test_a_vox_offset_far_beyond_the_header_is_refused_before_inflating():
+    """200 MB of filler between header and image, ~200 KB gzip-compressed: refused from the header, holding
+    nothing (before, the filler was inflated into one 200 MB buffer and the read went on)."""
+    import tracemalloc
+
+    bomb = gzip.compress(_with_vox_offset((8, 8, 4), 200 << 20), compresslevel=1)
+    assert len(bomb) < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataTooLargeError, match=r"vox_offset.*above the limit of 16,777,216") as refused:
+            read_volume(bomb, name="offset.nii.gz")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"vox_offset bomb ({len(bomb):,} bytes uploaded): refused with a peak of {peak / 2**20:.1f} MiB held")
+    assert peak < 16 << 20 and http_status(refused.value) == 413
+
+
+def test_extensions_within_the_limit_are_passed_over_chunk_by_chunk():
+    data = gzip.compress(_with_vox_offset((8, 8, 4), 3 << 20))  # 3 MB of extensions: more than one skip chunk
+    volume = read_volume(data, name="ext.nii.gz", limits=ReadLimits())
+    stored = np.arange(8 * 8 * 4, dtype=np.int16).reshape(4, 8, 8)  # (z, y, x) of what _with_vox_offset wrote
+    assert volume.hu.shape == (4, 8, 8) and volume.hu.std() > 0
+    assert sorted(volume.hu.ravel() - volume.hu.min()) == sorted((stored - stored.min()).ravel())
+    tight = ReadLimits(max_header_skip=1 << 20)
+    with pytest.raises(DataTooLargeError, match="vox_offset"):
+        read_volume(data, name="ext.nii.gz", limits=tight)
+
+
+def test_an_uncompressed_file_shorter_than_its_header_declares_is_refused_before_reading():
+    header = nib.Nifti1Header()
+    header.set_data_shape((512, 512, 300))
+    header.set_data_dtype(np.int16)
+    short = header.binaryblock + bytes(4) + bytes(1000)
+    with pytest.raises(CorruptDataError, match=r"declares 157,286,404 bytes after it, the file holds 1,004"):
+        read_volume(short, name="short.nii")
+
+
+def test_a_long_gzip_file_name_does_not_skip_the_header_check():
+    """A gzip member whose FNAME field is 100 KiB: the header after it is still read and checked (fail closed)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 3000))
+    header.set_data_dtype(np.int16)
+    member = gzip.compress(header.binaryblock + bytes(4))
+    flags = member[3] | 0x08  # FNAME: a zero-terminated name follows the 10-byte fixed header
+    named = member[:3] + bytes([flags]) + member[4:10] + b"n" * (100 << 10) + b"\0" + member[10:]
+    assert gzip.decompress(named) == header.binaryblock + bytes(4)  # a valid gzip file
+    with pytest.raises(DataTooLargeError, match="above the limit"):
+        read_volume(named, name="named.nii.gz")
+
+
+def test_mha_header_size_and_external_data_are_refused(tmp_path):
+    text = (b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_SHORT\nHeaderSize = 1000000000\n"
+            b"ElementDataFile = LOCAL\n") + bytes(128)
+    with pytest.raises(UnusableContentError, match="HeaderSize = 1000000000 is not supported"):
+        read_volume(text, name="skip.mha")
+    external = text.replace(b"HeaderSize = 1000000000\n", b"").replace(b"LOCAL", b"/etc/passwd")
+    with pytest.raises(UnusableContentError, match="external data file"):
+        read_volume(external, name="external.mha")
+
+
 @pytest.mark.parametrize(
     "payload, error, match",
     [

@@ -84,6 +84,24 @@ def terabyte_header():
     return gzip.compress(header.binaryblock + b"\x00" * 4)
 
 
+def vox_offset_bomb(offset=200 * MiB):
+    """A small .nii.gz whose header puts an 8x8x4 image `offset` bytes in: zeros in between, ~1000x compressed."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((8, 8, 4))
+    header.set_data_dtype(np.int16)
+    header.set_data_offset(offset)
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+    parts = [compressor.compress(header.binaryblock)]
+    parts += [compressor.compress(bytes(4 * MiB)) for _ in range(offset // (4 * MiB))]
+    return b"".join(parts) + compressor.flush()
+
+
+def long_gzip_name(payload=None):
+    """A gzip member with a 100 KiB FNAME field before a header that declares terabytes."""
+    member = payload or terabyte_header()
+    return member[:3] + bytes([member[3] | 0x08]) + member[4:10] + b"n" * (100 << 10) + b"\0" + member[10:]
+
+
 # ----------------------------------------------------------------------------------------------- the service
 def make_bundle(path, seed, image_size=64):
     import torch
@@ -320,6 +338,11 @@ MALFORMED = {
     "gzip-bomb": ("volume", "bomb.nii.gz", lambda: gzip_bomb((512, 512, 256)), 413),
     "gzip-bomb-tail": ("volume", "tail.nii.gz", lambda: gzip_bomb((16, 16, 8)), 422),
     "terabyte-header": ("volume", "huge.nii.gz", terabyte_header, 413),
+    "vox-offset-bomb": ("volume", "offset.nii.gz", vox_offset_bomb, 413),
+    "long-gzip-name": ("volume", "named.nii.gz", long_gzip_name, 413),
+    "short-nii": ("volume", "short.nii", lambda: gzip.decompress(nifti_gz(chest(seed=5)))[:20000], 422),
+    "mha-header-size": ("volume", "skip.mha", lambda: b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\n"
+                        b"ElementType = MET_SHORT\nHeaderSize = -1\nElementDataFile = LOCAL\n" + bytes(128), 422),
     "nan-spacing": ("volume", "nan.nii.gz", lambda: nifti_gz(chest(seed=6), zooms=(np.nan, 0.7, 2.0)), 422),
     "2d-volume": ("volume", "flat.nii",
                   lambda: nib.Nifti1Image(chest(seed=7)[5].astype(np.int16), np.eye(4)).to_bytes(), 422),

@@ -22,6 +22,10 @@ from ctplatform.data.errors import CorruptDataError, DataTooLargeError, Unusable
 
 # 1024 x 1024 x 600: above any CT-RATE volume (at most 1024^2 x ~330 slices), far below a memory-exhausting one.
 DEFAULT_MAX_VOXELS = 1024 * 1024 * 600
+# Bytes a header may put between itself and the image (NIfTI extensions, e.g. a DICOM header kept by a converter:
+# kilobytes in practice). A vox_offset of gigabytes is how a small upload would make a reader inflate gigabytes.
+DEFAULT_MAX_HEADER_SKIP = 16 << 20
+SKIP_CHUNK = 1 << 20
 
 
 @dataclass
@@ -60,6 +64,7 @@ class ReadLimits:
 
     max_voxels: int = DEFAULT_MAX_VOXELS
     max_decompressed_bytes: int | None = None  # image bytes a header may declare (what is inflated); None: no cap
+    max_header_skip: int = DEFAULT_MAX_HEADER_SKIP  # bytes between the header and the image data
     # Refuse a NaN or infinite spacing in the header (even where an affine would supply another one) and a
     # resulting spacing that is not finite and positive. Off for `prepare`, which takes spacing from metadata.
     require_spacing: bool = False
@@ -78,6 +83,9 @@ class ReadLimits:
         if header.voxels > self.max_voxels:
             raise DataTooLargeError(label, f"the header declares {header.voxels:,} voxels {header.shape}, above the "
                                            f"limit of {self.max_voxels:,}")
+        if header.skip > self.max_header_skip:
+            raise DataTooLargeError(label, f"the header puts the image data {header.skip:,} bytes after its end "
+                                           f"(vox_offset), above the limit of {self.max_header_skip:,}")
         if self.max_decompressed_bytes is not None and header.nbytes > self.max_decompressed_bytes:
             raise DataTooLargeError(label, f"the header declares {header.nbytes:,} bytes of image data, above the "
                                            f"decompression limit of {self.max_decompressed_bytes:,} bytes")
@@ -118,7 +126,31 @@ class VolumeReader(ABC):
         stream = self.decoded(stream, head)
         header = self.read_header(stream, label)
         dims = limits.check(header, label)
+        if not header.compressed:  # stored as is: what the header declares must be in the file
+            held = _bytes_left(stream)
+            if held is not None and header.skip + header.nbytes > held:
+                raise CorruptDataError(label, f"truncated: the header declares {header.skip + header.nbytes:,} bytes "
+                                              f"after it, the file holds {held:,}")
         return header, self.read_data(stream, header, dims, label)
+
+
+def _bytes_left(stream: BinaryIO) -> int | None:
+    """Bytes from the position to the end of a seekable stream (None where it cannot be known)."""
+    try:
+        if not stream.seekable():
+            return None
+        here = stream.tell()
+        end = stream.seek(0, 2)
+        stream.seek(here)
+        return end - here
+    except (OSError, ValueError):
+        return None
+
+
+def skip_exact(stream: BinaryIO, count: int, label: str) -> None:
+    """Pass over `count` bytes (inflating them where the stream is compressed) without holding more than a chunk."""
+    while count > 0:
+        count -= len(read_exact(stream, min(count, SKIP_CHUNK), label))
 
 
 def read_exact(stream: BinaryIO, count: int, label: str) -> bytes:

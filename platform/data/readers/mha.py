@@ -36,6 +36,11 @@ class MetaImageReader(VolumeReader):
         if fields["ElementDataFile"] != "LOCAL":
             raise UnusableContentError(label, "MetaImage with an external data file is not supported; use a single "
                                               ".mha")
+        if fields.get("HeaderSize", "0").strip() not in ("0", ""):
+            # MetaIO skips HeaderSize bytes (-1: reads the data from the end of the file): neither is what a
+            # one-file .mha writer produces, and honouring it lets a header point anywhere
+            raise UnusableContentError(label, f"MetaImage HeaderSize = {fields['HeaderSize']} is not supported (a "
+                                              "single .mha has its image data right after the header)")
         try:
             shape = tuple(int(v) for v in fields.get("DimSize", "").split())
             if int(fields.get("ElementNumberOfChannels", "1")) != 1:

@@ -10,7 +10,7 @@ import numpy as np
 from isal import igzip
 
 from ctplatform.data.errors import CorruptDataError, UnsupportedFormatError, UnusableContentError
-from ctplatform.data.readers.base import VolumeHeader, VolumeReader, read_exact, voxels_zyx
+from ctplatform.data.readers.base import VolumeHeader, VolumeReader, read_exact, skip_exact, voxels_zyx
 
 GZIP_MAGIC = b"\x1f\x8b"
 # sizeof_hdr, the first field, in either byte order: 348 (NIfTI-1) or 540 (NIfTI-2)
@@ -59,7 +59,7 @@ class NiftiReader(VolumeReader):
                             slope, intercept, skip=offset - sizeof)
 
     def read_data(self, stream: BinaryIO, header: VolumeHeader, dims: tuple[int, int, int], label: str) -> np.ndarray:
-        read_exact(stream, header.skip, label)  # extensions: skipped, never interpreted
+        skip_exact(stream, header.skip, label)  # extensions: passed over (capped by ReadLimits), never interpreted
         count = dims[0] * dims[1] * dims[2]
         # NIfTI stores x fastest (Fortran order): the C-order reshape of (z, y, x) is the same memory.
         return voxels_zyx(read_exact(stream, count * header.itemsize, label), header.dtype, dims)
