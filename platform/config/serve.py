@@ -81,7 +81,10 @@ class ServeLoadConfig:
     max_batch_slices: int = option(64, "slices per forward pass (default 64)")
     batch_wait_ms: float = option(10.0, "how long a batch waits to fill (default 10 ms)")
     request_timeout: float = option(60.0, "seconds per request (default 60)")
-    max_ongoing: int = option(8, "requests one ingress replica works on at once (default 8)")
+    # Requests in an ingress replica, uploads still arriving included: many, since the heavy work within them is
+    # bounded apart (decode_workers, the in-flight body budget), so slow uploads cannot take every slot.
+    max_ongoing: int = option(32, "requests one ingress replica holds at once, uploads in progress included "
+                                  "(default 32)")
     max_queued: int = option(32, "requests queued per caller before a fast 503 (default 32)")
     model_max_ongoing_requests: int = option(64, "requests one model replica works on at once", cli=False)
     model_max_queued_requests: int = option(256, "requests queued per caller of the model before a fast 503",
@@ -97,6 +100,11 @@ class UploadLimitsConfig:
     max_decompressed_mb: float = option(2048, "image bytes a volume header may declare, i.e. what is decompressed "
                                               "(default 2048 MiB)")
     decode_workers: int = option(2, "volumes decoded at once per ingress replica (default 2)")
+    body_timeout: float = option(60.0, "seconds a client has to send its whole request body; 408 after (default 60)")
+    min_body_rate_kib: float = option(64, "slowest average upload rate accepted after the first 5 s, KiB/s; a "
+                                          "slower client gets 408 (default 64)")
+    max_inflight_body_mb: float = option(2048, "MiB of request bodies one ingress replica holds at once; beyond, "
+                                               "503 with Retry-After (default 2048)")
     max_files: int = option(64, "multipart parts per request", cli=False)
     max_slices: int = option(256, "2-D slices per /v1/predict/slices request", cli=False)
     max_slice_side: int = option(2048, "largest side of an uploaded slice in pixels", cli=False)

@@ -37,12 +37,12 @@ from ray.serve.handle import DeploymentHandle
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.evaluation.decision import DECISION_THRESHOLD
 from ctplatform.serve.auth import bearer, key_accepted
+from ctplatform.serve.body import BUSY_RETRY_AFTER_S, BodyBudget, BodyReservation, read_body
 from ctplatform.serve.inputs import (
     InputError,
     ServeLimits,
     check_content_length,
     decode_slices,
-    read_body_capped,
     single_upload,
     uploads_from_body,
 )
@@ -79,10 +79,13 @@ api = FastAPI(
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "malformed request (empty body, broken multipart, wrong number of files)"},
     401: {"description": "missing or wrong API key"},
+    408: {"description": "the request body came too slowly (below the minimum rate after a grace period) or not "
+                          "within the body timeout"},
     413: {"description": "body, declared voxels, declared image bytes or slice count above the service's limits"},
     415: {"description": "not a supported file format"},
     422: {"description": "unusable content: truncated, wrong dimensionality or dtype, NaN values or spacing, blank"},
-    503: {"description": "overloaded (retry after a moment) or the model is not ready"},
+    503: {"description": "overloaded, the replica holds its limit of uploads, or the model is not ready (see "
+                          "Retry-After)"},
     504: {"description": "the request took longer than the service's timeout"},
 }
 _VOLUME_BODY = {"requestBody": {"required": True, "content": {
@@ -98,7 +101,7 @@ _SLICES_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=8, max_queued_requests=32,
+@serve.deployment(name="Ingress", max_ongoing_requests=32, max_queued_requests=32,
                   graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=60.0)
 @serve.ingress(api)
 class Ingress:
@@ -109,6 +112,7 @@ class Ingress:
         self.settings = PreprocessSettings.from_dict(preprocess)
         self.options = options or IngressOptions()
         self.pool = ThreadPoolExecutor(max(1, self.options.decode_workers), thread_name_prefix="decode")
+        self.bodies = BodyBudget(self.options.limits.max_inflight_body_bytes)
         self.responses: Counter[str] = Counter()
         self.page = load_page()
 
@@ -122,9 +126,9 @@ class Ingress:
     async def _cpu(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
 
-    async def _body(self, request: Request) -> bytes:
-        check_content_length(dict(request.headers), self.options.limits)
-        return await read_body_capped(request.stream(), self.options.limits)
+    async def _body(self, request: Request, reservation: BodyReservation) -> bytes:
+        declared = check_content_length(dict(request.headers), self.options.limits)
+        return await read_body(request.stream(), self.options.limits, reservation, declared)
 
     async def _call(self, method: str, *args) -> dict:
         try:
@@ -146,7 +150,8 @@ class Ingress:
                 result = await work
         except InputError as exc:
             self.responses[str(exc.status)] += 1
-            raise HTTPException(exc.status, exc.reason) from None
+            retry = {"Retry-After": str(BUSY_RETRY_AFTER_S)} if exc.status == 503 else None
+            raise HTTPException(exc.status, exc.reason, headers=retry) from None
         except TimeoutError:
             self.responses["504"] += 1
             raise HTTPException(504, f"the request took longer than {self.options.request_timeout_s:g} s") from None
@@ -234,9 +239,17 @@ class Ingress:
 
     # ------------------------------------------------------------------ work
     async def _predict_volume(self, request: Request, thumbnails: bool, filename: str | None) -> dict:
+        reservation = BodyReservation(self.bodies)
+        try:  # the upload's bytes count against the replica's body budget until the answer is ready
+            return await self._predict_volume_within(request, thumbnails, filename, reservation)
+        finally:
+            reservation.release()
+
+    async def _predict_volume_within(self, request: Request, thumbnails: bool, filename: str | None,
+                                     reservation: BodyReservation) -> dict:
         started = time.perf_counter()
         limits = self.options.limits
-        body = await self._body(request)
+        body = await self._body(request, reservation)
         upload = single_upload(uploads_from_body(body, request.headers.get("content-type"), filename, limits))
         del body
         volume = await self._cpu(VolumeUpload, upload, limits)
@@ -255,9 +268,14 @@ class Ingress:
 
     async def _predict_slices(self, request: Request, filename: str | None) -> dict:
         limits = self.options.limits
-        body = await self._body(request)
-        uploads = uploads_from_body(body, request.headers.get("content-type"), filename, limits)
-        del body
-        slices = await self._cpu(decode_slices, uploads, limits)
-        reply, _ = await self._model_call_with_settings("predict_slices", functools.partial(prepare_slices, slices))
-        return slices_response(reply, slices)
+        reservation = BodyReservation(self.bodies)
+        try:
+            body = await self._body(request, reservation)
+            uploads = uploads_from_body(body, request.headers.get("content-type"), filename, limits)
+            del body
+            slices = await self._cpu(decode_slices, uploads, limits)
+            reply, _ = await self._model_call_with_settings("predict_slices",
+                                                            functools.partial(prepare_slices, slices))
+            return slices_response(reply, slices)
+        finally:
+            reservation.release()

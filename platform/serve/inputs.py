@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import AsyncIterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -53,18 +52,28 @@ class ServeLimits:
     max_slices: int = 256  # 2-D slices per /v1/predict/slices request
     max_slice_side: int = 2048
     min_slice_side: int = 8
+    body_timeout_s: float = 60.0  # the whole body within this (408 after)
+    min_body_rate: float = 64 * 1024  # bytes/s on average after the grace period (408 below)
+    # A client's first seconds may be slow (TCP slow start, a proxy's buffering): the minimum rate applies after them.
+    body_grace_s: float = 5.0
+    max_inflight_body_bytes: int = 2048 * MiB  # bodies one ingress replica holds at once (503 beyond)
 
     def __post_init__(self):
         if min(self.max_body_bytes, self.max_voxels, self.max_decompressed_bytes, self.max_files,
-               self.max_slices, self.max_slice_side, self.min_slice_side) < 1:
+               self.max_slices, self.max_slice_side, self.min_slice_side, self.body_timeout_s,
+               self.min_body_rate, self.max_inflight_body_bytes, self.body_grace_s) <= 0:
             raise ValueError("every serve limit must be a positive number")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError("the in-flight body budget must hold at least one body of the largest size allowed")
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> ServeLimits:
         return cls(max_body_bytes=int(config.max_body_mb * MiB), max_voxels=config.max_voxels,
                    max_decompressed_bytes=int(config.max_decompressed_mb * MiB), max_files=config.max_files,
                    max_slices=config.max_slices, max_slice_side=config.max_slice_side,
-                   min_slice_side=config.min_slice_side)
+                   min_slice_side=config.min_slice_side, body_timeout_s=config.body_timeout,
+                   min_body_rate=config.min_body_rate_kib * 1024,
+                   max_inflight_body_bytes=int(config.max_inflight_body_mb * MiB))
 
     @property
     def read_limits(self) -> ReadLimits:
@@ -102,18 +111,6 @@ def check_content_length(headers: dict[str, str] | None, limits: ServeLimits) ->
         raise InputError(413, f"request body of {length:,} bytes is above the limit of {limits.max_body_bytes:,} "
                               "bytes")
     return length
-
-
-async def read_body_capped(chunks: AsyncIterable[bytes], limits: ServeLimits) -> bytes:
-    """Collect a streamed body, stopping with 413 as soon as it passes the cap (chunked uploads included)."""
-    parts: list[bytes] = []
-    total = 0
-    async for chunk in chunks:
-        total += len(chunk)
-        if total > limits.max_body_bytes:
-            raise InputError(413, f"request body is above the limit of {limits.max_body_bytes:,} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def parse_multipart(body: bytes, content_type: str, limits: ServeLimits) -> list[Upload]:
