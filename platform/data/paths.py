@@ -4,6 +4,8 @@ Layouts understood (CT-RATE's published folder structure):
 - nested: `{root}/{split}/{split}_{patient}/{split}_{patient}_{scan}/{name}.nii.gz`, with `split` in
   train/valid and the v2 re-upload's `train_fixed`/`valid_fixed` trees beside them;
 - flat: every volume directly in one folder (`{root}/{name}.nii.gz`, `.nii` or `.mha`).
+A DICOM series is a folder named by the VolumeName (holding the series' files, in any subfolders) or a `.zip` of
+one (`{root}/{name}.zip`), in either layout; an Enhanced CT volume is `{name}.dcm`.
 `root` may be the data directory itself or its `dataset/` subfolder, as in the Hugging Face download.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from ctplatform.labels import volume_stem
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".zip", ".dcm")
 _NAME = re.compile(r"^(?P<split>train|valid)_(?P<patient>\d+)_(?P<scan>[a-z]+)_(?P<recon>\d+)$")
 
 
@@ -45,11 +47,11 @@ def dataset_root(data_dir: str | Path) -> Path:
 
 
 def volume_candidates(root: Path, name: str) -> list[Path]:
-    """Every place a volume may be, most specific first."""
+    """Every place a volume may be, most specific first; the last ones (no suffix) are DICOM series folders."""
     stem = volume_stem(name)
     ident = parse_volume_name(stem)
     candidates: list[Path] = []
-    for suffix in VOLUME_SUFFIXES:
+    for suffix in (*VOLUME_SUFFIXES, ""):
         if ident is not None:
             for tree in (ident.split, f"{ident.split}_fixed"):
                 candidates.append(root / tree / ident.patient / ident.scan / f"{stem}{suffix}")
@@ -58,9 +60,10 @@ def volume_candidates(root: Path, name: str) -> list[Path]:
 
 
 def find_volume(root: str | Path, name: str) -> Path | None:
-    """The path of volume `name` under `root` (nested or flat layout), or None."""
+    """The path of volume `name` under `root` (nested or flat layout; a file, or a DICOM series folder), or None."""
+    stem = volume_stem(name)
     for candidate in volume_candidates(Path(root), name):
-        if candidate.is_file():
+        if candidate.is_file() or (candidate.name == stem and candidate.is_dir()):
             return candidate
     return None
 
