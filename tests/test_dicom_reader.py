@@ -2,6 +2,7 @@
 CT files, and SimpleITK's ImageSeriesReader as the independent reference."""
 
 import io
+import logging
 import shutil
 import zipfile
 from pathlib import Path
@@ -280,8 +281,9 @@ def test_unsupported_compression_names_the_transfer_syntax(tmp_path, chest):
         read_volume(folder)
 
 
-def test_no_patient_identifier_in_any_message_or_note(tmp_path, chest):
-    secrets = [v for v in PATIENT.values()] + ["Zyxwvut", "Qwertyuiop"]
+def test_no_patient_identifier_in_any_message_note_log_or_warning(tmp_path, chest, caplog, recwarn):
+    caplog.set_level(logging.DEBUG)
+    secrets = [*PATIENT.values(), "Zyxwvut", "Qwertyuiop"]
     messages = []
     folder, study = tmp_path / "s", generate_uid()
     write_series(folder, chest, description="CHEST", study_uid=study)
@@ -302,6 +304,7 @@ def test_no_patient_identifier_in_any_message_or_note(tmp_path, chest):
         read_volume(folder)
     messages.append(str(error.value))
     assert len(messages) >= 4
+    messages += [record.getMessage() for record in caplog.records] + [str(w.message) for w in recwarn]
     for message in messages:
         for secret in secrets:
             assert secret.lower() not in message.lower(), message
