@@ -201,6 +201,28 @@ def test_pydicoms_real_ct_files(tmp_path):
         np.testing.assert_array_equal(volume.hu, np.clip(reference[(slice(None), *flips)], HU_MIN, HU_MAX))
 
 
+def test_unused_high_bits_are_ignored_as_pydicom_does(tmp_path, chest):
+    """12 bits stored in 16, with junk in the 4 high bits (allowed: PS3.5 8.1.1): signed and unsigned."""
+    for signed in (True, False):
+        folder = tmp_path / f"signed{signed}"
+        paths = write_series(folder, chest[:4], intercept=-1024.0)
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            stored = ds.pixel_array.astype(np.int32) - (2048 if signed else 0)  # 0..4095 -> signed 12-bit range
+            junk = (np.arange(stored.size).reshape(stored.shape) % 16) << 12
+            raw = ((stored & 0xFFF) | junk).astype(np.uint16)
+            ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+            ds.RescaleIntercept = -1024 + 2048 if signed else -1024
+            ds.PixelData = raw.view(np.int16 if signed else np.uint16).tobytes()
+            ds.save_as(path)
+        volume = read_volume(folder)
+        reference = [pydicom.dcmread(p) for p in paths]
+        reference.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+        expected = np.array([ds.pixel_array * 1.0 + float(ds.RescaleIntercept) for ds in reference], np.float32)
+        np.testing.assert_array_equal(volume.hu, canonical(expected))
+        np.testing.assert_array_equal(volume.hu, canonical(chest[:4]))
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def test_one_slice_truncated_no_pixels_and_mr_are_refused(tmp_path, chest):
     one = tmp_path / "one"
