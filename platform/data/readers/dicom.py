@@ -29,7 +29,7 @@ from ctplatform.data.readers.dicom_series import DicomImage, MemberSource, image
 from ctplatform.data.readers.dicom_zip import is_zip, zip_members
 
 DICOM_MAGIC_OFFSET = 128
-DECODE_THREADS = 4
+DECODE_THREADS = 2  # 4 was slower than 2 on 2 cores (benchmarks/dicom_read.py)
 NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 

@@ -37,7 +37,7 @@ from ctplatform.data.readers.dicom_geometry import SliceGeometry
 # reader never validates values it does not use, so nothing identifying reaches a log.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 DEFER_BYTES = 16 * 1024  # values above this (pixel data) are read from the file only when decoded
-PARSE_THREADS = 4
+PARSE_THREADS = 2  # parsing holds the GIL: more threads only contend (benchmarks/dicom_read.py); 2 overlap file reads
 LOCALIZER = "LOCALIZER"
 CT_IMAGE_CLASSES = {CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
 
