@@ -25,7 +25,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from ctplatform.data.errors import CorruptDataError, DataNotFoundError, DataTooLargeError, UnsupportedFormatError
 from ctplatform.data.readers.base import ReadLimits, VolumeHeader, VolumeReader
 from ctplatform.data.readers.dicom_geometry import GridPlan, plan_grid, resample
-from ctplatform.data.readers.dicom_series import DicomImage, MemberSource, images_of, parse_members
+from ctplatform.data.readers.dicom_series import DicomImage, MemberSource, images_of, member_label, parse_members
 from ctplatform.data.readers.dicom_zip import is_zip, zip_members
 
 DICOM_MAGIC_OFFSET = 128
@@ -64,7 +64,7 @@ class DicomReader(VolumeReader):
             members = zip_members(stream, label, limits.max_series_files, limits.max_series_bytes)
             sources: list[tuple[str, MemberSource]] = [(m.name, m.data) for m in members]
         else:
-            sources = [(Path(label).name, stream.read())]
+            sources = [("", stream.read())]  # one Enhanced CT file: messages name it by its label
         return series_header(sources, label)
 
     def read_data(self, stream: BinaryIO, header: VolumeHeader, dims: tuple[int, int, int], label: str) -> np.ndarray:
@@ -144,11 +144,11 @@ def decode_series(header: DicomHeader, label: str) -> np.ndarray:
         except CorruptDataError:
             raise
         except Exception as exc:  # truncated pixel data, a corrupt compressed stream, ...
-            raise CorruptDataError(f"{label}/{image.source}", f"unreadable pixel data ({type(exc).__name__}: "
-                                                              f"{_short(exc)})") from None
+            where = member_label(label, image.source)
+            raise CorruptDataError(where, f"unreadable pixel data ({type(exc).__name__}: {_short(exc)})") from None
         if pixels.shape != out.shape[1:]:
-            raise CorruptDataError(f"{label}/{image.source}", f"pixel data of shape {pixels.shape}, expected "
-                                                              f"{out.shape[1:]}")
+            raise CorruptDataError(member_label(label, image.source),
+                                   f"pixel data of shape {pixels.shape}, expected {out.shape[1:]}")
         if as_stored:
             out[k] = pixels
         else:  # this slice's own rescale, in float64 as ITK computes it
@@ -177,8 +177,8 @@ def _native_pixels(ds, shape: tuple[int, int], label: str, source: str) -> np.nd
     data = ds.PixelData
     count = shape[0] * shape[1]
     if len(data) < count * dtype.itemsize:
-        raise CorruptDataError(f"{label}/{source}", f"unreadable pixel data (truncated: {len(data):,} bytes for "
-                                                    f"{shape[0]}x{shape[1]} pixels of {allocated} bits)")
+        raise CorruptDataError(member_label(label, source), f"unreadable pixel data (truncated: {len(data):,} bytes "
+                               f"for {shape[0]}x{shape[1]} pixels of {allocated} bits)")
     pixels = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
     if stored < allocated:
         shift = allocated - stored

@@ -56,6 +56,11 @@ class DicomImage:
     intercept: float
 
 
+def member_label(label: str, name: str) -> str:
+    """How a message names one file of a series: `series.zip/IM0001`; a lone file (name "") by its own label."""
+    return f"{label}/{name}" if name else label
+
+
 def parse_members(members: Sequence[tuple[str, MemberSource]], label: str) -> list[tuple[str, Dataset]]:
     """(name, dataset) of every member that is a DICOM file, in the members' order; pixel data is deferred."""
 
@@ -67,10 +72,10 @@ def parse_members(members: Sequence[tuple[str, MemberSource]], label: str) -> li
         except InvalidDicomError:
             return name, None  # no DICM prefix: not a DICOM file (a readme, a .DS_Store), skipped
         except OSError as exc:
-            raise CorruptDataError(f"{label}/{name}", f"unreadable file ({type(exc).__name__})") from None
+            raise CorruptDataError(member_label(label, name), f"unreadable file ({type(exc).__name__})") from None
         except Exception as exc:  # pydicom raises many types for a malformed file; its messages may quote values
-            raise CorruptDataError(f"{label}/{name}", f"truncated or malformed DICOM file "
-                                                      f"({type(exc).__name__})") from None
+            raise CorruptDataError(member_label(label, name),
+                                   f"truncated or malformed DICOM file ({type(exc).__name__})") from None
 
     threads = min(PARSE_THREADS, os.cpu_count() or 1, max(1, len(members)))
     with ThreadPoolExecutor(threads) as pool:
@@ -87,7 +92,7 @@ def images_of(datasets: list[tuple[str, Dataset]], label: str) -> tuple[list[Dic
     for name, ds in datasets:
         sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
         if "PixelData" not in ds and sop_class in CT_IMAGE_CLASSES:  # never a silent gap in the volume
-            raise CorruptDataError(f"{label}/{name}", "a CT image without pixel data (truncated file?)")
+            raise CorruptDataError(member_label(label, name), "a CT image without pixel data (truncated file?)")
     if not with_pixels:
         raise UnusableContentError(label, "the DICOM files hold no pixel data (no image)")
     notes = []
@@ -144,9 +149,9 @@ def _frame_count(ds: Dataset) -> int:
 
 
 def _frames(name: str, ds: Dataset, label: str) -> list[DicomImage]:
-    where = f"{label}/{name}"
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")
-                                                             ).startswith("MONOCHROME"):
+    where = member_label(label, name)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or not photometric.startswith("MONOCHROME"):
         raise UnusableContentError(where, "not a grey-scale image (SamplesPerPixel / PhotometricInterpretation)")
     frames = _frame_count(ds)
     if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
