@@ -3,6 +3,7 @@ zip (the same probabilities as the NIfTI of the same volume), the service's uplo
 error naming the file, and no patient identifier reaches any message or output."""
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -11,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from dicom_series import PATIENT, write_scout, write_series
 from pydicom.uid import RLELossless, generate_uid
@@ -173,3 +175,54 @@ def test_service_upload_of_a_series_zip_and_its_refusals(tmp_path):
     with pytest.raises(InputError) as error:
         decode_volume(Upload("evil.zip", evil.read_bytes()), ServeLimits())
     assert error.value.status == 415 and "points outside the archive" in error.value.reason
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+def bad_inputs(root: Path) -> dict[str, tuple[Path, str]]:
+    """Each bad input, and what its one-line error says (after the name)."""
+    hu = chest(5)
+    cases: dict[str, tuple[Path, str]] = {}
+    write_series(root / "one_slice", hu[:1])
+    cases["one-slice"] = (root / "one_slice", "unusable content: .*one_slice: the series has one slice")
+    write_series(root / "mr", hu, modality="MR")
+    cases["mr"] = (root / "mr", "unusable content: .*mr: modality MR: only CT series are read")
+    paths = write_series(root / "no_pixels", hu)
+    ds = pydicom.dcmread(paths[4])
+    del ds.PixelData
+    ds.save_as(paths[4])
+    cases["no-pixels"] = (root / "no_pixels", rf"corrupt file: .*{paths[4].name}: a CT image without pixel data")
+    paths = write_series(root / "truncated", hu)
+    paths[0].write_bytes(paths[0].read_bytes()[:200])
+    cases["truncated"] = (root / "truncated", rf"corrupt file: .*{paths[0].name}: .*truncated")
+    with zipfile.ZipFile(root / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as out:
+        for k in range(2):
+            out.writestr(f"{k}.dcm", b"\0" * 1000)
+    # what a bomb's directory declares: 2 x 4 GiB uncompressed (the central directory's size field, offset 24)
+    data = bytearray((root / "bomb.zip").read_bytes())
+    for start in [m.start() for m in re.finditer(b"PK\x01\x02", data)]:
+        data[start + 24:start + 28] = (0xFFFFFFFE).to_bytes(4, "little")
+    (root / "bomb.zip").write_bytes(bytes(data))
+    cases["zip-bomb"] = (root / "bomb.zip", r"too large: .*bomb.zip: the archive declares 8,589,934,588 uncompressed")
+    with zipfile.ZipFile(root / "traversal.zip", "w") as out:
+        out.writestr("../../evil.dcm", b"x")
+    cases["traversal"] = (root / "traversal.zip", "unsupported format: .*traversal.zip: member '../../evil.dcm' points")
+    return cases
+
+
+@pytest.mark.timeout(300)
+def test_predict_refuses_each_bad_series_in_one_line_naming_it(tmp_path, bundle, capsys):
+    from ctplatform.cli import main
+
+    for case, (path, expected) in bad_inputs(tmp_path).items():
+        status = main(["predict", "--checkpoint", str(bundle), "--predict-type", "volumes", "--predict-input",
+                       str(path)])
+        captured = capsys.readouterr()
+        message = captured.err.strip()
+        assert status == 2, (case, captured)
+        assert "\n" not in message and message.startswith("ctplatform predict: error: "), (case, message)
+        assert str(path) in message and re.search(expected, message), (case, message)
+        assert_no_secret(captured.out + captured.err)
