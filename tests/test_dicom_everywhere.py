@@ -4,6 +4,7 @@ error naming the file, and no patient identifier reaches any message or output."
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,7 +19,8 @@ from dicom_series import PATIENT, write_scout, write_series
 from pydicom.uid import RLELossless, generate_uid
 
 from ctplatform.data import read_volume
-from ctplatform.data.prepare import run_prepare
+from ctplatform.data.errors import DataFormatError
+from ctplatform.data.prepare import discover_tasks, run_prepare
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.data.synthetic.anatomy import synthesize_scan
 from ctplatform.labels import CLASS_NAMES, NUM_CLASSES
@@ -60,15 +62,15 @@ def labels_csv(path: Path, names: list[str]) -> None:
 @pytest.mark.timeout(240)
 def test_prepare_takes_series_folders_and_zips_keyed_by_their_names(tmp_path):
     dicom_dir, nifti_dir = tmp_path / "dicom", tmp_path / "nifti"
-    dicom_dir.mkdir()
+    (dicom_dir / "exports").mkdir(parents=True)
     nifti_dir.mkdir()
     names = []
     for k in range(4):
         hu = chest(k + 1)
-        series = dicom_dir / f"case{k}"
+        series = dicom_dir / f"case{k}" if k != 2 else dicom_dir / "site_a" / "patient_7" / "case2"  # anywhere
         write_series(series, hu, spacing=SPACING, compress=RLELossless if k == 1 else None, seed=k)
         if k % 2:
-            zip_folder(series, dicom_dir / f"case{k}.zip")
+            zip_folder(series, dicom_dir / ("exports" if k == 3 else "") / f"case{k}.zip")
             for path in series.iterdir():
                 path.unlink()
             series.rmdir()
@@ -85,6 +87,8 @@ def test_prepare_takes_series_folders_and_zips_keyed_by_their_names(tmp_path):
     assert summary["cached"] == 4 and summary["failed"] == 1
     failures = pd.read_csv(tmp_path / "cache_dicom" / "failures.csv")
     assert failures["VolumeName"].tolist() == ["mr_case"]
+    records = {r["stem"]: r for r in pd.read_parquet(tmp_path / "cache_dicom" / "index.parquet").to_dict("records")}
+    assert set(records) == {"case0", "case1", "case2", "case3"}
     assert "mr_case: modality MR: only CT series are read" in failures["reason"][0]
     index = pd.read_parquet(tmp_path / "cache_dicom" / "index.parquet")
     reference = pd.read_parquet(tmp_path / "cache_nifti" / "index.parquet").set_index("stem")
@@ -97,6 +101,9 @@ def test_prepare_takes_series_folders_and_zips_keyed_by_their_names(tmp_path):
     for path in (tmp_path / "cache_dicom").rglob("*"):
         if path.is_file() and path.suffix in (".json", ".csv", ".parquet"):
             assert_no_secret(path.read_bytes().decode("latin-1"))
+    shutil.copytree(dicom_dir / "site_a" / "patient_7" / "case2", dicom_dir / "exports" / "case2")  # two places
+    with pytest.raises(DataFormatError, match=r"'case2' matches 2 paths \(exports/case2, site_a/patient_7/case2\)"):
+        discover_tasks(dicom_dir)
 
 
 def make_bundle(path: Path) -> Path:

@@ -5,7 +5,9 @@ Layouts understood (CT-RATE's published folder structure):
   train/valid and the v2 re-upload's `train_fixed`/`valid_fixed` trees beside them;
 - flat: every volume directly in one folder (`{root}/{name}.nii.gz`, `.nii` or `.mha`).
 A DICOM series is a folder named by the VolumeName (holding the series' files, in any subfolders) or a `.zip` of
-one (`{root}/{name}.zip`), in either layout; an Enhanced CT volume is `{name}.dcm`.
+one (`{root}/{name}.zip`), in either layout; an Enhanced CT volume is `{name}.dcm`. A name found in neither layout
+is looked for anywhere in the tree (:class:`VolumeFinder`: a folder, zip or volume file of that name, which must be
+the only one).
 `root` may be the data directory itself or its `dataset/` subfolder, as in the Hugging Face download.
 """
 
@@ -15,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctplatform.data.errors import DataFormatError
 from ctplatform.labels import volume_stem
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".zip", ".dcm")
@@ -66,6 +69,38 @@ def find_volume(root: str | Path, name: str) -> Path | None:
         if candidate.is_file() or (candidate.name == stem and candidate.is_dir()):
             return candidate
     return None
+
+
+class VolumeFinder:
+    """`find_volume`, then, for names found in neither layout, one walk of the whole tree (made on first need)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._tree: dict[str, list[Path]] | None = None
+
+    def find(self, name: str) -> Path | None:
+        path = find_volume(self.root, name)
+        if path is not None:
+            return path
+        if self._tree is None:
+            self._tree = _index_tree(self.root)
+        matches = self._tree.get(volume_stem(name), [])
+        if len(matches) > 1:
+            shown = ", ".join(str(m.relative_to(self.root)) for m in matches[:3])
+            raise DataFormatError(self.root, f"volume {name!r} matches {len(matches)} paths ({shown}): give each "
+                                             "folder or file a unique name")
+        return matches[0] if matches else None
+
+
+def _index_tree(root: Path) -> dict[str, list[Path]]:
+    """Every folder and volume file under `root` by its VolumeName stem (label and metadata folders left out)."""
+    tree: dict[str, list[Path]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.name in ("multi_abnormality_labels", "metadata") or path.is_symlink():
+            continue
+        if path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES):
+            tree.setdefault(volume_stem(path.name), []).append(path)
+    return tree
 
 
 def find_label_files(data_dir: str | Path) -> dict[str, Path]:
