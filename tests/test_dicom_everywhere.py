@@ -156,6 +156,7 @@ def test_predict_on_a_folder_its_zip_and_the_nifti_gives_identical_probabilities
     assert_no_secret(out.stdout + out.stderr)
 
 
+@pytest.mark.timeout(120)
 def test_service_upload_of_a_series_zip_and_its_refusals(tmp_path):
     from ctplatform.serve.inputs import InputError, ServeLimits, Upload, decode_volume
 
