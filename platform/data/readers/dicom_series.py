@@ -39,6 +39,7 @@ pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 DEFER_BYTES = 16 * 1024  # values above this (pixel data) are read from the file only when decoded
 PARSE_THREADS = 2  # parsing holds the GIL: more threads only contend (benchmarks/dicom_read.py); 2 overlap file reads
 LOCALIZER = "LOCALIZER"
+MAX_LISTED = 6  # series named in a message (one line, however many a folder holds)
 CT_IMAGE_CLASSES = {CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
 
 MemberSource = Path | bytes
@@ -125,8 +126,10 @@ def _choose_series(series: dict[str, list[tuple[str, Dataset]]], label: str, not
     if len(series) == 1:
         return next(iter(series.values()))
     counts = {uid: sum(_frame_count(ds) for _, ds in files) for uid, files in series.items()}
-    listing = "; ".join(_describe(uid, files[0][1], counts[uid])
-                        for uid, files in sorted(series.items(), key=lambda kv: -counts[kv[0]]))
+    ranked_series = sorted(series.items(), key=lambda kv: -counts[kv[0]])
+    listing = "; ".join(_describe(uid, files[0][1], counts[uid]) for uid, files in ranked_series[:MAX_LISTED])
+    if len(series) > MAX_LISTED:
+        listing += f"; and {len(series) - MAX_LISTED} more"
     studies = {str(files[0][1].get("StudyInstanceUID", "")) for files in series.values()}
     if len(studies) > 1:
         raise UnusableContentError(label, f"images of {len(studies)} different studies: give one series "
