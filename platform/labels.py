@@ -56,11 +56,12 @@ VALID_PREVALENCE: dict[str, float] = {
 }
 
 
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".npy")
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".npy", ".zip", ".dcm")  # .zip: a DICOM series; .dcm: Enhanced CT
 
 
 def volume_stem(volume_name: str) -> str:
-    """`train_1_a_1.nii.gz` -> `train_1_a_1` (also `.nii`, `.mha`, `.npy`): the key that matches a case across
+    """`train_1_a_1.nii.gz` -> `train_1_a_1` (also `.nii`, `.mha`, `.npy`, `.zip`, `.dcm`; a DICOM series folder is
+    its own name): the key that matches a case across
     label CSVs, metadata, predictions and the challenge's results.json (which names cases without extension)."""
     name = PurePath(str(volume_name)).name
     for suffix in VOLUME_EXTENSIONS:

@@ -232,6 +232,42 @@ def test_volume_probabilities_equal_offline_predictor(service, offline, tmp_path
     assert raw.status_code == 200 and "thumbnails" not in raw.json()
 
 
+def test_dicom_series_zip_is_served_as_its_nifti_and_bad_series_get_4xx(service, tmp_path):
+    import zipfile
+
+    from dicom_series import PATIENT, write_series
+
+    def zipped(folder, extra=()):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(folder.iterdir()):
+                archive.write(path, path.name)
+            for name, data in extra:
+                archive.writestr(name, data)
+        return buffer.getvalue()
+
+    client = service["client"]
+    hu = chest(seed=4)
+    paths = write_series(tmp_path / "s", hu, spacing=(2.0, 0.7, 0.7))
+    served = post_volume(client, zipped(tmp_path / "s"), "series.zip")
+    assert served.status_code == 200, served.text
+    as_nifti = post_volume(client, nifti_gz(hu), "series.nii.gz").json()
+    np.testing.assert_allclose(list(served.json()["probabilities"].values()),
+                               list(as_nifti["probabilities"].values()), atol=1e-6, rtol=0)
+    assert served.json()["volume"]["filename"] == "series.zip"
+    write_series(tmp_path / "mr", hu[:6], modality="MR")
+    paths[3].write_bytes(paths[3].read_bytes()[:-900])
+    refusals = [(zipped(tmp_path / "mr"), 422, "modality MR"),
+                (zipped(tmp_path / "s"), 422, f"series.zip/{paths[3].name}: unreadable pixel data"),
+                (zipped(tmp_path / "mr", [("../x.dcm", b"x")]), 415, "points outside the archive")]
+    for payload, status, reason in refusals:
+        response = post_volume(client, payload, "series.zip")
+        assert response.status_code == status and reason in response.json()["detail"], response.text
+        assert not any(secret in response.text for secret in PATIENT.values())
+    assert not any(secret in served.text for secret in PATIENT.values())
+    assert_good_request_works(client)
+
+
 def test_slice_probabilities_equal_offline_predictor(service, offline):
     hu = chest(seed=2)
     inputs = [hu[10], hu[20, 5:60, 3:50].astype(np.int16), np.pad(hu[30], 20, constant_values=-1000)]

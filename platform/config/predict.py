@@ -42,7 +42,8 @@ class EvaluateConfig(ModelSourceConfig):
 class PredictConfig(ModelSourceConfig):
     """Prediction"""
 
-    predict_input: list[str] = option(default_factory=list, help="files to predict", metavar="FILE")
+    predict_input: list[str] = option(default_factory=list, help="files to predict (volumes: .nii, .nii.gz, .mha, a "
+                                      "DICOM series folder or .zip, an Enhanced CT .dcm)", metavar="FILE")
     predict_type: str = option("slices", "what the files are: .npy slices or volumes", choices=PREDICT_TYPES)
     predict_metadata: str | None = option(None, "CT-RATE metadata CSV giving each volume's rescale (default: the "
                                                 "header's, else x - 1024)", metavar="CSV")

@@ -32,7 +32,7 @@ class DataNotFoundError(DataFormatError):
 
 
 class UnsupportedFormatError(DataFormatError):
-    """Not a format the data layer reads (volumes: .nii, .nii.gz, .mha)."""
+    """Not a format the data layer reads (volumes: .nii, .nii.gz, .mha, DICOM), or a DICOM form it refuses."""
 
 
 class DataTooLargeError(DataFormatError):

@@ -18,6 +18,7 @@ HU_MIN, HU_MAX = -1024, 3071  # the 12-bit CT range; everything is clipped to it
 # serve) get CT-RATE's metadata rescale, the DICOM CT convention: HU = 1 * x - 1024.
 RAW_RESCALE_SLOPE, RAW_RESCALE_INTERCEPT = 1.0, -1024.0
 NON_CHEST_NOTE = "no lung field found"
+HU_BLOCK_SLICES = 8  # slices converted to HU at a time: 8 x 512 x 512 float32 (8 MiB) stays in a large cache
 
 
 def hounsfield_rescale(
@@ -52,13 +53,21 @@ def hounsfield_rescale(
 
 
 def rescaled_to_hu(data: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """float32 copy of slope * data + intercept, clipped to the CT range, in as few passes as numpy allows."""
-    hu = data.astype(np.float32, copy=True)
-    if slope != 1.0:
-        np.multiply(hu, np.float32(slope), out=hu)
-    if intercept != 0.0:
-        np.add(hu, np.float32(intercept), out=hu)
-    return np.clip(hu, HU_MIN, HU_MAX, out=hu)
+    """float32 copy of slope * data + intercept, clipped to the CT range.
+
+    Converted a few slices at a time, so each block is cast, scaled and clipped while it is still in cache: the same
+    values as whole-array passes, with fewer trips through memory on a large volume."""
+    hu = np.empty(data.shape, dtype=np.float32)
+    blocks = [slice(k, k + HU_BLOCK_SLICES) for k in range(0, len(data), HU_BLOCK_SLICES)] if data.ndim == 3 else [...]
+    for block in blocks:
+        part = hu[block]
+        np.copyto(part, data[block], casting="unsafe")
+        if slope != 1.0:
+            np.multiply(part, np.float32(slope), out=part)
+        if intercept != 0.0:
+            np.add(part, np.float32(intercept), out=part)
+        np.clip(part, HU_MIN, HU_MAX, out=part)
+    return hu
 
 
 def chest_check(hu: np.ndarray, step: int = 4) -> list[str]:

@@ -38,7 +38,7 @@ from ctplatform.data.errors import DataFormatError, DataNotFoundError, UnusableC
 from ctplatform.data.hounsfield import NON_CHEST_NOTE
 from ctplatform.data.labels_csv import read_labels_csv
 from ctplatform.data.metadata import VolumeMetadata, read_metadata_csv
-from ctplatform.data.paths import dataset_root, find_label_files, find_metadata_files, find_volume, parse_volume_name
+from ctplatform.data.paths import VolumeFinder, dataset_root, find_label_files, find_metadata_files, parse_volume_name
 from ctplatform.data.preprocess import PreprocessSettings, preprocess_raw_volume
 from ctplatform.data.splits import patient_of, patient_split
 from ctplatform.labels import CLASS_NAMES, volume_stem
@@ -89,10 +89,10 @@ def discover_tasks(data_dir: str | Path) -> list[VolumeTask]:
         splits.update(patient_split(unassigned))  # not CT-RATE names: split by patient ourselves
     else:
         splits.update({n: ident.split for n, ident in by_name.items()})  # type: ignore[union-attr]
-    root = dataset_root(data_dir)
+    finder = VolumeFinder(dataset_root(data_dir))
     tasks = []
     for name in sorted(labels.index):
-        path = find_volume(root, name)
+        path = finder.find(name)
         tasks.append(
             VolumeTask(
                 volume_name=name,

@@ -1,6 +1,7 @@
 """`--mode predict`: files in, per-class probabilities and decisions out (table, CSV and JSON).
 
-`--predict-type volumes` reads .nii/.nii.gz/.mha through the training preprocessing (with `--predict-metadata`,
+`--predict-type volumes` reads .nii/.nii.gz/.mha, DICOM series (a folder or a .zip of one) and Enhanced CT .dcm
+files through the training preprocessing (with `--predict-metadata`,
 CT-RATE's metadata CSV gives each volume's rescale as it does for `prepare`); `slices` reads 2-D .npy HU slices
 (allow_pickle=False). `--checkpoint` takes a bundle folder or a Lightning checkpoint. For an attention-MIL
 bundle the JSON also holds each volume's `slice_attention` (per class, the weight of every used slice, at

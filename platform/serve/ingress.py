@@ -71,7 +71,8 @@ api = FastAPI(
     version="1",
     description=(
         "Chest-CT multi-abnormality classification (CT-RATE, VLM3D Task 2, 18 classes). POST a volume (.nii, "
-        ".nii.gz, .mha) or .npy slices of Hounsfield units; get calibrated per-class probabilities, decisions at "
+        ".nii.gz, .mha, a .zip of one DICOM series) or .npy slices of Hounsfield units; get calibrated per-class "
+        "probabilities, decisions at "
         f"p >= {DECISION_THRESHOLD}, the slices that drove each positive finding, and the model version. When the "
         "service has an API key, send it as `Authorization: Bearer <key>` on every /v1 route."
     ),
@@ -90,7 +91,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _VOLUME_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "string", "format": "binary", "description": "one .nii, .nii.gz or .mha volume"}}}},
+        "file": {"type": "string", "format": "binary",
+                 "description": "one .nii, .nii.gz or .mha volume, or a .zip of one DICOM CT series"}}}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
 }}}
 _SLICES_BODY = {"requestBody": {"required": True, "content": {
@@ -214,8 +216,8 @@ class Ingress:
         model = await self._call("get_stats")
         return JSONResponse({"model": model, "ingress": {"replica": replica_id(), "responses": dict(self.responses)}})
 
-    @api.post("/v1/predict/volume", summary="Predict one volume (.nii, .nii.gz, .mha)", openapi_extra=_VOLUME_BODY,
-              responses=_ERRORS)
+    @api.post("/v1/predict/volume", summary="Predict one volume (.nii, .nii.gz, .mha, DICOM .zip)",
+              openapi_extra=_VOLUME_BODY, responses=_ERRORS)
     async def predict_volume(
         self,
         request: Request,

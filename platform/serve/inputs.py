@@ -6,9 +6,10 @@ No Ray and no web framework here, so every check is unit-tested in milliseconds.
 response. The order of the checks is the point: the body is capped while it streams in; a volume goes through
 the data layer's one reader chain (`ctplatform.data.read_volume`) with this service's :class:`ServeLimits`, which
 checks the voxel count and image bytes its header declares before anything else is decompressed and then
-inflates exactly the declared bytes (a gzip bomb's tail is never inflated); the reader's typed error becomes its
-status through `ctplatform.data.errors.http_status`. `.npy` headers are parsed before the data, and arrays are
-loaded with ``allow_pickle=False``.
+inflates exactly the declared bytes (a gzip bomb's tail is never inflated); a `.zip` of a DICOM series has its entry
+count and total uncompressed size checked, and path traversal, symlinks and nested archives refused, before any
+member is inflated; the reader's typed error becomes its status through `ctplatform.data.errors.http_status`.
+`.npy` headers are parsed before the data, and arrays are loaded with ``allow_pickle=False``.
 
 Status codes: 400 malformed request (empty body, broken multipart, wrong number of files), 413 too large (body,
 declared voxels or bytes, slice count), 415 not a supported file format, 422 a supported format with unusable
@@ -48,6 +49,7 @@ class ServeLimits:
     # 1024 x 1024 x 400 voxels: every CT-RATE volume (at most 1024^2 x ~330) fits; float32 HU then take 1.6 GiB.
     max_voxels: int = 1024 * 1024 * 400
     max_decompressed_bytes: int = 2048 * MiB  # image bytes a header may declare (what read_volume inflates)
+    max_series_files: int = 2048  # files in a DICOM series .zip (CT-RATE's series have at most ~330 slices)
     max_files: int = 64  # multipart parts per request
     max_slices: int = 256  # 2-D slices per /v1/predict/slices request
     max_slice_side: int = 2048
@@ -60,8 +62,8 @@ class ServeLimits:
 
     def __post_init__(self):
         if min(self.max_body_bytes, self.max_voxels, self.max_decompressed_bytes, self.max_files,
-               self.max_slices, self.max_slice_side, self.min_slice_side, self.body_timeout_s,
-               self.min_body_rate, self.max_inflight_body_bytes, self.body_grace_s) <= 0:
+               self.max_slices, self.max_slice_side, self.min_slice_side, self.max_series_files,
+               self.body_timeout_s, self.min_body_rate, self.max_inflight_body_bytes, self.body_grace_s) <= 0:
             raise ValueError("every serve limit must be a positive number")
         if self.max_inflight_body_bytes < self.max_body_bytes:
             raise ValueError("the in-flight body budget must hold at least one body of the largest size allowed")
@@ -79,7 +81,8 @@ class ServeLimits:
     def read_limits(self) -> ReadLimits:
         """The volume reader's share: header caps checked before inflating, and a finite, positive spacing."""
         return ReadLimits(max_voxels=self.max_voxels, max_decompressed_bytes=self.max_decompressed_bytes,
-                          require_spacing=True)
+                          require_spacing=True, max_series_files=self.max_series_files,
+                          max_series_bytes=self.max_decompressed_bytes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,14 +208,15 @@ def single_upload(uploads: list[Upload]) -> Upload:
 
 # ------------------------------------------------------------------------------------------------ volumes
 def decode_volume(upload: Upload, limits: ServeLimits) -> Volume:
-    """Bytes of a .nii / .nii.gz / .mha upload -> a checked HU volume. Raises InputError, never anything else."""
+    """Bytes of a .nii / .nii.gz / .mha / DICOM (.zip of a series, Enhanced CT .dcm) upload -> a checked HU volume.
+    Raises InputError, never anything else."""
     name = upload.filename
     data = upload.data
     if not data:
         raise InputError(400, f"{name}: empty file")
     if data.startswith(NPY_MAGIC):
         raise InputError(415, f"{name}: a .npy array is not a volume: send .npy slices to /v1/predict/slices, or "
-                              "the volume as .nii, .nii.gz or .mha")
+                              "the volume as .nii, .nii.gz, .mha or a .zip of a DICOM series")
     try:
         return read_volume(data, name=name, limits=limits.read_limits)
     except DataFormatError as exc:

@@ -32,7 +32,7 @@ SKIP_CHUNK = 1 << 20
 class VolumeHeader:
     """What a volume file's header declares, read before any image data."""
 
-    format: str  # "nifti" or "mha"
+    format: str  # "nifti", "mha" or "dicom"
     compressed: bool
     shape: tuple[int, ...]  # as declared, in the file's axis order (x fastest)
     dtype: np.dtype  # stored voxel type, with its byte order
@@ -41,6 +41,9 @@ class VolumeHeader:
     slope: float | None = None  # the header's rescale (NIfTI scl_slope / scl_inter), None when it has none
     intercept: float | None = None
     skip: int = 0  # bytes between the end of the header and the image data (NIfTI extensions, never interpreted)
+    # The slope/intercept are the file's own rescale to HU, applied as given even when they are 1 and 0 (DICOM's
+    # RescaleSlope/RescaleIntercept); NIfTI's scl_slope 1, scl_inter 0 means "no scaling" and is not declared.
+    rescale_declared: bool = False
 
     @property
     def itemsize(self) -> int:
@@ -68,10 +71,16 @@ class ReadLimits:
     # Refuse a NaN or infinite spacing in the header (even where an affine would supply another one) and a
     # resulting spacing that is not finite and positive. Off for `prepare`, which takes spacing from metadata.
     require_spacing: bool = False
+    # A DICOM series: files in a folder or archive, and their total (uncompressed) bytes, checked before any is
+    # parsed or inflated. 4096 slices and 4 GiB hold any CT series (CT-RATE's have at most ~330 slices of 512 KiB).
+    max_series_files: int = 4096
+    max_series_bytes: int = 4 << 30
 
     def __post_init__(self):
-        if self.max_voxels < 1 or (self.max_decompressed_bytes is not None and self.max_decompressed_bytes < 1):
-            raise ValueError("max_voxels and max_decompressed_bytes must be positive")
+        if self.max_voxels < 1 or (self.max_decompressed_bytes is not None and self.max_decompressed_bytes < 1) \
+                or self.max_series_files < 1 or self.max_series_bytes < 1:
+            raise ValueError("max_voxels, max_decompressed_bytes, max_series_files and max_series_bytes must be "
+                             "positive")
 
     def check(self, header: VolumeHeader, label: str) -> tuple[int, int, int]:
         """Refuse what the header declares beyond these limits; returns the image's 3 dimensions (x, y, z)."""

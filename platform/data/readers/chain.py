@@ -4,6 +4,7 @@
 memory), so it is written for the last: the format is chosen from the leading bytes (the name only where a format
 has no magic bytes), the header is read and checked against :class:`ReadLimits` before any image data, exactly
 the declared bytes are then read or inflated, and the result is checked (finite values, not blank, lung field).
+A DICOM series is a folder (read by :func:`~.dicom.read_dicom_folder`) or a `.zip` (a stream like any file).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from ctplatform.data.errors import CorruptDataError, DataNotFoundError, Unsuppor
 from ctplatform.data.hounsfield import chest_check, hounsfield_rescale
 from ctplatform.data.metadata import DEFAULT_Z_SPACING_MM, VolumeMetadata
 from ctplatform.data.readers.base import ReadLimits, VolumeHeader, VolumeReader
+from ctplatform.data.readers.dicom import DicomHeader, DicomReader, dicom_folder_header, read_dicom_folder
 from ctplatform.data.readers.mha import MetaImageReader
 from ctplatform.data.readers.nifti import NiftiReader
 from ctplatform.data.readers.orientation import to_canonical
 from ctplatform.data.readers.volume import RawVolume, Volume
 
-READERS: tuple[VolumeReader, ...] = (NiftiReader(), MetaImageReader())
+READERS: tuple[VolumeReader, ...] = (NiftiReader(), MetaImageReader(), DicomReader())
 HEAD_BYTES = 4096  # what format detection looks at
 VolumeSource = str | os.PathLike | bytes | BinaryIO
 
@@ -41,9 +43,10 @@ def read_volume(
 ) -> Volume:
     """Read a volume in HU: float32 (slices, rows, cols), inferior to superior, spacing (z, y, x) mm.
 
-    `source` is a path, the bytes of a file, or a seekable binary stream; `name` names bytes and streams (in error
-    messages, and to recognise a format by its suffix). `metadata` (CT-RATE's metadata CSV row) gives the rescale
-    of original-format volumes; `limits` caps what the header may declare (default: :class:`ReadLimits`()).
+    `source` is a path (a file, or a folder holding a DICOM series), the bytes of a file, or a seekable binary
+    stream; `name` names bytes and streams (in error messages, and to recognise a format by its suffix).
+    `metadata` (CT-RATE's metadata CSV row) gives the rescale of original-format volumes; `limits` caps what the
+    header may declare (default: :class:`ReadLimits`()).
     Raises a :class:`~ctplatform.data.errors.DataFormatError` subclass for each kind of problem."""
     return read_raw_volume(source, name=name, metadata=metadata, limits=limits).to_volume()
 
@@ -57,6 +60,10 @@ def read_raw_volume(
 ) -> RawVolume:
     """As `read_volume`, with the HU conversion left to the caller (`RawVolume.hu`)."""
     limits = limits or ReadLimits()
+    if _is_folder(source):
+        label = name or str(source)
+        header, data = read_dicom_folder(Path(source), label, limits)  # type: ignore[arg-type]
+        return _checked_volume(data, header, metadata, limits, label)
     with _opened(source, name) as (stream, label):
         head, reader = _detect(stream, label)
         header, data = reader.read(stream, head, label, limits)
@@ -64,7 +71,10 @@ def read_raw_volume(
 
 
 def read_header(source: VolumeSource, *, name: str | None = None) -> VolumeHeader:
-    """Only what the header declares (a .nii.gz inflates a few hundred bytes): no limits, no image data."""
+    """Only what the header declares (a .nii.gz inflates a few hundred bytes; a DICOM series parses every file's
+    header): no limits, no image data."""
+    if _is_folder(source):
+        return dicom_folder_header(Path(source), name or str(source))  # type: ignore[arg-type]
     with _opened(source, name) as (stream, label):
         head, reader = _detect(stream, label)
         return reader.read_header(reader.decoded(stream, head), label)
@@ -75,7 +85,8 @@ def reader_for(head: bytes, name: str) -> VolumeReader:
     for reader in READERS:
         if reader.can_read(head, name):
             return reader
-    raise UnsupportedFormatError(name, "not a NIfTI (.nii, .nii.gz) or MetaImage (.mha) file")
+    raise UnsupportedFormatError(name, "not a NIfTI (.nii, .nii.gz), MetaImage (.mha) or DICOM file (a series "
+                                       "folder, a .zip of one, or an Enhanced CT .dcm)")
 
 
 @contextmanager
@@ -98,6 +109,10 @@ def _opened(source: VolumeSource, name: str | None) -> Iterator[tuple[BinaryIO, 
         yield source, name or str(getattr(source, "name", "<stream>"))
 
 
+def _is_folder(source: VolumeSource) -> bool:
+    return isinstance(source, str | os.PathLike) and Path(source).is_dir()
+
+
 def _detect(stream: BinaryIO, label: str) -> tuple[bytes, VolumeReader]:
     start = stream.tell()
     head = stream.read(HEAD_BYTES)
@@ -111,9 +126,13 @@ def _checked_volume(data: np.ndarray, header: VolumeHeader, metadata: VolumeMeta
                     label: str) -> RawVolume:
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise UnusableContentError(label, "image contains NaN or infinite values")
-    slope, intercept, source, notes = hounsfield_rescale(data, header.slope, header.intercept, metadata)
+    if header.rescale_declared:  # DICOM: the file's own rescale (per slice, already applied where they differ)
+        slope, intercept, source = float(header.slope or 1.0), float(header.intercept or 0.0), "header"
+        notes = list(header.notes) if isinstance(header, DicomHeader) else []
+    else:
+        slope, intercept, source, notes = hounsfield_rescale(data, header.slope, header.intercept, metadata)
     data, spacing = to_canonical(data, header.affine, header.spacing, notes)
-    if metadata is not None:
+    if metadata is not None and not header.rescale_declared:  # a DICOM header's geometry is its own
         if metadata.z_spacing is not None:
             spacing = (metadata.z_spacing, spacing[1], spacing[2])
         elif not spacing[0] > 0:

@@ -1,0 +1,212 @@
+"""DICOM CT: a series folder, a `.zip` of one, or a single multi-frame (Enhanced CT) file, read as one volume.
+
+Read in the chain's one order: the header pass (every file parsed with its pixel data deferred; the series chosen
+by :mod:`.dicom_series`; the grid planned by :mod:`.dicom_geometry`) gives a :class:`DicomHeader` that the read's
+limits check, then only the chosen images' pixel data is decoded (pydicom and its pylibjpeg plugins, in a thread
+pool: decoding and file reads release the GIL), each with its own RescaleSlope/RescaleIntercept.
+
+When every slice shares one rescale and the slices are the grid, the stored integers are returned with that
+rescale (a `prepare` converts only the slices it keeps); otherwise each slice is converted to HU (in float64, as
+ITK does, then float32) before resampling.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from ctplatform.data.errors import CorruptDataError, DataNotFoundError, DataTooLargeError, UnsupportedFormatError
+from ctplatform.data.readers.base import ReadLimits, VolumeHeader, VolumeReader
+from ctplatform.data.readers.dicom_geometry import GridPlan, plan_grid, resample
+from ctplatform.data.readers.dicom_series import DicomImage, MemberSource, images_of, member_label, parse_members
+from ctplatform.data.readers.dicom_zip import is_zip, zip_members
+
+DICOM_MAGIC_OFFSET = 128
+DECODE_THREADS = 2  # 4 was slower than 2 on 2 cores (benchmarks/dicom_read.py)
+NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass
+class DicomHeader(VolumeHeader):
+    """The header of a series: the chosen images and how they become the grid, beside the usual fields."""
+
+    images: list[DicomImage] = field(default_factory=list)
+    plan: GridPlan | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def is_dicom_file(head: bytes) -> bool:
+    return head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+class DicomReader(VolumeReader):
+    """A single DICOM file (an Enhanced CT multi-frame volume) or a zip of a series, from a stream."""
+
+    format = "dicom"
+    suffixes = (".dcm", ".zip")
+
+    def can_read(self, head: bytes, name: str) -> bool:
+        return is_dicom_file(head) or is_zip(head)
+
+    def read_header(self, stream: BinaryIO, label: str, limits: ReadLimits | None = None) -> DicomHeader:
+        limits = limits or ReadLimits()
+        start = stream.tell()
+        head = stream.read(DICOM_MAGIC_OFFSET + 4)
+        stream.seek(start)
+        if is_zip(head):
+            members = zip_members(stream, label, limits.max_series_files, limits.max_series_bytes)
+            sources: list[tuple[str, MemberSource]] = [(m.name, m.data) for m in members]
+        else:
+            sources = [("", stream.read())]  # one Enhanced CT file: messages name it by its label
+        return series_header(sources, label)
+
+    def read_data(self, stream: BinaryIO, header: VolumeHeader, dims: tuple[int, int, int], label: str) -> np.ndarray:
+        assert isinstance(header, DicomHeader)
+        return decode_series(header, label)
+
+    def read(self, stream: BinaryIO, head: bytes, label: str, limits: ReadLimits) -> tuple[VolumeHeader, np.ndarray]:
+        header = self.read_header(stream, label, limits)
+        limits.check(header, label)
+        return header, decode_series(header, label)
+
+
+def read_dicom_folder(folder: Path, label: str, limits: ReadLimits) -> tuple[DicomHeader, np.ndarray]:
+    """A folder holding one DICOM series (files in any subfolders; other files skipped), read within `limits`."""
+    header = dicom_folder_header(folder, label, limits)
+    limits.check(header, label)
+    return header, decode_series(header, label)
+
+
+def dicom_folder_header(folder: Path, label: str, limits: ReadLimits | None = None) -> DicomHeader:
+    limits = limits or ReadLimits()
+    files = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            continue  # a link may point anywhere: only the folder's own files are read
+        if path.is_file():
+            files.append(path)
+            if len(files) > limits.max_series_files:
+                raise DataTooLargeError(label, f"the folder holds more than {limits.max_series_files:,} files")
+    if not files:
+        raise DataNotFoundError(label, "the folder holds no files")
+    total = sum(path.stat().st_size for path in files)
+    if total > limits.max_series_bytes:
+        raise DataTooLargeError(label, f"the folder holds {total:,} bytes, above the limit of "
+                                       f"{limits.max_series_bytes:,}")
+    return series_header([(str(path.relative_to(folder)), path) for path in files], label)
+
+
+def series_header(sources: list[tuple[str, MemberSource]], label: str) -> DicomHeader:
+    """Parse the members, choose the series' images and plan their grid: everything but the pixel data."""
+    images, notes = images_of(parse_members(sources, label), label)
+    for syntax in sorted({str(image.dataset.file_meta.get("TransferSyntaxUID", "")) for image in images}):
+        _check_decodable(syntax, label)
+    plan = plan_grid([image.geometry for image in images], label)
+    rows, cols = images[0].geometry.shape
+    dtypes = {_stored_dtype(image.dataset, label) for image in images}
+    one_rescale = len({(image.slope, image.intercept) for image in images}) == 1
+    as_stored = one_rescale and len(dtypes) == 1 and not plan.resampled
+    dtype = dtypes.pop() if as_stored else np.dtype(np.float32)
+    slope, intercept = (images[0].slope, images[0].intercept) if as_stored else (1.0, 0.0)
+    spacing = (plan.spacing[2], plan.spacing[1], plan.spacing[0])  # file axes: (col, row, slice)
+    return DicomHeader("dicom", False, (cols, rows, plan.num_slices), dtype, spacing, plan.affine, slope, intercept,
+                       rescale_declared=True, images=images, plan=plan, notes=notes + plan.notes)
+
+
+def decode_series(header: DicomHeader, label: str) -> np.ndarray:
+    """The chosen images' pixels on the planned grid: (slice, row, col), stored values or float32 HU."""
+    plan = header.plan
+    assert plan is not None
+    ordered = [header.images[i] for i in plan.order]
+    as_stored = header.dtype.kind in "iu"  # one rescale, no resampling (see series_header)
+    out = np.empty((len(ordered), *ordered[0].geometry.shape), dtype=header.dtype if as_stored else np.float32)
+    multi_frame: dict[int, np.ndarray] = {}
+
+    def decode(k: int) -> None:
+        image = ordered[k]
+        try:
+            if image.frame is None:
+                pixels = _native_pixels(image.dataset, out.shape[1:], label, image.source)
+                if pixels is None:
+                    pixels = image.dataset.pixel_array
+            else:  # one decode per multi-frame file (the threads of its frames wait for it)
+                key = id(image.dataset)
+                if key not in multi_frame:
+                    multi_frame[key] = image.dataset.pixel_array.reshape(-1, *out.shape[1:])
+                pixels = multi_frame[key][image.frame]
+        except CorruptDataError:
+            raise
+        except Exception as exc:  # truncated pixel data, a corrupt compressed stream, ...
+            where = member_label(label, image.source)
+            raise CorruptDataError(where, f"unreadable pixel data ({type(exc).__name__}: {_short(exc)})") from None
+        if pixels.shape != out.shape[1:]:
+            raise CorruptDataError(member_label(label, image.source),
+                                   f"pixel data of shape {pixels.shape}, expected {out.shape[1:]}")
+        if as_stored:
+            out[k] = pixels
+        else:  # this slice's own rescale, in float64 as ITK computes it
+            out[k] = pixels.astype(np.float64) * image.slope + image.intercept
+
+    if any(image.frame is not None for image in ordered):
+        for k in range(len(ordered)):  # one multi-frame file: decoded once, frames copied
+            decode(k)
+    else:
+        with ThreadPoolExecutor(min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
+            list(pool.map(decode, range(len(ordered))))
+    return out if as_stored else resample(out, plan)
+
+
+def _native_pixels(ds, shape: tuple[int, int], label: str, source: str) -> np.ndarray | None:
+    """A single-frame, uncompressed little-endian slice straight from its bytes (pydicom's `pixel_array` costs
+    ~1.5 ms a slice in checks and copies: most of a series' read). None: any other form, left to `pixel_array`.
+
+    The unused high bits are cleared (or sign-extended) as pydicom does: shifted out and back in."""
+    if ds.file_meta.get("TransferSyntaxUID") not in NATIVE_LITTLE_ENDIAN or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    allocated, stored = int(ds.get("BitsAllocated", 0)), int(ds.get("BitsStored", 0) or 0)
+    if allocated not in (8, 16, 32) or not 0 < stored <= allocated:
+        return None
+    dtype = np.dtype(f"<{'i' if int(ds.get('PixelRepresentation', 0)) else 'u'}{allocated // 8}")
+    data = ds.PixelData
+    count = shape[0] * shape[1]
+    if len(data) < count * dtype.itemsize:
+        raise CorruptDataError(member_label(label, source), f"unreadable pixel data (truncated: {len(data):,} bytes "
+                               f"for {shape[0]}x{shape[1]} pixels of {allocated} bits)")
+    pixels = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    if stored < allocated:
+        shift = allocated - stored
+        pixels = np.right_shift(np.left_shift(pixels, shift), shift)
+    return pixels
+
+
+def _stored_dtype(ds, label: str) -> np.dtype:
+    bits = int(ds.get("BitsAllocated", 16))
+    if bits not in (8, 16, 32):
+        raise UnsupportedFormatError(label, f"{bits}-bit pixels are not supported (8, 16 or 32)")
+    return np.dtype(f"{'i' if int(ds.get('PixelRepresentation', 0)) else 'u'}{bits // 8}")
+
+
+def _check_decodable(syntax: str, label: str) -> None:
+    uid = UID(syntax)
+    if not syntax or not uid.is_transfer_syntax:
+        raise UnsupportedFormatError(label, f"unknown transfer syntax {syntax or '(none)'!r}")
+    if not uid.is_compressed:
+        return
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        decoder = None
+    if decoder is None or not decoder.is_available:
+        raise UnsupportedFormatError(label, f"pixel data compressed as {uid.name} ({syntax}): no decoder for it is "
+                                            "installed")
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:160] if str(exc) else ""
