@@ -20,7 +20,17 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+import schemathesis
 import SimpleITK as sitk
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -617,6 +627,36 @@ def test_slow_uploads_get_408_and_do_not_slow_down_other_requests(service):
             assert " 408 " in status_line and after_s < 20, outcomes  # the 5 s grace, not the 30 s request timeout
     assert sum(" 408 " in line for line, _ in outcomes) >= 6, outcomes
     assert_good_request_works(client)
+
+
+def test_fuzzed_requests_to_every_route_get_no_5xx_and_declared_answers(service):
+    """schemathesis against the service's own /openapi.json, every route, valid and invalid data, with and without
+    the key: no 5xx, and each status code, content type and body as the schema declares them (bounded, seeded)."""
+    schema = schemathesis.openapi.from_url(f"{service['url']}/openapi.json")
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.label for op in operations} >= {"POST /v1/predict/volume", "POST /v1/predict/slices", "GET /v1/model",
+                                               "GET /v1/stats", "GET /healthz", "GET /readyz"}
+    calls: list[tuple[str, int]] = []
+    for operation in operations:
+        label = operation.label
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=15, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck))
+            def fuzz(case):
+                keyed = zlib.crc32(repr(case.body).encode()) % 4 != 0  # now and then no key: a declared 401
+                response = case.call_and_validate(base_url=service["url"], headers=AUTH if keyed else None,
+                                                  timeout=60, checks=checks)
+                calls.append((label, response.status_code))  # noqa: B023 - fuzz() runs within this iteration
+
+            try:
+                fuzz()
+            except Unsatisfiable:
+                assert mode is GenerationMode.NEGATIVE  # a route without parameters has no invalid request
+    print(f"{len(calls)} fuzzed requests; statuses: {sorted(set(status for _, status in calls))}")
+    assert len({label for label, _ in calls}) == len(operations)
+    assert_good_request_works(service["client"])
 
 
 def test_a_rolling_update_to_a_tampered_bundle_is_refused_and_the_old_version_serves(service, tmp_path):
