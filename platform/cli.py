@@ -190,7 +190,8 @@ def cmd_tune(cfg) -> int:
 def cmd_demo(cfg) -> int:
     from ctplatform.demo import run_demo
 
-    run_demo(cfg.workdir, volumes=cfg.volumes, trials=cfg.trials, epochs=cfg.epochs, serve=not cfg.no_serve)
+    run_demo(cfg.workdir, volumes=cfg.volumes, trials=cfg.trials, epochs=cfg.epochs, serve=not cfg.no_serve,
+             verbose=cfg.verbose)
     return 0
 
 

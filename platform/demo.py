@@ -12,7 +12,9 @@ from pathlib import Path
 
 
 def run_demo(workdir: str | Path, *, volumes: int = 96, size: str = "64x64x48", trials: int = 4, epochs: int = 2,
-             serve: bool = True) -> dict:
+             serve: bool = True, verbose: bool = False) -> dict:
+    """`verbose=False` keeps Ray's worker logs and Tune's status tables off the terminal (errors still come back
+    as each failed trial's line and the sweep summary); `verbose=True` shows everything."""
     from ctplatform.config import TrainConfig
     from ctplatform.config.tune import TuneConfig
     from ctplatform.data.prepare import run_prepare
@@ -28,7 +30,7 @@ def run_demo(workdir: str | Path, *, volumes: int = 96, size: str = "64x64x48", 
     def step(text: str) -> None:
         print(f"\n[{time.perf_counter() - begin:6.0f} s] {text}", flush=True)
 
-    started = connect()  # one embedded Ray for every step (dashboard on 127.0.0.1)
+    started = connect(quiet=not verbose)  # one embedded Ray for every step (dashboard on 127.0.0.1)
     try:
         data = work / "ct_rate_data"
         if not (data / "dataset").is_dir():
@@ -39,14 +41,16 @@ def run_demo(workdir: str | Path, *, volumes: int = 96, size: str = "64x64x48", 
         cache = work / "ct_rate_2d"
         step(f"2/4 prepare the slice cache -> {cache}")
         prepared = run_prepare(data, cache, PreprocessSettings(image_size=64, num_slices=8), executor="ray")
-        print(json.dumps(prepared, indent=2))
+        print(f"  {prepared['cached']} volumes cached ({prepared['prepared_now']} now, {prepared['failed']} failed) in "
+              f"{prepared['seconds']:.0f} s", flush=True)
         step(f"3/4 sweep: {trials} trials x {epochs} epochs (Optuna TPE + ASHA, each trial a Ray Train run)")
         base = TrainConfig(slice_dir=str(cache), model="resnet50", batch_size=32, epochs=epochs, num_workers=0,
                            cpus_per_worker=1, use_gpu=None, storage_path=str(work / "runs"))
         settings = TuneConfig(name="demo", storage_path=str(work / "runs"), num_samples=trials, seed=0,
                                  gpus_per_trial=1.0)
         resume = (work / "runs" / "demo" / "tuner.pkl").is_file()
-        summary = run_sweep(base, load_space("demo_space.yaml"), settings, resume=resume)
+        summary = run_sweep(base, load_space("demo_space.yaml"), settings, resume=resume,
+                            tune_verbosity=1 if verbose else 0)
         bundle = summary["best_bundle"]
         step(f"best bundle: {bundle} (validation macro AUROC {summary['best_validation_macro_auroc']:.3f}); "
              f"report: {summary['best_report']}")

@@ -116,3 +116,20 @@ def test_a_worker_group_that_cannot_start_is_retried_with_backoff_then_fails(tin
     assert "worker group retry 3" not in log  # bounded: CONTROLLER_RETRIES retries, then the run fails
     assert CONTROLLER_RETRIES == 2
     assert elapsed >= (CONTROLLER_RETRIES + 1) * start_timeout_s + 2 + 4
+
+
+def test_a_finished_trial_is_one_line_with_its_settings_and_best_value(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from ctplatform.tune.summary import LiveTrialsTable
+
+    space = load_space()
+    table = LiveTrialsTable(tmp_path / "trials.csv", space, max_epochs=3)
+    trial = SimpleNamespace(trial_id="abc123", config={"loss_type": "focal", "learning_rate": 0.00031234, "x": 1})
+    for epoch, value in ((1, 0.61), (2, 0.67), (3, 0.64)):
+        table.on_trial_result(0, [], trial, {space.metric: value, "training_iteration": epoch})
+    table.on_trial_complete(0, [], trial)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"trial abc123 finished after 3 epoch(s): best {space.metric} 0.6700  (loss_type=focal, "
+                     "learning_rate=0.000312)"]
+    assert "abc123" in (tmp_path / "trials.csv").read_text()

@@ -48,3 +48,5 @@ class DemoConfig:
     trials: int = option(4, "sweep trials")
     epochs: int = option(2, "epochs per trial")
     no_serve: bool = option(False, "stop after exporting the best bundle")
+    verbose: bool = option(False, "show Ray's, Tune's and every worker's full logs (default: one line per step and "
+                                  "per finished trial)")

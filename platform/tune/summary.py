@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -28,7 +29,8 @@ def _finite(value) -> float | None:
 
 
 class LiveTrialsTable(Callback):
-    """Rewrites `trials.csv` (atomically) on every result, and prints a compact table when a trial ends."""
+    """Rewrites `trials.csv` (atomically) on every result, and prints one line when a trial ends: its settings and
+    its best value of the sweep's metric (the whole table is in `trials.csv` and in the summary at the end)."""
 
     def __init__(self, path: Path | None, space: SearchSpace, max_epochs: int):
         self.path, self.space, self.max_epochs = path, space, max_epochs
@@ -55,15 +57,27 @@ class LiveTrialsTable(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         epochs = self.rows.get(trial.trial_id, {}).get("epochs", 0)
         self._update(trial, None, "finished" if epochs >= self.max_epochs else "stopped early")
-        self._print()
+        self._print(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._update(trial, None, "error")
-        self._print()
+        self._print(trial.trial_id)
 
-    def _print(self) -> None:
-        frame = pd.DataFrame(list(self.rows.values()))
-        print("\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n", flush=True)
+    def _print(self, trial_id: str) -> None:
+        row = self.rows[trial_id]
+        settings = ", ".join(f"{k}={_short(row[k])}" for k in self.space.params if k in row and _present(row[k]))
+        best = row.get("best_" + self.space.metric)
+        value = f"best {self.space.metric} {best:.4f}" if best is not None else f"no {self.space.metric}"
+        print(f"trial {trial_id} {row['state']} after {row.get('epochs', 0)} epoch(s): {value}  ({settings})",
+              flush=True)
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def error_line(error: BaseException) -> str:
@@ -193,7 +207,9 @@ def _optuna_plots(sweep_dir: str, name: str, out: Path) -> list[str]:
                            ("param_importances.png", ovm.plot_param_importances),
                            ("parallel_coordinates.png", ovm.plot_parallel_coordinate)):
         try:
-            axes = plot(study)
+            with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental; used knowingly here
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. too few finished trials
             print(f"skipped {filename}: {exc}")
             continue

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -113,7 +114,10 @@ class ResumableOptunaSearch(OptunaSearch):
 
 def _searcher(space: SearchSpace, settings: TuneConfig, workspace: str, max_concurrent: int):
     if settings.searcher == "optuna":
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True, constant_liar=True)
+        with warnings.catch_warnings():  # `group` and `constant_liar` are experimental in Optuna: used knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True,
+                                                 constant_liar=True)
     elif settings.searcher == "random":
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
     else:
@@ -134,8 +138,10 @@ def _scheduler(space: SearchSpace, settings: TuneConfig, max_epochs: int):
 
 
 def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, resume: bool = False,
-              export_best: bool = True, worker_callbacks: list | None = None) -> dict:
-    """Run (or resume) a sweep; returns a summary with the best trial and where everything was written."""
+              export_best: bool = True, worker_callbacks: list | None = None, tune_verbosity: int = 1) -> dict:
+    """Run (or resume) a sweep; returns a summary with the best trial and where everything was written.
+
+    `tune_verbosity` is Ray Tune's (0: only this module's one line per finished trial and the summary)."""
     if settings.address is None:  # local trials see this machine's files and torch cache: fail before writing anything
         for model in space.params.get("model", {}).get("choices", [base.model]):
             check_weights(model, base.weights)
@@ -173,7 +179,7 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
                 run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(sweep_dir).parent)
                                           if not is_uri(sweep_dir) else settings.storage_path,
                                           failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                                          callbacks=[table], verbose=1),
+                                          callbacks=[table], verbose=tune_verbosity),
             )
         begin = time.perf_counter()
         results = tuner.fit()
