@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
-from ctplatform.data import ReadLimits, read_header, read_volume
+from ctplatform.data import ReadLimits, read_header, read_raw_volume, read_volume
 from ctplatform.data.errors import (
     CorruptDataError,
     DataTooLargeError,
@@ -71,6 +71,17 @@ def test_series_equals_simpleitk_and_the_truth(tmp_path, chest, syntax, compress
     assert volume.hu_source == "header"
     np.testing.assert_array_equal(volume.hu, canonical(chest))
     np.testing.assert_array_equal(volume.hu, sitk_series(tmp_path / "s"))
+
+
+def test_whole_volume_read_decodes_straight_to_hu_with_the_values_of_the_stored_value_path(tmp_path, chest):
+    """read_volume converts each slice to canonical float32 HU in its decode thread; the values equal those of the
+    general path (stored values, reoriented, then converted), which prepare uses."""
+    write_series(tmp_path / "s", chest, spacing=SPACING, slope=0.5, intercept=-1024.0, seed=4)
+    volume, raw = read_volume(tmp_path / "s"), read_raw_volume(tmp_path / "s")
+    assert raw.data.dtype == np.int16 and raw.slope == 0.5
+    np.testing.assert_array_equal(volume.hu, raw.to_volume().hu)
+    assert volume.hu.dtype == np.float32 and volume.hu.flags.c_contiguous and volume.hu.flags.writeable
+    assert volume.spacing == raw.spacing == SPACING and volume.notes == raw.notes
 
 
 def test_per_slice_rescale_equals_simpleitk(tmp_path, chest):

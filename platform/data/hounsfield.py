@@ -52,12 +52,12 @@ def hounsfield_rescale(
     return 1.0, 0.0, "as-stored", notes
 
 
-def rescaled_to_hu(data: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """float32 copy of slope * data + intercept, clipped to the CT range.
+def rescaled_to_hu(data: np.ndarray, slope: float, intercept: float, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 copy of slope * data + intercept, clipped to the CT range (into `out` when given).
 
     Converted a few slices at a time, so each block is cast, scaled and clipped while it is still in cache: the same
     values as whole-array passes, with fewer trips through memory on a large volume."""
-    hu = np.empty(data.shape, dtype=np.float32)
+    hu = np.empty(data.shape, dtype=np.float32) if out is None else out
     blocks = [slice(k, k + HU_BLOCK_SLICES) for k in range(0, len(data), HU_BLOCK_SLICES)] if data.ndim == 3 else [...]
     for block in blocks:
         part = hu[block]

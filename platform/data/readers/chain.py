@@ -23,10 +23,18 @@ from ctplatform.data.errors import CorruptDataError, DataNotFoundError, Unsuppor
 from ctplatform.data.hounsfield import chest_check, hounsfield_rescale
 from ctplatform.data.metadata import DEFAULT_Z_SPACING_MM, VolumeMetadata
 from ctplatform.data.readers.base import ReadLimits, VolumeHeader, VolumeReader
-from ctplatform.data.readers.dicom import DicomHeader, DicomReader, dicom_folder_header, read_dicom_folder
+from ctplatform.data.readers.dicom import (
+    DicomHeader,
+    DicomReader,
+    checked_folder_header,
+    decode_series,
+    decode_series_hu,
+    dicom_folder_header,
+    read_dicom_folder,
+)
 from ctplatform.data.readers.mha import MetaImageReader
 from ctplatform.data.readers.nifti import NiftiReader
-from ctplatform.data.readers.orientation import to_canonical
+from ctplatform.data.readers.orientation import canonical_flips, to_canonical
 from ctplatform.data.readers.volume import RawVolume, Volume
 
 READERS: tuple[VolumeReader, ...] = (NiftiReader(), MetaImageReader(), DicomReader())
@@ -48,7 +56,30 @@ def read_volume(
     `metadata` (CT-RATE's metadata CSV row) gives the rescale of original-format volumes; `limits` caps what the
     header may declare (default: :class:`ReadLimits`()).
     Raises a :class:`~ctplatform.data.errors.DataFormatError` subclass for each kind of problem."""
-    return read_raw_volume(source, name=name, metadata=metadata, limits=limits).to_volume()
+    limits = limits or ReadLimits()
+    if _is_folder(source):
+        label = name or str(source)
+        return _dicom_volume(checked_folder_header(Path(source), label, limits), metadata, limits, label)
+    with _opened(source, name) as (stream, label):
+        head, reader = _detect(stream, label)
+        if isinstance(reader, DicomReader):
+            header = reader.checked_header(stream, label, limits)
+        else:
+            header, data = reader.read(stream, head, label, limits)
+            return _checked_volume(data, header, metadata, limits, label).to_volume()
+    return _dicom_volume(header, metadata, limits, label)
+
+
+def _dicom_volume(header: DicomHeader, metadata: VolumeMetadata | None, limits: ReadLimits, label: str) -> Volume:
+    """A whole series in HU: decoded straight to canonical float32 HU where only flips orient it (axial series, one
+    rescale, slices on the grid), else through the stored values as every other read."""
+    canonical = canonical_flips(header.affine)
+    hu = decode_series_hu(header, label, canonical[0]) if canonical is not None else None
+    if hu is None:
+        return _checked_volume(decode_series(header, label), header, metadata, limits, label).to_volume()
+    volume = RawVolume(hu, 1.0, 0.0, canonical[1], "header", list(header.notes))
+    _check_content(volume, limits, label)
+    return Volume(hu=hu, spacing=volume.spacing, hu_source=volume.hu_source, notes=volume.notes)
 
 
 def read_raw_volume(
@@ -139,11 +170,17 @@ def _checked_volume(data: np.ndarray, header: VolumeHeader, metadata: VolumeMeta
             notes.append(f"ZSpacing missing in metadata and header: assuming {DEFAULT_Z_SPACING_MM} mm")
             spacing = (DEFAULT_Z_SPACING_MM, spacing[1], spacing[2])
     volume = RawVolume(data, slope, intercept, spacing, source, notes)
+    _check_content(volume, limits, label)
+    return volume
+
+
+def _check_content(volume: RawVolume, limits: ReadLimits, label: str) -> None:
+    """Refuse a blank image or unusable spacing; note a volume that does not look like a chest."""
     sample = volume.hu_sample()
-    if float(sample.max()) == float(sample.min()) and float(data.max()) == float(data.min()):
+    if float(sample.max()) == float(sample.min()) and float(volume.data.max()) == float(volume.data.min()):
         raise UnusableContentError(label, "image is constant (blank)")
+    spacing = volume.spacing
     if limits.require_spacing and not all(math.isfinite(s) and s > 0 for s in spacing):
         raise UnusableContentError(label, f"voxel spacing {tuple(float(s) for s in spacing)} mm is not finite and "
                                           "positive (NaN or zero pixdim in the header)")
-    notes.extend(chest_check(sample, step=1))
-    return volume
+    volume.notes.extend(chest_check(sample, step=1))

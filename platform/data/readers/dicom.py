@@ -23,6 +23,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ctplatform.data.errors import CorruptDataError, DataNotFoundError, DataTooLargeError, UnsupportedFormatError
+from ctplatform.data.hounsfield import rescaled_to_hu
 from ctplatform.data.readers.base import ReadLimits, VolumeHeader, VolumeReader
 from ctplatform.data.readers.dicom_geometry import GridPlan, plan_grid, resample
 from ctplatform.data.readers.dicom_series import DicomImage, MemberSource, images_of, member_label, parse_members
@@ -72,16 +73,27 @@ class DicomReader(VolumeReader):
         return decode_series(header, label)
 
     def read(self, stream: BinaryIO, head: bytes, label: str, limits: ReadLimits) -> tuple[VolumeHeader, np.ndarray]:
+        header = self.checked_header(stream, label, limits)
+        return header, decode_series(header, label)
+
+    def checked_header(self, stream: BinaryIO, label: str, limits: ReadLimits) -> DicomHeader:
+        """The series header, checked against `limits` (nothing decoded yet)."""
         header = self.read_header(stream, label, limits)
         limits.check(header, label)
-        return header, decode_series(header, label)
+        return header
 
 
 def read_dicom_folder(folder: Path, label: str, limits: ReadLimits) -> tuple[DicomHeader, np.ndarray]:
     """A folder holding one DICOM series (files in any subfolders; other files skipped), read within `limits`."""
+    header = checked_folder_header(folder, label, limits)
+    return header, decode_series(header, label)
+
+
+def checked_folder_header(folder: Path, label: str, limits: ReadLimits) -> DicomHeader:
+    """The folder's series header, checked against `limits` (nothing decoded yet)."""
     header = dicom_folder_header(folder, label, limits)
     limits.check(header, label)
-    return header, decode_series(header, label)
+    return header
 
 
 def dicom_folder_header(folder: Path, label: str, limits: ReadLimits | None = None) -> DicomHeader:
@@ -122,37 +134,69 @@ def series_header(sources: list[tuple[str, MemberSource]], label: str) -> DicomH
 
 def decode_series(header: DicomHeader, label: str) -> np.ndarray:
     """The chosen images' pixels on the planned grid: (slice, row, col), stored values or float32 HU."""
-    plan = header.plan
-    assert plan is not None
-    ordered = [header.images[i] for i in plan.order]
     as_stored = header.dtype.kind in "iu"  # one rescale, no resampling (see series_header)
-    out = np.empty((len(ordered), *ordered[0].geometry.shape), dtype=header.dtype if as_stored else np.float32)
+    out = np.empty(_grid_shape(header), dtype=header.dtype if as_stored else np.float32)
+
+    def store(k: int, image: DicomImage, pixels: np.ndarray) -> None:
+        if as_stored:
+            out[k] = pixels
+        else:  # this slice's own rescale, in float64 as ITK computes it
+            out[k] = pixels.astype(np.float64) * image.slope + image.intercept
+
+    _decode_each(header, label, store)
+    return out if as_stored else resample(out, header.plan)
+
+
+def decode_series_hu(header: DicomHeader, label: str, flips: tuple[bool, bool, bool]) -> np.ndarray | None:
+    """The series straight to float32 HU (clipped to the CT range) in canonical order, each slice converted and
+    flipped by the decode thread that read it: no stored-value copy of the volume and no second pass over it (what
+    a whole-volume read costs otherwise). `flips` (slice, row, col) from `orientation.canonical_flips`. None when
+    the slices need resampling or differ in rescale (`decode_series` then)."""
+    if header.dtype.kind not in "iu":
+        return None
+    out = np.empty(_grid_shape(header), dtype=np.float32)
+    last = len(out) - 1
+    in_plane = (slice(None, None, -1 if flips[1] else 1), slice(None, None, -1 if flips[2] else 1))
+
+    def store(k: int, image: DicomImage, pixels: np.ndarray) -> None:
+        rescaled_to_hu(pixels[in_plane], header.slope, header.intercept, out=out[last - k if flips[0] else k])
+
+    _decode_each(header, label, store)
+    return out
+
+
+def _grid_shape(header: DicomHeader) -> tuple[int, int, int]:
+    assert header.plan is not None
+    return (len(header.plan.order), *header.images[header.plan.order[0]].geometry.shape)
+
+
+def _decode_each(header: DicomHeader, label: str, store) -> None:
+    """Decode every chosen image, in `header.plan.order`, and hand each to `store(k, image, pixels)`."""
+    ordered = [header.images[i] for i in header.plan.order]
+    shape = ordered[0].geometry.shape
     multi_frame: dict[int, np.ndarray] = {}
 
     def decode(k: int) -> None:
         image = ordered[k]
         try:
             if image.frame is None:
-                pixels = _native_pixels(image.dataset, out.shape[1:], label, image.source)
+                pixels = _native_pixels(image.dataset, shape, label, image.source)
                 if pixels is None:
                     pixels = image.dataset.pixel_array
             else:  # one decode per multi-frame file (the threads of its frames wait for it)
                 key = id(image.dataset)
                 if key not in multi_frame:
-                    multi_frame[key] = image.dataset.pixel_array.reshape(-1, *out.shape[1:])
+                    multi_frame[key] = image.dataset.pixel_array.reshape(-1, *shape)
                 pixels = multi_frame[key][image.frame]
         except CorruptDataError:
             raise
         except Exception as exc:  # truncated pixel data, a corrupt compressed stream, ...
             where = member_label(label, image.source)
             raise CorruptDataError(where, f"unreadable pixel data ({type(exc).__name__}: {_short(exc)})") from None
-        if pixels.shape != out.shape[1:]:
+        if pixels.shape != shape:
             raise CorruptDataError(member_label(label, image.source),
-                                   f"pixel data of shape {pixels.shape}, expected {out.shape[1:]}")
-        if as_stored:
-            out[k] = pixels
-        else:  # this slice's own rescale, in float64 as ITK computes it
-            out[k] = pixels.astype(np.float64) * image.slope + image.intercept
+                                   f"pixel data of shape {pixels.shape}, expected {shape}")
+        store(k, image, pixels)
 
     if any(image.frame is not None for image in ordered):
         for k in range(len(ordered)):  # one multi-frame file: decoded once, frames copied
@@ -160,7 +204,6 @@ def decode_series(header: DicomHeader, label: str) -> np.ndarray:
     else:
         with ThreadPoolExecutor(min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
             list(pool.map(decode, range(len(ordered))))
-    return out if as_stored else resample(out, plan)
 
 
 def _native_pixels(ds, shape: tuple[int, int], label: str, source: str) -> np.ndarray | None:
