@@ -213,13 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     from ctplatform.config.serve import ServeConfig
     from ctplatform.data import read_volume
     from ctplatform.data.preprocess import PreprocessSettings, preprocess_volume
+    from ctplatform.model.bundle_check import check_bundle
     from ctplatform.serve.app import build_app
-    from ctplatform.serve.bundles import read_bundle_metadata
 
     tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
     bundle = Path(args.bundle) if args.bundle else make_bundle(Path(tmp.name) / "bundle", args.model,
                                                                args.image_size, args.num_slices)
-    settings = PreprocessSettings.from_dict(read_bundle_metadata(bundle)["preprocess"])
+    settings = PreprocessSettings.from_dict(check_bundle(bundle).metadata["preprocess"])
     shape = tuple(int(v) for v in args.volume_shape.lower().split("x"))
     volumes = [nifti_gz(synthetic_volume(shape, seed)) for seed in range(4)]
     slice_inputs = [npy_bytes(synthetic_volume((1, args.slice_side, args.slice_side), seed)[0].astype(np.int16))

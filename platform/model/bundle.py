@@ -12,7 +12,7 @@ import datetime as _dt
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
@@ -23,6 +23,9 @@ from ctplatform.labels import CLASS_NAMES
 from ctplatform.model.calibration import Calibration
 from ctplatform.model.classifier import build_classifier
 from ctplatform.model.windows import window_table
+
+if TYPE_CHECKING:
+    from ctplatform.model.bundle_check import BundleSummary
 
 BUNDLE_FORMAT = "ctplatform-bundle"
 BUNDLE_VERSION = 1
@@ -92,30 +95,53 @@ def export_bundle(out_dir: str | Path, model: torch.nn.Module, spec: ModelSpec) 
     return out
 
 
+def bundle_folder(path: str | Path) -> Path:
+    """A bundle folder (or its metadata.json) -> the folder, resolved; BundleError when it is not a bundle folder."""
+    folder = Path(path).expanduser()
+    if folder.is_file() and folder.name == METADATA_FILE:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such bundle folder (a folder with {WEIGHTS_FILE} and {METADATA_FILE}, as "
+                          "train and tune export them)")
+    for name in (METADATA_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise BundleError(f"{folder}: no {name} here; not a model bundle")
+    return folder.resolve()
+
+
 def load_bundle(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
     """Load a bundle folder (or its metadata.json) or a Lightning checkpoint; returns (model in eval mode, spec)."""
     path = Path(path)
-    if path.is_file() and path.name == METADATA_FILE:
-        path = path.parent
-    if path.is_dir():
-        from ctplatform.model.bundle_check import check_bundle, spec_from_metadata, validated_metadata
+    if path.is_dir() or path.name == METADATA_FILE:
+        from ctplatform.model.bundle_check import check_bundle
 
-        check_bundle(path)  # schema, calibration, and the weights' header against the architecture
-        spec = spec_from_metadata(validated_metadata(path / METADATA_FILE))
-        try:
-            state = safetensors.torch.load_file(str(path / WEIGHTS_FILE))
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise BundleError(f"{path / WEIGHTS_FILE}: unreadable weights ({exc})") from exc
-    elif path.is_file():
+        return load_checked_bundle(check_bundle(path))  # schema, calibration, weights header against architecture
+    if path.is_file():
         state, spec = _read_lightning_checkpoint(path)
-    else:
-        raise BundleError(f"{path}: no such bundle or checkpoint")
+        return _model_with(state, spec, path), spec
+    raise BundleError(f"{path}: no such bundle or checkpoint")
+
+
+def load_checked_bundle(summary: BundleSummary) -> tuple[torch.nn.Module, ModelSpec]:
+    """(model in eval mode, spec) of a bundle that `check_bundle` has passed (its BundleSummary)."""
+    from ctplatform.model.bundle_check import spec_from_metadata
+
+    weights = summary.folder / WEIGHTS_FILE
+    try:
+        state = safetensors.torch.load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise BundleError(f"{weights}: unreadable weights ({exc})") from exc
+    spec = spec_from_metadata(summary.metadata)
+    return _model_with(state, spec, summary.folder), spec
+
+
+def _model_with(state: dict[str, torch.Tensor], spec: ModelSpec, path: Path) -> torch.nn.Module:
     model = spec.build_model()
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BundleError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]})")
-    return model.eval(), spec
+    return model.eval()
 
 
 def _read_lightning_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec]:

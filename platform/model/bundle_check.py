@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,15 @@ from safetensors import safe_open
 from ctplatform.config.model import AGGREGATIONS, HEADS, INPUT_WINDOWS
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.labels import CLASS_NAMES
-from ctplatform.model.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, METADATA_FILE, WEIGHTS_FILE, BundleError, ModelSpec
+from ctplatform.model.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    BundleError,
+    ModelSpec,
+    bundle_folder,
+)
 from ctplatform.model.calibration import Calibration
 
 MAX_METADATA_BYTES = 1 << 20  # a real metadata.json is a few KB; refuse to parse a huge one
@@ -81,6 +89,7 @@ class BundleSummary:
     tensors: int
     parameters: int
     calibrated: bool
+    metadata: dict = field(compare=False, repr=False)  # the validated metadata.json: nobody parses it again
 
     def line(self) -> str:
         return (f"{self.folder}: ok: {self.model}, {self.head} head, {len(CLASS_NAMES)} classes, {self.tensors} "
@@ -129,14 +138,7 @@ def weights_header(where: Path) -> dict[str, tuple[int, ...]]:
 
 def check_bundle(path: str | Path) -> BundleSummary:
     """Validate the bundle folder (or its metadata.json) at `path`; BundleError naming the file and the problem."""
-    folder = Path(path).expanduser()
-    if folder.is_file() and folder.name == METADATA_FILE:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise BundleError(f"{folder}: no such bundle folder (a folder with {WEIGHTS_FILE} and {METADATA_FILE})")
-    for name in (METADATA_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise BundleError(f"{folder}: no {name} here; not a model bundle")
+    folder = bundle_folder(path)
     metadata = validated_metadata(folder / METADATA_FILE)
     stored = weights_header(folder / WEIGHTS_FILE)
     spec = spec_from_metadata(metadata)
@@ -156,8 +158,9 @@ def check_bundle(path: str | Path) -> BundleSummary:
             raise BundleError(f"{folder / WEIGHTS_FILE}: tensor {name} has shape {list(stored[name])}, the "
                               f"architecture in {METADATA_FILE} needs {list(shape)}")
     architecture = metadata["architecture"]
-    return BundleSummary(folder.resolve(), architecture["model"], architecture.get("head", "slice"), len(stored),
-                         sum(math.prod(shape) for shape in stored.values()), bool(metadata.get("calibration")))
+    return BundleSummary(folder, architecture["model"], architecture.get("head", "slice"), len(stored),
+                         sum(math.prod(shape) for shape in stored.values()), bool(metadata.get("calibration")),
+                         metadata)
 
 
 def spec_from_metadata(metadata: dict) -> ModelSpec:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from ray import serve
 
 from ctplatform.config.serve import ServeConfig
+from ctplatform.model.bundle_check import BundleSummary, check_bundle
 from ctplatform.serve.auth import expected_key_hash
-from ctplatform.serve.bundles import default_bundle_path, read_bundle_metadata, resolve_bundle_dir
+from ctplatform.serve.bundles import chosen_bundle
 from ctplatform.serve.ingress import Ingress, IngressOptions
 from ctplatform.serve.inputs import ServeLimits
 from ctplatform.serve.model_deployment import ModelServer
@@ -34,7 +35,7 @@ def _replicas(options: dict, replicas: int | tuple[int, int] | None, target_ongo
                                               "upscale_delay_s": 10.0, "downscale_delay_s": 120.0}}
 
 
-def build_app(config: ServeConfig) -> serve.Application:
+def build_app(config: ServeConfig, checked: BundleSummary | None = None) -> serve.Application:
     """The Serve application for `config.bundle`: `serve.run(build_app(config), name=APP_NAME)`.
 
     A `(min, max)` replica pair turns on autoscaling; `num_gpus` (fractions allowed) is per model replica, and
@@ -43,8 +44,9 @@ def build_app(config: ServeConfig) -> serve.Application:
     `address`, `name`, `detach`) is the caller's business.
     """
     config.validate()
-    bundle = resolve_bundle_dir(config.bundle) if config.bundle else default_bundle_path()
-    metadata = read_bundle_metadata(bundle)
+    bundle = chosen_bundle(config.bundle)
+    if checked is None or checked.folder != bundle:
+        checked = check_bundle(bundle)  # nothing is deployed from a bundle that would fail in a replica
     options = IngressOptions(limits=ServeLimits.from_config(config),
                              api_key_sha256=expected_key_hash(config.api_key, config.api_key_sha256),
                              request_timeout_s=config.request_timeout, decode_workers=config.decode_workers,
@@ -64,7 +66,7 @@ def build_app(config: ServeConfig) -> serve.Application:
     model = ModelServer.options(**model_options).bind(
         str(bundle), max_batch_slices=config.max_batch_slices, batch_wait_timeout_s=config.batch_wait_ms / 1000.0,
         batching=not config.no_batching, torch_threads=config.torch_threads)
-    return Ingress.options(**ingress_options).bind(model, metadata["preprocess"], options)
+    return Ingress.options(**ingress_options).bind(model, checked.metadata["preprocess"], options)
 
 
 def app_builder(args: dict) -> serve.Application:

@@ -37,10 +37,17 @@ class BodyBudget:
 
 @dataclass
 class BodyReservation:
-    """What one request has reserved in the budget; released when the request ends, whatever happened."""
+    """What one request has reserved in the budget; a context manager that releases it when the request ends,
+    whatever happened."""
 
     budget: BodyBudget
     bytes: int = 0
+
+    def __enter__(self) -> BodyReservation:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
 
     def grow_to(self, count: int) -> None:
         if count > self.bytes:

@@ -1,4 +1,4 @@
-"""Which bundle to serve and what it is: the default bundle, the checked metadata, a content version (no Ray)."""
+"""Which bundle to serve and what it is: the chosen or default bundle, a content version (no Ray)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import hashlib
 from pathlib import Path
 
 from ctplatform.data.preprocess import PreprocessSettings
-from ctplatform.model.bundle import METADATA_FILE, WEIGHTS_FILE, BundleError
-from ctplatform.model.bundle_check import check_bundle, validated_metadata
+from ctplatform.model.bundle import METADATA_FILE, WEIGHTS_FILE, bundle_folder
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -24,31 +23,14 @@ def default_bundle_path(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
     return candidates[0].parent
 
 
-def resolve_bundle_dir(path: str | Path) -> Path:
-    """A bundle folder (or its metadata.json) -> the folder; BundleError when it is not a bundle folder."""
-    path = Path(path).expanduser()
-    if path.is_file() and path.name == METADATA_FILE:
-        path = path.parent
-    if not path.is_dir():
-        raise BundleError(f"{path}: no such bundle folder (the service loads bundles exported by train/tune: a folder "
-                          f"with {WEIGHTS_FILE} and {METADATA_FILE})")
-    for name in (METADATA_FILE, WEIGHTS_FILE):
-        if not (path / name).is_file():
-            raise BundleError(f"{path}: no {name} here; not a model bundle")
-    return path.resolve()
-
-
-def read_bundle_metadata(path: str | Path) -> dict:
-    """metadata.json of a bundle folder once the whole bundle has passed `check_bundle` (schema, calibration,
-    weights header against the architecture): nothing is deployed from a bundle that would fail in a replica."""
-    folder = resolve_bundle_dir(path)
-    check_bundle(folder)
-    return validated_metadata(folder / METADATA_FILE)
+def chosen_bundle(path: str | Path | None, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
+    """The bundle folder to serve: `path` (a folder or its metadata.json), else the newest sweep's best bundle."""
+    return bundle_folder(path) if path else default_bundle_path(runs_dir)
 
 
 def bundle_version(path: str | Path) -> str:
     """`sha256:<12 hex>` of metadata.json and the weights: the same files always give the same version."""
-    folder = resolve_bundle_dir(path)
+    folder = bundle_folder(path)
     digest = hashlib.sha256()
     for name in (METADATA_FILE, WEIGHTS_FILE):
         with open(folder / name, "rb") as handle:

@@ -33,12 +33,12 @@ def cmd_serve(config: ServeConfig) -> int:
     from ctplatform.model.bundle_check import check_bundle
     from ctplatform.ray_session import cluster_has_gpus, connect
     from ctplatform.serve.app import build_app
-    from ctplatform.serve.bundles import bundle_version, default_bundle_path, resolve_bundle_dir
+    from ctplatform.serve.bundles import bundle_version, chosen_bundle
 
     config = config.replace(api_key=config.api_key or None)  # an empty key, from the flag or the environment: none
-    bundle = resolve_bundle_dir(config.bundle) if config.bundle else default_bundle_path()
+    bundle = chosen_bundle(config.bundle)
     config = config.replace(bundle=str(bundle)).validate()
-    check_bundle(bundle)  # a bad bundle stops here, in seconds and before Ray starts, with one line (exit 2)
+    checked = check_bundle(bundle)  # a bad bundle stops here, in seconds and before Ray starts, with one line (exit 2)
     if not _is_loopback(config.host) and not config.api_key:
         print(f"warning: serving on {config.host} without an API key: anyone who can reach this port can use the "
               f"model (set --api-key or ${API_KEY_ENV}, and put TLS in front)", file=sys.stderr)
@@ -55,7 +55,7 @@ def cmd_serve(config: ServeConfig) -> int:
     try:
         if config.num_gpus is None:
             config = config.replace(num_gpus=1.0 if cluster_has_gpus() else 0.0)
-        app = build_app(config)
+        app = build_app(config, checked)
         # Cluster-wide proxy settings; on a cluster where Serve already runs they stay as they are (Serve warns).
         serve.start(http_options={"host": config.host, "port": config.port,
                                   "request_timeout_s": config.request_timeout + 30.0})

@@ -241,37 +241,29 @@ class Ingress:
 
     # ------------------------------------------------------------------ work
     async def _predict_volume(self, request: Request, thumbnails: bool, filename: str | None) -> dict:
-        reservation = BodyReservation(self.bodies)
-        try:  # the upload's bytes count against the replica's body budget until the answer is ready
-            return await self._predict_volume_within(request, thumbnails, filename, reservation)
-        finally:
-            reservation.release()
-
-    async def _predict_volume_within(self, request: Request, thumbnails: bool, filename: str | None,
-                                     reservation: BodyReservation) -> dict:
-        started = time.perf_counter()
-        limits = self.options.limits
-        body = await self._body(request, reservation)
-        upload = single_upload(uploads_from_body(body, request.headers.get("content-type"), filename, limits))
-        del body
-        volume = await self._cpu(VolumeUpload, upload, limits)
-        decoded = time.perf_counter()
-        reply, (prepared, positions) = await self._model_call_with_settings("predict_volume", volume.prepare)
-        modelled = time.perf_counter()
-        result = volume_response(reply, volume, slices_used=len(positions))
-        if thumbnails:
-            wanted = [p for positions_ in result["key_slices"].values() for p in positions_]
-            result["thumbnails"] = await self._cpu(key_slice_thumbnails, prepared, positions, wanted,
-                                                   self.options.thumbnail_size)
-        result["timing_ms"] = {"read": round(1000 * (decoded - started), 1),
-                               "preprocess_and_model": round(1000 * (modelled - decoded), 1),
-                               "total": round(1000 * (time.perf_counter() - started), 1)}
-        return result
+        with BodyReservation(self.bodies) as reservation:  # the upload counts against the budget until answered
+            started = time.perf_counter()
+            limits = self.options.limits
+            body = await self._body(request, reservation)
+            upload = single_upload(uploads_from_body(body, request.headers.get("content-type"), filename, limits))
+            del body
+            volume = await self._cpu(VolumeUpload, upload, limits)
+            decoded = time.perf_counter()
+            reply, (prepared, positions) = await self._model_call_with_settings("predict_volume", volume.prepare)
+            modelled = time.perf_counter()
+            result = volume_response(reply, volume, slices_used=len(positions))
+            if thumbnails:
+                wanted = [p for positions_ in result["key_slices"].values() for p in positions_]
+                result["thumbnails"] = await self._cpu(key_slice_thumbnails, prepared, positions, wanted,
+                                                       self.options.thumbnail_size)
+            result["timing_ms"] = {"read": round(1000 * (decoded - started), 1),
+                                   "preprocess_and_model": round(1000 * (modelled - decoded), 1),
+                                   "total": round(1000 * (time.perf_counter() - started), 1)}
+            return result
 
     async def _predict_slices(self, request: Request, filename: str | None) -> dict:
         limits = self.options.limits
-        reservation = BodyReservation(self.bodies)
-        try:
+        with BodyReservation(self.bodies) as reservation:
             body = await self._body(request, reservation)
             uploads = uploads_from_body(body, request.headers.get("content-type"), filename, limits)
             del body
@@ -279,5 +271,3 @@ class Ingress:
             reply, _ = await self._model_call_with_settings("predict_slices",
                                                             functools.partial(prepare_slices, slices))
             return slices_response(reply, slices)
-        finally:
-            reservation.release()

@@ -17,7 +17,7 @@ import numpy as np
 from ray import serve
 
 from ctplatform.evaluation.decision import DECISION_THRESHOLD
-from ctplatform.serve.bundles import bundle_version, preprocess_fingerprint, read_bundle_metadata
+from ctplatform.serve.bundles import bundle_version, preprocess_fingerprint
 
 logger = logging.getLogger("ray.serve")
 
@@ -79,13 +79,17 @@ class ModelServer:
         import torch
 
         from ctplatform.evaluation.predictor import Predictor
+        from ctplatform.model.bundle import load_checked_bundle
+        from ctplatform.model.bundle_check import check_bundle
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.predictor = Predictor.from_path(bundle_path, device=self.device, batch_size=max_batch_slices)
-        self.metadata = read_bundle_metadata(bundle_path)
-        self.version = bundle_version(bundle_path)
+        checked = check_bundle(bundle_path)  # the files this replica reads, which may not be the driver's
+        model, spec = load_checked_bundle(checked)
+        self.predictor = Predictor(model, spec, device=self.device, batch_size=max_batch_slices)
+        self.metadata = checked.metadata
+        self.version = bundle_version(checked.folder)
         self.preprocess = preprocess_fingerprint(self.predictor.spec.preprocess)
         self.batching = bool(batching)
         self.max_batch_slices = int(max_batch_slices)
