@@ -30,31 +30,20 @@ def config(cache, storage, **changes) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
-def test_two_ddp_workers_match_one_worker(local_ray, tiny_cache, tmp_path):
-    one = run_training(config(tiny_cache, tmp_path, run_name="one", epochs=1))
-    two = run_training(config(tiny_cache, tmp_path, run_name="two", epochs=1, ray_workers=2, batch_size=8,
-                              limit_train_batches=4))
-    # Same data, same global batch (2 x 8 = 16), same steps: the runs agree within tolerance.
-    assert abs(one.metrics["val_loss"] - two.metrics["val_loss"]) < 0.25 * one.metrics["val_loss"]
-    # The 2-worker validation covers every validation slice exactly once (gathered, DistributedSampler padding
-    # removed): its volume AUROC equals an offline evaluation of the same checkpoint.
+def test_ddp_of_two_workers_averages_gradients_and_matches_one_worker(local_ray, tiny_cache, tmp_path):
+    """One run per world size. A single worker trains its LightningModule unwrapped (DDP would only copy gradients
+    to average them with nobody); two workers get DistributedDataParallel with gradient bucket views, and their
+    gradients are averaged: after each step on different batches both replicas hold bit-identical weights. With the
+    same data and global batch (1 x 16 = 2 x 8), the two runs agree within tolerance, and the 2-worker validation
+    covers every validation slice exactly once (gathered, DistributedSampler padding removed): its volume AUROC
+    equals an offline evaluation of the same checkpoint."""
     import torch
 
     from ctplatform.evaluation.evaluate import predict_split
     from ctplatform.evaluation.predictor import Predictor
-    from ctplatform.train.stage_metrics import multilabel_scores
-
-    split = predict_split(Predictor.from_path(two.best_checkpoint, device="cpu"), tiny_cache)
-    assert split["probs"].std(axis=0).max() > 1e-4, "the model's outputs are constant: nothing to compare"
-    offline = multilabel_scores(torch.from_numpy(split["probs"]).float(), torch.from_numpy(split["y_true"]).float())
-    assert two.metrics["val/volume_auroc"] == pytest.approx(offline["auroc"], abs=2e-3)
-
-
-def test_ddp_wraps_the_model_only_for_a_world_of_more_than_one(local_ray, tiny_cache, tmp_path):
-    """A single worker trains its LightningModule unwrapped (DDP would only copy gradients to average them with
-    nobody); two workers get DistributedDataParallel with gradient bucket views, and their gradients are averaged:
-    after a step on different batches both replicas hold bit-identical weights."""
     from ctplatform.train.lightning_import import pl
+    from ctplatform.train.ray_launcher import best_lightning_checkpoint, local_run_dir
+    from ctplatform.train.stage_metrics import multilabel_scores
 
     seen = tmp_path / "wrappers"
 
@@ -73,19 +62,34 @@ def test_ddp_wraps_the_model_only_for_a_world_of_more_than_one(local_ray, tiny_c
                 handle.write(f"{trainer.world_size} {type(model).__name__} {views}\n")
             if trainer.world_size == 2:
                 with open(tmp_path / "trained", "a") as handle:
-                    handle.write(f"{trainer.global_rank} {digest(module)}\n")
+                    handle.write(f"{trainer.global_rank} {batch_idx} {digest(module)}\n")
 
-    for workers in (1, 2):
-        cfg = resolved(config(tiny_cache, tmp_path, run_name=f"wrap{workers}", epochs=1, ray_workers=workers,
-                              batch_size=8, limit_train_batches=1, guide_checkpoints=False))
-        assert build_torch_trainer(cfg, worker_callbacks=[RecordWrapper()], progress_bar=False).fit().error is None
+    results = {}
+    for workers, batch_size in ((1, 16), (2, 8)):
+        cfg = resolved(config(tiny_cache, tmp_path, run_name=f"world{workers}", epochs=1, ray_workers=workers,
+                              batch_size=batch_size, limit_train_batches=4))
+        result = build_torch_trainer(cfg, worker_callbacks=[RecordWrapper()], progress_bar=False).fit()
+        assert result.error is None
+        results[workers] = (result, cfg)
     assert sorted(set(seen.read_text().splitlines())) == [
         "1 CTClassifierModule None", "2 DistributedDataParallel True"]
-    trained = dict(line.split() for line in (tmp_path / "trained").read_text().splitlines())
-    assert sorted(trained) == ["0", "1"] and trained["0"] == trained["1"]
-    initial = {line.split()[1] for line in (tmp_path / "initial").read_text().splitlines()
-               if line.startswith("2 ")}
-    assert len(initial) == 1 and trained["0"] not in initial  # same start, a step was taken
+    trained: dict[str, dict[str, str]] = {}
+    for line in (tmp_path / "trained").read_text().splitlines():
+        rank, step, value = line.split()
+        trained.setdefault(step, {})[rank] = value
+    assert sorted(trained) == ["0", "1", "2", "3"]
+    assert all(sorted(ranks) == ["0", "1"] and ranks["0"] == ranks["1"] for ranks in trained.values()), trained
+    initial = {line.split()[1] for line in (tmp_path / "initial").read_text().splitlines() if line.startswith("2 ")}
+    assert len(initial) == 1 and trained["0"]["0"] not in initial  # same start, a step was taken
+
+    one, two = (results[w][0].metrics for w in (1, 2))
+    assert abs(one["val_loss"] - two["val_loss"]) < 0.25 * one["val_loss"]
+    result, cfg = results[2]
+    checkpoint = best_lightning_checkpoint(result, local_run_dir(cfg))
+    split = predict_split(Predictor.from_path(checkpoint, device="cpu"), tiny_cache)
+    assert split["probs"].std(axis=0).max() > 1e-4, "the model's outputs are constant: nothing to compare"
+    offline = multilabel_scores(torch.from_numpy(split["probs"]).float(), torch.from_numpy(split["y_true"]).float())
+    assert two["val/volume_auroc"] == pytest.approx(offline["auroc"], abs=2e-3)
 
 
 def test_rerun_resumes_and_more_epochs_continue(local_ray, tiny_cache, tmp_path):
