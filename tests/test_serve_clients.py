@@ -7,8 +7,8 @@ import asyncio
 import gzip
 import os
 import shutil
-import statistics
 import socket
+import statistics
 import threading
 import time
 

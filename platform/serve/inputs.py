@@ -4,7 +4,7 @@ volume upload is read with.
 No Ray and no web framework here, so every check is unit-tested in milliseconds. Each problem raises
 :class:`InputError` with an HTTP status and a reason a client can act on; the Serve ingress turns it into the
 response. The order of the checks is the point: the body is capped while it streams in; a volume goes through
-the data layer's one reader chain (`ctplatform.data.read_volume`) with this service's :class:`ServeLimits`, which
+the data layer's one reader chain (`ctplatform.data.read_raw_volume`) with this service's :class:`ServeLimits`, which
 checks the voxel count and image bytes its header declares before anything else is decompressed and then
 inflates exactly the declared bytes (a gzip bomb's tail is never inflated); a `.zip` of a DICOM series has its entry
 count and total uncompressed size checked, and path traversal, symlinks and nested archives refused, before any
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ctplatform.config.serve import ServeConfig
-from ctplatform.data import ReadLimits, Volume, read_volume
+from ctplatform.data import RawVolume, ReadLimits, read_raw_volume
 from ctplatform.data.errors import DataFormatError, http_status
 
 MiB = 1 << 20
@@ -48,7 +48,7 @@ class ServeLimits:
     max_body_bytes: int = 512 * MiB  # CT-RATE .nii.gz volumes are 12-160 MB
     # 1024 x 1024 x 400 voxels: every CT-RATE volume (at most 1024^2 x ~330) fits; float32 HU then take 1.6 GiB.
     max_voxels: int = 1024 * 1024 * 400
-    max_decompressed_bytes: int = 2048 * MiB  # image bytes a header may declare (what read_volume inflates)
+    max_decompressed_bytes: int = 2048 * MiB  # image bytes a header may declare (what the reader inflates)
     max_series_files: int = 2048  # files in a DICOM series .zip (CT-RATE's series have at most ~330 slices)
     max_files: int = 64  # multipart parts per request
     max_slices: int = 256  # 2-D slices per /v1/predict/slices request
@@ -207,9 +207,10 @@ def single_upload(uploads: list[Upload]) -> Upload:
 
 
 # ------------------------------------------------------------------------------------------------ volumes
-def decode_volume(upload: Upload, limits: ServeLimits) -> Volume:
-    """Bytes of a .nii / .nii.gz / .mha / DICOM (.zip of a series, Enhanced CT .dcm) upload -> a checked HU volume.
-    Raises InputError, never anything else."""
+def decode_volume(upload: Upload, limits: ServeLimits) -> RawVolume:
+    """Bytes of a .nii / .nii.gz / .mha / DICOM (.zip of a series, Enhanced CT .dcm) upload -> a checked volume in
+    its stored values with its rescale (int16 for most CT: half the memory of float32 HU; `preprocess_raw_volume`
+    converts only the slices the model takes). Raises InputError, never anything else."""
     name = upload.filename
     data = upload.data
     if not data:
@@ -218,7 +219,7 @@ def decode_volume(upload: Upload, limits: ServeLimits) -> Volume:
         raise InputError(415, f"{name}: a .npy array is not a volume: send .npy slices to /v1/predict/slices, or "
                               "the volume as .nii, .nii.gz, .mha or a .zip of a DICOM series")
     try:
-        return read_volume(data, name=name, limits=limits.read_limits)
+        return read_raw_volume(data, name=name, limits=limits.read_limits)
     except DataFormatError as exc:
         raise InputError(http_status(exc), str(exc)) from None
     except MemoryError:
