@@ -21,22 +21,28 @@ NON_CHEST_NOTE = "no lung field found"
 HU_BLOCK_SLICES = 8  # slices converted to HU at a time: 8 x 512 x 512 float32 (8 MiB) stays in a large cache
 
 
+def rescale_sample(data: np.ndarray) -> np.ndarray:
+    """The strided sample of stored (z, y, x) values whose minimum `hounsfield_rescale` looks at: air fills every
+    CT's corners, so it sees air without a full pass over the volume."""
+    return data[::2, ::4, ::4]
+
+
 def hounsfield_rescale(
-    data: np.ndarray,
+    sample_min: float,
     header_slope: float | None,
     header_intercept: float | None,
     metadata: VolumeMetadata | None,
 ) -> tuple[float, float, str, list[str]]:
-    """Decide the one rescale that turns stored values into HU: (slope, intercept, source, notes)."""
+    """Decide the one rescale that turns stored values into HU: (slope, intercept, source, notes). `sample_min` is
+    the minimum of `rescale_sample(data)`."""
     notes: list[str] = []
     header_scaled = header_slope is not None and (header_slope, header_intercept or 0.0) != (1.0, 0.0)
     if header_scaled:
         if metadata is not None and metadata.has_rescale and metadata.rescale_intercept != 0:
             notes.append("the header's scl_slope/scl_inter already give HU: the metadata CSV's rescale was not applied")
         return float(header_slope), float(header_intercept or 0.0), "header", notes
-    # Air is about -1000 HU; raw scanner values are non-negative. A minimum far below zero means HU already. A
-    # strided sample decides it (air fills every CT's corners), saving a full pass over the volume.
-    already_hu = float(data[::2, ::4, ::4].min()) < -200.0
+    # Air is about -1000 HU; raw scanner values are non-negative. A minimum far below zero means HU already.
+    already_hu = sample_min < -200.0
     if metadata is not None and metadata.has_rescale:
         if already_hu and (metadata.rescale_intercept or 0.0) < -200.0:
             notes.append("values are already in HU: the metadata CSV's rescale was not applied a second time")
@@ -72,10 +78,22 @@ def rescaled_to_hu(data: np.ndarray, slope: float, intercept: float, out: np.nda
 
 def chest_check(hu: np.ndarray, step: int = 4) -> list[str]:
     """Flag volumes that do not look like a chest CT (head CTs are in CT-RATE): no lung field found."""
-    sample = hu[hu.shape[0] // 4 : max(hu.shape[0] * 3 // 4, hu.shape[0] // 4 + 1), ::step, ::step]
-    body = sample > -500
-    lung = (sample > -950) & (sample < -600)
-    inside = body.sum() + lung.sum()
-    if inside == 0 or lung.sum() / inside < 0.03:
+    first, stop = chest_slices(len(hu))
+    return chest_note(*chest_counts(hu[first:stop, ::step, ::step]))
+
+
+def chest_slices(num_slices: int) -> tuple[int, int]:
+    """The slices [first, stop) the chest check looks at: the middle half of the volume."""
+    return num_slices // 4, max(num_slices * 3 // 4, num_slices // 4 + 1)
+
+
+def chest_counts(hu: np.ndarray) -> tuple[int, int]:
+    """(body, lung) voxel counts of an HU sample: additive, so a volume read plane by plane sums them."""
+    return int((hu > -500).sum()), int(((hu > -950) & (hu < -600)).sum())
+
+
+def chest_note(body: int, lung: int) -> list[str]:
+    inside = body + lung
+    if inside == 0 or lung / inside < 0.03:
         return [f"{NON_CHEST_NOTE}: not a chest CT (head CT?)"]
     return []

@@ -56,10 +56,10 @@ def body_extent(hu: np.ndarray, settings: PreprocessSettings, step: int | None =
 def select_slices(hu: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     """Indices (ascending, int64) of the slices to keep."""
     first, last = body_extent(hu, settings)
-    return _positions(first, last, settings)
+    return slice_positions(first, last, settings)
 
 
-def _positions(first: int, last: int, settings: PreprocessSettings) -> np.ndarray:
+def slice_positions(first: int, last: int, settings: PreprocessSettings) -> np.ndarray:
     if settings.selection == "stride":
         return np.arange(first, last + 1, settings.stride, dtype=np.int64)
     # Evenly spaced centres of K equal bins: never the very first/last body slice, which are often partial.
@@ -100,5 +100,5 @@ def preprocess_raw_volume(volume: RawVolume, settings: PreprocessSettings) -> tu
     step = max(1, min(volume.shape[1], volume.shape[2]) // 64)
     sample = volume.hu((slice(None), slice(None, None, step), slice(None, None, step)))
     first, last = body_extent(sample, settings, step=1)
-    positions = _positions(first, last, settings)
+    positions = slice_positions(first, last, settings)
     return resize_slices(volume.hu(positions), settings.image_size), positions

@@ -4,12 +4,13 @@ volume upload is read with.
 No Ray and no web framework here, so every check is unit-tested in milliseconds. Each problem raises
 :class:`InputError` with an HTTP status and a reason a client can act on; the Serve ingress turns it into the
 response. The order of the checks is the point: the body is capped while it streams in; a volume goes through
-the data layer's one reader chain (`ctplatform.data.read_raw_volume`) with this service's :class:`ServeLimits`, which
-checks the voxel count and image bytes its header declares before anything else is decompressed and then
-inflates exactly the declared bytes (a gzip bomb's tail is never inflated); a `.zip` of a DICOM series has its entry
-count and total uncompressed size checked, and path traversal, symlinks and nested archives refused, before any
-member is inflated; the reader's typed error becomes its status through `ctplatform.data.errors.http_status`.
-`.npy` headers are parsed before the data, and arrays are loaded with ``allow_pickle=False``.
+the data layer's one reader chain (`ctplatform.data.preprocess_stream`, a plane at a time) with this service's
+:class:`ServeLimits`, which checks the voxel count and image bytes its header declares before anything else is
+decompressed and then inflates exactly the declared bytes (a gzip bomb's tail is never inflated); a `.zip` of a
+DICOM series has its entry count and total uncompressed size checked, and path traversal, symlinks and nested
+archives refused, before any member is inflated; the reader's typed error becomes its status through
+`ctplatform.data.errors.http_status`. `.npy` headers are parsed before the data, and arrays are loaded with
+``allow_pickle=False``.
 
 Status codes: 400 malformed request (empty body, broken multipart, wrong number of files), 413 too large (body,
 declared voxels or bytes, slice count), 415 not a supported file format, 422 a supported format with unusable
@@ -25,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ctplatform.config.serve import ServeConfig
-from ctplatform.data import RawVolume, ReadLimits, read_raw_volume
+from ctplatform.data import ReadLimits
 from ctplatform.data.errors import DataFormatError, http_status
+from ctplatform.data.preprocess_stream import HeldVolume, ScannedVolume, open_for_preprocessing
 
 MiB = 1 << 20
 NPY_MAGIC = b"\x93NUMPY"
@@ -207,10 +209,10 @@ def single_upload(uploads: list[Upload]) -> Upload:
 
 
 # ------------------------------------------------------------------------------------------------ volumes
-def decode_volume(upload: Upload, limits: ServeLimits) -> RawVolume:
-    """Bytes of a .nii / .nii.gz / .mha / DICOM (.zip of a series, Enhanced CT .dcm) upload -> a checked volume in
-    its stored values with its rescale (int16 for most CT: half the memory of float32 HU; `preprocess_raw_volume`
-    converts only the slices the model takes). Raises InputError, never anything else."""
+def decode_volume(upload: Upload, limits: ServeLimits) -> ScannedVolume | HeldVolume:
+    """Bytes of a .nii / .nii.gz / .mha / DICOM (.zip of a series, Enhanced CT .dcm) upload -> a checked volume ready
+    to prepare: NIfTI and MetaImage scanned a plane at a time (never held whole: memory bounded whatever the header
+    declares), DICOM held in its stored values. Raises InputError, never anything else."""
     name = upload.filename
     data = upload.data
     if not data:
@@ -218,14 +220,19 @@ def decode_volume(upload: Upload, limits: ServeLimits) -> RawVolume:
     if data.startswith(NPY_MAGIC):
         raise InputError(415, f"{name}: a .npy array is not a volume: send .npy slices to /v1/predict/slices, or "
                               "the volume as .nii, .nii.gz, .mha or a .zip of a DICOM series")
+    return as_input_errors(name, open_for_preprocessing, data, name=name, limits=limits.read_limits)
+
+
+def as_input_errors(label: str, read, *args, **kwargs):
+    """`read(*args, **kwargs)` with every failure of reading `label` turned into an InputError (4xx and the reason)."""
     try:
-        return read_raw_volume(data, name=name, limits=limits.read_limits)
+        return read(*args, **kwargs)
     except DataFormatError as exc:
         raise InputError(http_status(exc), str(exc)) from None
     except MemoryError:
-        raise InputError(413, f"{name}: not enough memory to decode this volume") from None
+        raise InputError(413, f"{label}: not enough memory to decode this volume") from None
     except Exception as exc:  # a reader bug or an input no check foresaw: a 422, never a dead replica
-        raise InputError(422, f"{name}: unreadable volume ({type(exc).__name__}: {exc})") from None
+        raise InputError(422, f"{label}: unreadable volume ({type(exc).__name__}: {exc})") from None
 
 
 # ------------------------------------------------------------------------------------------------ .npy slices

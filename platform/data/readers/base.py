@@ -1,10 +1,11 @@
 """What every volume reader provides: a format check, a header, the image data; and the limits on one read.
 
 A reader is a small class with `can_read(head, name)` (magic bytes, or the suffix where a format has no magic)
-and two reading steps, `read_header` and `read_data`. `VolumeReader.read` runs them with the limits check in
-between, so every format is checked the same way: the voxel count and image bytes the header declares are
-compared with :class:`ReadLimits` before any image data is read, and exactly the declared bytes are then read or
-inflated (a gzip bomb's tail is never inflated).
+and two reading steps, `read_header` and `data_stream` (the image data as a stream of exactly the declared bytes).
+`VolumeReader.open_data` runs them with the limits check in between, so every format is checked the same way: the
+voxel count and image bytes the header declares are compared with :class:`ReadLimits` before any image data is
+read, and exactly the declared bytes are then read or inflated (a gzip bomb's tail is never inflated), whole
+(`VolumeReader.read`) or a z plane at a time (`stored_planes`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -109,7 +111,7 @@ class ReadLimits:
 
 
 class VolumeReader(ABC):
-    """One file format. Subclasses say what they read (`can_read`) and how (`read_header`, `read_data`)."""
+    """One file format. Subclasses say what they read (`can_read`) and how (`read_header`, `data_stream`)."""
 
     format: str
     suffixes: tuple[str, ...]
@@ -126,12 +128,15 @@ class VolumeReader(ABC):
     def read_header(self, stream: BinaryIO, label: str) -> VolumeHeader:
         """Read and check the header, leaving `stream` at its end."""
 
-    @abstractmethod
-    def read_data(self, stream: BinaryIO, header: VolumeHeader, dims: tuple[int, int, int], label: str) -> np.ndarray:
-        """Read exactly the declared image data after the header: (z, y, x) array of the stored voxel type."""
+    def data_stream(self, stream: BinaryIO, header: VolumeHeader, dims: tuple[int, int, int], label: str) -> BinaryIO:
+        """`stream` (just past the header) moved to the first image byte, as a stream of exactly the image data
+        (a format that compresses only its image data inflates it here)."""
+        skip_exact(stream, header.skip, label)  # extensions: passed over (capped by ReadLimits), never interpreted
+        return stream
 
-    def read(self, stream: BinaryIO, head: bytes, label: str, limits: ReadLimits) -> tuple[VolumeHeader, np.ndarray]:
-        """Header, limits check, then the image data: the one order every format is read in."""
+    def open_data(self, stream: BinaryIO, head: bytes, label: str,
+                  limits: ReadLimits) -> tuple[VolumeHeader, tuple[int, int, int], BinaryIO]:
+        """Header, limits check, then the stream of the image data: the one order every format is read in."""
         stream = self.decoded(stream, head)
         header = self.read_header(stream, label)
         dims = limits.check(header, label)
@@ -140,7 +145,21 @@ class VolumeReader(ABC):
             if held is not None and header.skip + header.nbytes > held:
                 raise CorruptDataError(label, f"truncated: the header declares {header.skip + header.nbytes:,} bytes "
                                               f"after it, the file holds {held:,}")
-        return header, self.read_data(stream, header, dims, label)
+        return header, dims, self.data_stream(stream, header, dims, label)
+
+    def read(self, stream: BinaryIO, head: bytes, label: str, limits: ReadLimits) -> tuple[VolumeHeader, np.ndarray]:
+        """The header and the whole image, (z, y, x) in the stored voxel type."""
+        header, dims, data = self.open_data(stream, head, label, limits)
+        return header, voxels_zyx(read_exact(data, dims[0] * dims[1] * dims[2] * header.itemsize, label),
+                                  header.dtype, dims)
+
+
+def stored_planes(data: BinaryIO, dtype: np.dtype, dims: tuple[int, int, int], label: str) -> Iterator[np.ndarray]:
+    """The image data of `data_stream` as (y, x) planes along z, one at a time (NIfTI and MetaImage store x
+    fastest, so each z plane is contiguous)."""
+    plane_bytes = dims[0] * dims[1] * dtype.itemsize
+    for _ in range(dims[2]):
+        yield np.frombuffer(read_exact(data, plane_bytes, label), dtype=dtype).reshape(dims[1], dims[0])
 
 
 def _bytes_left(stream: BinaryIO) -> int | None:

@@ -14,15 +14,16 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
 from ctplatform.data.errors import CorruptDataError, DataNotFoundError, UnsupportedFormatError, UnusableContentError
-from ctplatform.data.hounsfield import chest_check, hounsfield_rescale
+from ctplatform.data.hounsfield import chest_check, hounsfield_rescale, rescale_sample
 from ctplatform.data.metadata import DEFAULT_Z_SPACING_MM, VolumeMetadata
-from ctplatform.data.readers.base import ReadLimits, VolumeHeader, VolumeReader
+from ctplatform.data.readers.base import ReadLimits, VolumeHeader, VolumeReader, stored_planes
 from ctplatform.data.readers.dicom import (
     DicomHeader,
     DicomReader,
@@ -101,6 +102,34 @@ def read_raw_volume(
     return _checked_volume(data, header, metadata, limits, label)
 
 
+@dataclass
+class PlaneStream:
+    """A NIfTI or MetaImage volume's stored (y, x) planes along its z axis, read (inflated) one at a time."""
+
+    header: VolumeHeader
+    dims: tuple[int, int, int]  # (x, y, z) as stored
+    label: str
+    planes: Iterator[np.ndarray]
+
+
+@contextmanager
+def plane_stream(source: VolumeSource, *, name: str | None = None,
+                 limits: ReadLimits | None = None) -> Iterator[PlaneStream | None]:
+    """The volume at `source` as a :class:`PlaneStream`, its header checked against `limits` first; None for a DICOM
+    series (its images are separate files: read it with `read_raw_volume`)."""
+    limits = limits or ReadLimits()
+    if _is_folder(source):
+        yield None
+        return
+    with _opened(source, name) as (stream, label):
+        head, reader = _detect(stream, label)
+        if isinstance(reader, DicomReader):
+            yield None
+            return
+        header, dims, data = reader.open_data(stream, head, label, limits)
+        yield PlaneStream(header, dims, label, stored_planes(data, header.dtype, dims, label))
+
+
 def read_header(source: VolumeSource, *, name: str | None = None) -> VolumeHeader:
     """Only what the header declares (a .nii.gz inflates a few hundred bytes; a DICOM series parses every file's
     header): no limits, no image data."""
@@ -161,7 +190,8 @@ def _checked_volume(data: np.ndarray, header: VolumeHeader, metadata: VolumeMeta
         slope, intercept, source = float(header.slope or 1.0), float(header.intercept or 0.0), "header"
         notes = list(header.notes) if isinstance(header, DicomHeader) else []
     else:
-        slope, intercept, source, notes = hounsfield_rescale(data, header.slope, header.intercept, metadata)
+        sample_min = float(rescale_sample(data).min())
+        slope, intercept, source, notes = hounsfield_rescale(sample_min, header.slope, header.intercept, metadata)
     data, spacing = to_canonical(data, header.affine, header.spacing, notes)
     if metadata is not None and not header.rescale_declared:  # a DICOM header's geometry is its own
         if metadata.z_spacing is not None:

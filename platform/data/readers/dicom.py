@@ -68,10 +68,6 @@ class DicomReader(VolumeReader):
             sources = [("", stream.read())]  # one Enhanced CT file: messages name it by its label
         return series_header(sources, label)
 
-    def read_data(self, stream: BinaryIO, header: VolumeHeader, dims: tuple[int, int, int], label: str) -> np.ndarray:
-        assert isinstance(header, DicomHeader)
-        return decode_series(header, label)
-
     def read(self, stream: BinaryIO, head: bytes, label: str, limits: ReadLimits) -> tuple[VolumeHeader, np.ndarray]:
         header = self.checked_header(stream, label, limits)
         return header, decode_series(header, label)

@@ -7,13 +7,14 @@ a file is taken as MetaImage when it starts with one of the usual first keys (Ob
 
 from __future__ import annotations
 
+import io
 import zlib
 from typing import BinaryIO
 
 import numpy as np
 
 from ctplatform.data.errors import CorruptDataError, UnusableContentError
-from ctplatform.data.readers.base import VolumeHeader, VolumeReader, read_exact, voxels_zyx
+from ctplatform.data.readers.base import VolumeHeader, VolumeReader
 
 MHA_TYPES = {
     "MET_CHAR": np.int8, "MET_UCHAR": np.uint8, "MET_SHORT": np.int16, "MET_USHORT": np.uint16,
@@ -67,10 +68,10 @@ class MetaImageReader(VolumeReader):
         compressed = fields.get("CompressedData", "False") == "True"
         return VolumeHeader(self.format, compressed, shape, dtype, tuple(spacing[:3]), affine)
 
-    def read_data(self, stream: BinaryIO, header: VolumeHeader, dims: tuple[int, int, int], label: str) -> np.ndarray:
-        nbytes = dims[0] * dims[1] * dims[2] * header.itemsize
-        payload = _inflate_capped(stream, nbytes, label) if header.compressed else read_exact(stream, nbytes, label)
-        return voxels_zyx(payload, header.dtype, dims)
+    def data_stream(self, stream: BinaryIO, header: VolumeHeader, dims: tuple[int, int, int], label: str) -> BinaryIO:
+        if header.compressed:
+            return CappedInflater(stream, header.nbytes, label)
+        return stream
 
 
 def _header_fields(stream: BinaryIO, label: str) -> dict[str, str]:
@@ -90,23 +91,29 @@ def _header_fields(stream: BinaryIO, label: str) -> dict[str, str]:
             return fields
 
 
-def _inflate_capped(stream: BinaryIO, nbytes: int, label: str) -> bytes:
-    """Inflate a zlib/gzip stream to exactly `nbytes`, never producing more (bomb-safe)."""
-    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: accept zlib or gzip headers
-    chunks: list[bytes] = []
-    produced = 0
-    try:
-        while produced < nbytes:
-            pending = inflater.unconsumed_tail or stream.read(1 << 20)
-            if not pending:
-                break
-            out = inflater.decompress(pending, nbytes - produced)
-            chunks.append(out)
-            produced += len(out)
-            if inflater.eof:
-                break
-    except zlib.error as exc:
-        raise CorruptDataError(label, f"corrupt compressed data ({exc})") from exc
-    if produced != nbytes:
-        raise CorruptDataError(label, f"truncated: expected {nbytes} bytes of image data, got {produced}")
-    return b"".join(chunks)
+class CappedInflater(io.RawIOBase):
+    """The zlib/gzip-compressed image data of `stream` as a readable stream that never produces more than `nbytes`
+    (bomb-safe), inflated only as far as it is read."""
+
+    def __init__(self, stream: BinaryIO, nbytes: int, label: str):
+        self.stream, self.left, self.label = stream, nbytes, label
+        self.inflater = zlib.decompressobj(wbits=47)  # 32 + 15: accept zlib or gzip headers
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        chunks: list[bytes] = []
+        try:
+            while size > 0 and not self.inflater.eof:
+                pending = self.inflater.unconsumed_tail or self.stream.read(1 << 20)
+                if not pending:
+                    break
+                out = self.inflater.decompress(pending, size)
+                chunks.append(out)
+                size -= len(out)
+                self.left -= len(out)
+        except zlib.error as exc:
+            raise CorruptDataError(self.label, f"corrupt compressed data ({exc})") from exc
+        return b"".join(chunks)

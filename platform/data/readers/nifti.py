@@ -6,11 +6,10 @@ import io
 from typing import BinaryIO
 
 import nibabel as nib
-import numpy as np
 from isal import igzip
 
 from ctplatform.data.errors import CorruptDataError, UnsupportedFormatError, UnusableContentError
-from ctplatform.data.readers.base import VolumeHeader, VolumeReader, read_exact, skip_exact, voxels_zyx
+from ctplatform.data.readers.base import VolumeHeader, VolumeReader, read_exact
 
 GZIP_MAGIC = b"\x1f\x8b"
 # sizeof_hdr, the first field, in either byte order: 348 (NIfTI-1) or 540 (NIfTI-2)
@@ -57,9 +56,3 @@ class NiftiReader(VolumeReader):
             offset = sizeof + 4 if sizeof == 348 else sizeof  # NIfTI-1 single file: data after the 4 extension bytes
         return VolumeHeader(self.format, isinstance(stream, igzip.GzipFile), shape, dtype, zooms, affine,
                             slope, intercept, skip=offset - sizeof)
-
-    def read_data(self, stream: BinaryIO, header: VolumeHeader, dims: tuple[int, int, int], label: str) -> np.ndarray:
-        skip_exact(stream, header.skip, label)  # extensions: passed over (capped by ReadLimits), never interpreted
-        count = dims[0] * dims[1] * dims[2]
-        # NIfTI stores x fastest (Fortran order): the C-order reshape of (z, y, x) is the same memory.
-        return voxels_zyx(read_exact(stream, count * header.itemsize, label), header.dtype, dims)
