@@ -42,6 +42,7 @@ class LoadReport:
     missing: list[str]
     unexpected: list[str]
     mismatched: list[str]
+    dropped: list[str]  # the checkpoint's classifier, which a backbone has no use for
 
     def line(self) -> str:
         def few(keys: list[str]) -> str:
@@ -49,7 +50,7 @@ class LoadReport:
 
         return (f"weights {self.source}: {self.loaded} tensors loaded, {len(self.missing)} missing{few(self.missing)}, "
                 f"{len(self.unexpected)} unexpected{few(self.unexpected)}, {len(self.mismatched)} of another "
-                f"shape{few(self.mismatched)}")
+                f"shape{few(self.mismatched)}; classifier dropped ({len(self.dropped)} tensors)")
 
 
 def resolve_weights_file(path: str | os.PathLike[str]) -> Path:
@@ -124,12 +125,11 @@ def load_timm_weights(model: nn.Module, path: str | os.PathLike[str], *, source:
     for conv in [first_conv] if isinstance(first_conv, str) else list(first_conv or ()):
         key = f"{conv}.weight"
         if key in state and key in expected and state[key].dim() == 4 and state[key].shape[1] != expected[key].shape[1]:
-            from timm.models import adapt_input_conv
-
-            state[key] = adapt_input_conv(int(expected[key].shape[1]), state[key])
+            state[key] = adapt_input_channels(state[key], int(expected[key].shape[1]))
     classifier = cfg.get("classifier")
     heads = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else list(classifier or ())))
-    state = {k: v for k, v in state.items() if not (heads and k.startswith(heads) and k not in expected)}
+    dropped = sorted(k for k in state if heads and k.startswith(heads) and k not in expected)
+    state = {k: v for k, v in state.items() if k not in dropped}
     mismatched = sorted(k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape))
     fitting = {k: v for k, v in state.items() if k in expected and k not in mismatched}
     label = source or str(where)
@@ -137,7 +137,24 @@ def load_timm_weights(model: nn.Module, path: str | os.PathLike[str], *, source:
         raise ValueError(f"weights file {where} holds no tensor of {type(model).__name__} "
                          f"{cfg.get('architecture', '')} (was it saved from another architecture?)")
     missing, _ = model.load_state_dict(fitting, strict=False)
-    return LoadReport(label, len(fitting), sorted(missing), sorted(k for k in state if k not in expected), mismatched)
+    return LoadReport(label, len(fitting), sorted(missing), sorted(k for k in state if k not in expected), mismatched,
+                      dropped)
+
+
+def adapt_input_channels(weight: Tensor, channels: int) -> Tensor:
+    """A first convolution's kernel ``(O, I, kh, kw)`` for ``channels`` inputs, its response to a gray image kept.
+
+    An RGB kernel goes through timm's ``adapt_input_conv`` (summed for one channel, cycled beyond three); any other
+    (a one-channel CT encoder) is repeated over the new channels and scaled by ``I / channels``."""
+    source = int(weight.shape[1])
+    if source == channels:
+        return weight
+    if source == 3:
+        from timm.models import adapt_input_conv
+
+        return adapt_input_conv(channels, weight)
+    repeats = -(-channels // source)
+    return weight.repeat(1, repeats, 1, 1)[:, :channels] * (source / channels)
 
 
 def pretrained_file(name: str) -> Path:
@@ -146,6 +163,7 @@ def pretrained_file(name: str) -> Path:
     from huggingface_hub.constants import HF_HUB_CACHE
     from timm.models import get_pretrained_cfg
 
+    cache = Path(os.environ.get("HF_HUB_CACHE") or HF_HUB_CACHE)  # read now: the constant is fixed at import
     cfg = get_pretrained_cfg(name)
     if cfg is None:
         raise WeightsUnavailableError(f"timm has no pretrained weights for {name}: use --weights none or PATH")
@@ -153,14 +171,14 @@ def pretrained_file(name: str) -> Path:
     if hub_id:
         repo_id, _, revision = hub_id.partition("@")
         for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else list(WEIGHT_FILES)):
-            found = try_to_load_from_cache(repo_id, filename, revision=revision or None)
+            found = try_to_load_from_cache(repo_id, filename, cache_dir=cache, revision=revision or None)
             if isinstance(found, str):
                 return Path(found)
         raise WeightsUnavailableError(
-            f"pretrained weights for {name} ({repo_id}) are not in the local Hugging Face cache ({HF_HUB_CACHE}) and "
+            f"pretrained weights for {name} ({repo_id}) are not in the local Hugging Face cache ({cache}) and "
             f"this platform never downloads at run time. On a machine with network access run `hf download "
             f"{repo_id}` (or `huggingface-cli download {repo_id}`) and copy its models--{repo_id.replace('/', '--')} "
-            f"folder into {HF_HUB_CACHE} here (or set HF_HUB_CACHE), or pass that folder with --weights PATH")
+            f"folder into {cache} here (or set HF_HUB_CACHE), or pass that folder with --weights PATH")
     if cfg.url:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
         if cached.is_file():
