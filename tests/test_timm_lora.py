@@ -192,3 +192,13 @@ def test_lora_checkpoint_merges_exports_and_loads_with_the_same_outputs_and_with
     torch.testing.assert_close(torch.tensor(answer["out"]), expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="merge the LoRA adapters"):
         export_bundle(tmp_path / "unmerged", model, spec)
+
+
+def test_a_sweep_may_search_the_lora_rank(tmp_path):
+    from ctplatform.tune.space import load_space
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("metric: val/volume_auroc\nmode: max\nparams:\n"
+                          "  lora_rank: {type: categorical, choices: [0, 4, 8]}\n")
+    assert load_space(space_file).params["lora_rank"]["choices"] == [0, 4, 8]
+    assert TrainConfig(model=TINY_VIT, lora_rank=4).validate().lora_rank == 4
