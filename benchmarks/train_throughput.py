@@ -108,8 +108,9 @@ def _profile(args, name: str) -> StepProfile:
 
 def plain_loop(cache: Path, args, device: torch.device, from_cache: bool, profile: StepProfile | None = None) -> float:
     torch.manual_seed(0)
-    model = build_classifier(args.model).to(device).to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
+    model = build_classifier(args.model, lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank or 16.0)
+    model = model.to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-5)
     loss_fn, augment = FocalLoss(), BasicAugment()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     loader = DataLoader(SliceDataset(load_cache_index(cache), "train"), batch_size=args.batch_size, shuffle=True,
@@ -152,7 +153,8 @@ def _config(cache: Path, args, work: Path, name: str) -> TrainConfig:
     return TrainConfig(slice_dir=str(cache), storage_path=str(work / "runs"), model=args.model,
                        batch_size=args.batch_size, epochs=args.epochs, num_workers=args.loader_workers,
                        use_mixed_precision=args.precision == "bf16", limit_train_batches=args.steps,
-                       cpus_per_worker=args.cpus_per_worker, run_name=name, max_failures=0, guide_checkpoints=False)
+                       cpus_per_worker=args.cpus_per_worker, run_name=name, max_failures=0, guide_checkpoints=False,
+                       lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank or 16.0)
 
 
 def _steady_img_per_s(timings: Path) -> float:
@@ -207,6 +209,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if gpu else "fp32")
     parser.add_argument("--loader-workers", type=int, default=8 if torch.cuda.is_available() else 1)
     parser.add_argument("--cpus-per-worker", type=float, default=8 if torch.cuda.is_available() else 2)
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (alpha 2r) on both paths")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="write a torch.profiler summary of a few warm-up steps of each path to DIR")

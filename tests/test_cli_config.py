@@ -21,7 +21,10 @@ pytestmark = pytest.mark.timeout(120)
 
 # evaluation settings added after the recording (confidence intervals and subgroups): every old command line gets
 # their defaults
-ADDED_SINCE = {"subgroup_metadata": None, "bootstrap_resamples": 1000, "bootstrap_seed": 0, "min_group_patients": 30}
+ADDED_SINCE = {"subgroup_metadata": None, "bootstrap_resamples": 1000, "bootstrap_seed": 0, "min_group_patients": 30,
+               # LoRA and per-block checkpointing (off by default: the guide's commands train as before)
+               "lora_rank": 0, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "auto",
+               "grad_checkpoint": False}
 
 
 def test_every_command_line_of_the_original_scripts_parses_to_the_same_settings():

@@ -116,14 +116,14 @@ def test_efficientnet_stages_have_strides_8_16_32() -> None:
 
 
 def test_unknown_names_list_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="resnet50, resnet101, efficientnet_b0"):
-        build_backbone("vit_b_16")
+    with pytest.raises(ValueError, match="resnet50, resnet101, efficientnet_b0 or any architecture timm knows"):
+        build_backbone("vit_b_16")  # torchvision's name for a ViT, unknown to timm
     with pytest.raises(ValueError, match="none, se, cbam"):
         build_attention("eca", 8)
     with pytest.raises(ValueError, match="none, se, cbam"):
         build_classifier("efficientnet_b0", use_attention="eca")
     with pytest.raises(ValueError, match="resnet50, resnet101, efficientnet_b0"):
-        build_classifier("densenet121")
+        build_classifier("densenet_not_a_model")
 
 
 def test_imagenet_weights_unavailable_offline(tmp_path, monkeypatch) -> None:

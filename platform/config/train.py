@@ -13,7 +13,7 @@ from typing import Any
 
 from ctplatform.config.data import DataConfig
 from ctplatform.config.loss import LossConfig
-from ctplatform.config.model import MilConfig, ModelConfig
+from ctplatform.config.model import LoraConfig, MilConfig, ModelConfig, check_model_name
 from ctplatform.config.optim import AugmentConfig, OptimConfig
 from ctplatform.config.options import check_choices
 from ctplatform.config.resources import DeviceConfig, RayConfig
@@ -25,8 +25,8 @@ _RETIRED_KEYS = frozenset({"mode", "checkpoint", "predict_input", "predict_type"
 
 
 @dataclass
-class TrainConfig(RayConfig, DeviceConfig, AugmentConfig, OptimConfig, LossConfig, MilConfig, ModelConfig,
-                  DataConfig):
+class TrainConfig(RayConfig, DeviceConfig, AugmentConfig, OptimConfig, LossConfig, MilConfig, LoraConfig,
+                  ModelConfig, DataConfig):
     """Everything that decides what a training run trains, and where."""
 
     def validate(self) -> TrainConfig:
@@ -38,6 +38,12 @@ class TrainConfig(RayConfig, DeviceConfig, AugmentConfig, OptimConfig, LossConfi
         if self.mil_hidden < 1 or (self.mil_slices is not None and self.mil_slices < 1) or (
                 self.mil_chunk_slices is not None and self.mil_chunk_slices < 1):
             raise ValueError("--mil-hidden, --mil-slices and --mil-chunk-slices must be at least 1")
+        check_model_name(self.model)
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("--lora-rank must be >= 0 (0: off), --lora-alpha > 0 and --lora-dropout in [0, 1)")
+        if self.lora_rank > 0 and self.head == "attention-mil" and self.mil_frozen_encoder:
+            raise ValueError("--lora-rank with --mil-frozen-encoder: the adapters would never train (the encoder's "
+                             "features are cached); drop one of them")
         if self.head == "attention-mil" and self.use_advanced_aug:
             raise ValueError("--use-advanced-aug (CutMix/MixUp of slices) is for the slice head; the attention-mil "
                              "head trains on whole volumes")

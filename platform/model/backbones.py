@@ -13,12 +13,17 @@ model's keys minus the head (``fc.*`` / ``classifier.*``). That is what makes ``
 
 Weights: ``"none"`` (random init), ``"imagenet"`` (torchvision's ``DEFAULT`` weights, read from the torch hub cache
 or downloaded into it; :class:`WeightsUnavailableError` when neither works), or a path to a state dict.
+
+Any other name timm knows (``vit_small_patch14_dinov2``, ``convnext_tiny``, ...) is built by
+:mod:`ctplatform.model.timm_backbones` through the same :func:`build_backbone`; its weights come from local files
+only (:mod:`ctplatform.model.timm_weights`).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +70,12 @@ class Backbone(nn.Module):
     stage_channels: list[int]
     out_strides: list[int]
     head_prefixes: tuple[str, ...]
+    is_vit: bool = False  # a vision transformer: one pooled embedding, no spatial stages (no SE/CBAM/multi-scale)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's blocks in the backward pass (timm backbones; see ``--grad-checkpoint``)."""
+        raise ValueError(f"--grad-checkpoint (per block) is for timm backbones, not torchvision's {self.name}: use "
+                         "--mil-grad-checkpoint (the whole slice encoder) with the attention-mil head")
 
     def stem_and_stages(self) -> list[nn.Module]:
         """The backbone's blocks from input to output (stem first): the unit of (progressive) freezing.
@@ -145,10 +156,25 @@ def build_backbone(name: str, weights: str | os.PathLike[str] = "none") -> Backb
         WeightsUnavailableError: ``"imagenet"`` weights are not cached and cannot be downloaded.
         FileNotFoundError / ValueError: a weights path that is missing, unreadable or does not match.
     """
-    try:
-        spec = _SPECS[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}") from None
+    return build_backbone_reporting(name, weights)[0]
+
+
+def build_backbone_reporting(name: str, weights: str | os.PathLike[str] = "none") -> tuple[Backbone, str | None]:
+    """:func:`build_backbone`, plus the one-line report of how a timm checkpoint fitted (None otherwise)."""
+    if name not in _SPECS:
+        from ctplatform.model.timm_backbones import build_timm_backbone, is_timm_model
+
+        if not is_timm_model(name):
+            raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)} or any architecture "
+                             "timm knows (e.g. vit_small_patch14_dinov2, convnext_tiny; `timm.list_models()`)")
+        backbone = build_timm_backbone(name)
+        if str(weights) == "none":
+            return backbone, None
+        from ctplatform.model.timm_weights import load_timm_weights, pretrained_file
+
+        where = pretrained_file(name) if str(weights) == "imagenet" else weights
+        return backbone, load_timm_weights(backbone.model, where).line()
+    spec = _SPECS[name]
     model = spec.constructor(weights=None)
     if weights == "imagenet":
         model.load_state_dict(_imagenet_state_dict(name, spec))
@@ -156,14 +182,19 @@ def build_backbone(name: str, weights: str | os.PathLike[str] = "none") -> Backb
     backbone = wrapper(model, name, spec.head_prefixes)
     if weights not in ("none", "imagenet"):
         load_backbone_weights(backbone, weights)
-    return backbone
+    return backbone, None
 
 
-def check_weights(name: str, weights: str | os.PathLike[str]) -> None:
+def check_weights(name: str, weights: str | os.PathLike[str]) -> str | None:
     """Raise here, in the calling process, what :func:`build_backbone` would raise inside every training worker
-    (weights not cached and offline, a missing or unreadable file, keys of another model), before any starts."""
-    if str(weights) != "none":
-        build_backbone(name, weights)
+    (weights not cached and offline, a missing or unreadable file, keys of another model), before any starts.
+    A timm checkpoint's one-line load report (missing/unexpected keys) is printed and returned."""
+    if str(weights) == "none":
+        return None
+    report = build_backbone_reporting(name, weights)[1]
+    if report is not None:
+        print(report, file=sys.stderr, flush=True)
+    return report
 
 
 def imagenet_cache_path(name: str) -> Path:

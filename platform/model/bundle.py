@@ -8,6 +8,7 @@ checkpoints are read with `torch.load(weights_only=True)`, which refuses arbitra
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import pickle
 from dataclasses import dataclass
@@ -67,13 +68,19 @@ def _versions() -> dict[str, str]:
         own = version("ctplatform")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
         own = "unknown"
-    return {"ctplatform": own, "torch": torch.__version__, "torchvision": torchvision.__version__}
+    versions = {"ctplatform": own, "torch": torch.__version__, "torchvision": torchvision.__version__}
+    with contextlib.suppress(PackageNotFoundError):  # timm is a dependency; a source tree may lack its metadata
+        versions["timm"] = version("timm")
+    return versions
 
 
 def export_bundle(out_dir: str | Path, model: torch.nn.Module, spec: ModelSpec) -> Path:
     """Write `model.safetensors` then `metadata.json` (metadata last: a bundle with metadata is complete)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if any(".lora_" in k for k in model.state_dict()) or any(k.startswith("lora_") for k in spec.architecture):
+        raise BundleError(f"{out}: merge the LoRA adapters (model.merge_lora(), as load_bundle does) before export: "
+                          "a bundle holds the plain architecture")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomic(out / WEIGHTS_FILE, lambda handle: handle.write(safetensors.torch.save(state)))
     metadata = {
@@ -118,7 +125,7 @@ def load_bundle(path: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
         return load_checked_bundle(check_bundle(path))  # schema, calibration, weights header against architecture
     if path.is_file():
         state, spec = _read_lightning_checkpoint(path)
-        return _model_with(state, spec, path), spec
+        return _model_with(state, spec, path)
     raise BundleError(f"{path}: no such bundle or checkpoint")
 
 
@@ -132,16 +139,21 @@ def load_checked_bundle(summary: BundleSummary) -> tuple[torch.nn.Module, ModelS
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise BundleError(f"{weights}: unreadable weights ({exc})") from exc
     spec = spec_from_metadata(summary.metadata)
-    return _model_with(state, spec, summary.folder), spec
+    return _model_with(state, spec, summary.folder)
 
 
-def _model_with(state: dict[str, torch.Tensor], spec: ModelSpec, path: Path) -> torch.nn.Module:
+def _model_with(state: dict[str, torch.Tensor], spec: ModelSpec, path: Path) -> tuple[torch.nn.Module, ModelSpec]:
     model = spec.build_model()
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BundleError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]})")
-    return model.eval()
+    if any(key.startswith("lora_") for key in spec.architecture):
+        # A checkpoint trained with LoRA: fold the adapters into the weights now, so the model (and any bundle
+        # exported from it) is the plain architecture that serving builds without peft.
+        model.merge_lora()
+        spec.architecture = {k: v for k, v in spec.architecture.items() if not k.startswith("lora_")}
+    return model.eval(), spec
 
 
 def _read_lightning_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec]:
@@ -162,6 +174,9 @@ def _read_lightning_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Mod
     if architecture["head"] == "attention-mil":
         architecture.update(mil_pooling=config.get("mil_pooling", "per-class"),
                             mil_hidden=config.get("mil_hidden", 128))
+    if int(config.get("lora_rank", 0)) > 0:  # adapters to rebuild before the weights load; merged right after
+        architecture.update(lora_rank=int(config["lora_rank"]), lora_alpha=float(config.get("lora_alpha", 16.0)),
+                            lora_targets=config.get("lora_targets", "auto"))
     spec = ModelSpec(
         architecture=architecture,
         input_windows=config["input_windows"],

@@ -9,6 +9,11 @@ Freezing: :meth:`SliceClassifier.set_backbone_trainable` toggles ``requires_grad
 eval mode: :meth:`SliceClassifier.train` is overridden to put them back in eval after every ``train()`` call
 (PyTorch and Lightning switch modes through ``Module.train``), so a frozen backbone normalises with its stored
 running statistics and does not update them.
+
+LoRA (``lora_rank > 0``, :mod:`ctplatform.model.lora`): the backbone's own weights are always frozen (its
+BatchNorm layers, if any, stay in eval mode) and its *adapters* are what "the backbone" means for freezing:
+``--freeze-backbone`` keeps them fixed, ``--progressive-unfreeze`` starts training them at ``--unfreeze-epoch``.
+:meth:`SliceClassifier.merge_lora` folds them into the weights (export), leaving a plain classifier.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ctplatform.labels import NUM_CLASSES
 from ctplatform.model.attention import ATTENTIONS, build_attention
 from ctplatform.model.backbones import Backbone, build_backbone
+from ctplatform.model.lora import LoraSettings, apply_lora, has_lora, lora_parameters, merge_lora
 from ctplatform.model.multiscale import MultiScaleFusion
 
 
@@ -55,6 +61,10 @@ class SliceClassifier(nn.Module):
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if backbone.is_vit and (use_attention != "none" or use_multiscale):
+            raise ValueError(f"{backbone.name} is a vision transformer: --use-attention se/cbam and --use-multiscale "
+                             "act on a CNN's spatial stages, which it does not have (use --use-attention none, no "
+                             "--use-multiscale)")
         self.backbone = backbone
         self.use_multiscale = bool(use_multiscale)
         self.use_attention = use_attention
@@ -70,6 +80,26 @@ class SliceClassifier(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes)
         self.num_classes = num_classes
         self._backbone_frozen = False
+        self.lora: LoraSettings | None = None
+
+    # --- LoRA -----------------------------------------------------------------------------------------------
+    def add_lora(self, settings: LoraSettings) -> list[str]:
+        """Inject LoRA adapters into the backbone (its own weights freeze); returns the adapted module names."""
+        if has_lora(self.backbone):
+            raise ValueError("the backbone already has LoRA adapters")
+        names = apply_lora(self.backbone, settings, self.backbone.is_vit)
+        self.lora = settings
+        self.train(self.training)
+        return names
+
+    def merge_lora(self) -> SliceClassifier:
+        """Fold the adapters into the backbone's weights: afterwards a plain classifier (its state dict keys are
+        those of the same architecture without LoRA)."""
+        if self.lora is not None:
+            merge_lora(self.backbone)
+            self.lora = None
+            self.set_backbone_trainable(not self._backbone_frozen)
+        return self
 
     def embed(self, x: Tensor) -> Tensor:
         """Pooled features before dropout and the linear layer, ``(B, embed_dim)``."""
@@ -85,7 +115,9 @@ class SliceClassifier(nn.Module):
 
     # --- freezing -------------------------------------------------------------------------------------------
     def backbone_parameters(self) -> list[nn.Parameter]:
-        """The backbone's parameters (never attention, fusion or head)."""
+        """The backbone's trainable parameters (never attention, fusion or head): its LoRA adapters if it has them."""
+        if self.lora is not None:
+            return lora_parameters(self.backbone)
         return list(self.backbone.parameters())
 
     def head_parameters(self) -> list[nn.Parameter]:
@@ -100,13 +132,14 @@ class SliceClassifier(nn.Module):
     def set_backbone_trainable(self, flag: bool) -> None:
         """Freeze (``False``) or unfreeze (``True``) the backbone; frozen BatchNorm layers stay in eval mode."""
         self._backbone_frozen = not flag
+        trainable = {id(p) for p in self.backbone_parameters()}
         for p in self.backbone.parameters():
-            p.requires_grad_(flag)
+            p.requires_grad_(flag and id(p) in trainable)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> SliceClassifier:
         super().train(mode)
-        if mode and self._backbone_frozen:
+        if mode and (self._backbone_frozen or self.lora is not None):
             for m in self.backbone.modules():
                 if isinstance(m, _BatchNorm):
                     m.eval()
@@ -121,6 +154,8 @@ class SliceClassifier(nn.Module):
             "use_multiscale": self.use_multiscale,
             "num_classes": self.num_classes,
             "dropout": self.dropout.p,
+            **({"lora_rank": self.lora.rank, "lora_alpha": self.lora.alpha, "lora_targets": self.lora.targets}
+               if self.lora is not None else {}),
         }
 
 
@@ -131,17 +166,30 @@ def build_classifier(
     use_multiscale: bool = False,
     num_classes: int = NUM_CLASSES,
     dropout: float = 0.2,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    lora_targets: str = "auto",
+    grad_checkpoint: bool = False,
 ) -> SliceClassifier:
     """Build a :class:`SliceClassifier` from the `--model`, `--use-attention` and `--use-multiscale` flags.
 
-    ``weights`` initialises the backbone only (see :func:`~ctplatform.model.backbones.build_backbone`).
+    ``weights`` initialises the backbone only (see :func:`~ctplatform.model.backbones.build_backbone`), before any
+    LoRA adapters (``lora_rank > 0``) are added. ``grad_checkpoint`` recomputes a timm backbone's blocks in the
+    backward pass (memory, not architecture).
     """
     if use_attention not in ATTENTIONS:  # validate before building a large backbone
         raise ValueError(f"unknown attention {use_attention!r}: choose one of {', '.join(ATTENTIONS)}")
-    return SliceClassifier(
+    lora = LoraSettings(lora_rank, lora_alpha, lora_dropout, lora_targets)
+    classifier = SliceClassifier(
         build_backbone(model, weights=weights),
         use_attention=use_attention,
         use_multiscale=use_multiscale,
         num_classes=num_classes,
         dropout=dropout,
     )
+    if lora.enabled:
+        classifier.add_lora(lora)
+    if grad_checkpoint:
+        classifier.backbone.set_grad_checkpointing(True)
+    return classifier

@@ -150,6 +150,11 @@ class AttentionMILClassifier(nn.Module):
     def set_backbone_trainable(self, flag: bool) -> None:
         self.encoder.set_backbone_trainable(flag)
 
+    def merge_lora(self) -> AttentionMILClassifier:
+        """Fold the encoder's LoRA adapters into its weights (see :meth:`SliceClassifier.merge_lora`)."""
+        self.encoder.merge_lora()
+        return self
+
     def train(self, mode: bool = True) -> AttentionMILClassifier:
         super().train(mode)
         if mode and self._encoder_frozen:
@@ -174,15 +179,23 @@ def build_mil_model(
     mil_hidden: int = 128,
     checkpointing: bool = False,
     chunk_slices: int | None = None,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    lora_targets: str = "auto",
+    grad_checkpoint: bool = False,
 ) -> AttentionMILClassifier:
     """Build an :class:`AttentionMILClassifier` from the same flags as the slice classifier plus the pooling options.
 
-    ``weights`` initialises the encoder's backbone only. ``checkpointing`` and ``chunk_slices`` change memory, not
-    the architecture (they are not part of :meth:`AttentionMILClassifier.architecture`).
+    ``weights`` initialises the encoder's backbone only; ``lora_*`` add LoRA adapters to it (see
+    :func:`~ctplatform.model.classifier.build_classifier`). ``checkpointing``, ``grad_checkpoint`` and
+    ``chunk_slices`` change memory, not the architecture (they are not part of
+    :meth:`AttentionMILClassifier.architecture`).
     """
     if mil_pooling not in POOLINGS:  # validate before building a large backbone
         raise ValueError(f"unknown MIL pooling {mil_pooling!r}: choose one of {', '.join(POOLINGS)}")
     encoder = build_classifier(model, weights=weights, use_attention=use_attention, use_multiscale=use_multiscale,
-                               num_classes=num_classes, dropout=dropout)
+                               num_classes=num_classes, dropout=dropout, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                               lora_dropout=lora_dropout, lora_targets=lora_targets, grad_checkpoint=grad_checkpoint)
     return AttentionMILClassifier(encoder, pooling=mil_pooling, hidden=mil_hidden, checkpointing=checkpointing,
                                   chunk_slices=chunk_slices)

@@ -89,6 +89,12 @@ class VolumeHead(ABC):
         """Called once the model is on its device, before the first epoch."""
 
 
+def lora_kwargs(cfg: TrainConfig) -> dict:
+    """The model builders' LoRA and per-block checkpointing arguments from the training settings."""
+    return {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+            "lora_targets": cfg.lora_targets, "grad_checkpoint": cfg.grad_checkpoint}
+
+
 class SliceHead(VolumeHead):
     name = "slice"
 
@@ -99,7 +105,7 @@ class SliceHead(VolumeHead):
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         return build_classifier(cfg.model, weights=cfg.weights, use_attention=cfg.use_attention,
-                                use_multiscale=cfg.use_multiscale, num_classes=NUM_CLASSES)
+                                use_multiscale=cfg.use_multiscale, num_classes=NUM_CLASSES, **lora_kwargs(cfg))
 
     def to_input(self, batch: tuple) -> SliceBatch:
         hu, labels, volumes, items = batch
@@ -134,7 +140,8 @@ class AttentionMILHead(VolumeHead):
         model = build_mil_model(cfg.model, weights=cfg.weights, use_attention=cfg.use_attention,
                                 use_multiscale=cfg.use_multiscale, num_classes=NUM_CLASSES,
                                 mil_pooling=cfg.mil_pooling, mil_hidden=cfg.mil_hidden,
-                                checkpointing=cfg.mil_grad_checkpoint, chunk_slices=cfg.mil_chunk_slices)
+                                checkpointing=cfg.mil_grad_checkpoint, chunk_slices=cfg.mil_chunk_slices,
+                                **lora_kwargs(cfg))
         if self.encoder_fixed:
             if cfg.progressive_unfreeze:
                 warnings.warn("--progressive-unfreeze is ignored with --mil-frozen-encoder (the encoder stays "

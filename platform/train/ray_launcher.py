@@ -45,7 +45,10 @@ logger = logging.getLogger(__name__)
 # so rerunning a command, or rerunning it with more epochs, resumes the same run.
 _NOT_TRAINING = {"epochs", "mode", "checkpoint", "predict_input", "predict_type", "predict_metadata", "report_dir",
                  "output", "address", "run_name", "storage_path", "max_failures", "gpu_device", "num_workers",
-                 "use_gpu", "guide_checkpoints"}
+                 "use_gpu", "guide_checkpoints", "grad_checkpoint"}
+# Fields added after runs were named, left out of the name while they hold their defaults, so those runs' names (and
+# resuming them) do not change.
+_ADDED_DEFAULTS = {"lora_rank": 0, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "auto"}
 
 
 def is_uri(path: str) -> bool:
@@ -53,7 +56,8 @@ def is_uri(path: str) -> bool:
 
 
 def stable_run_name(cfg: TrainConfig) -> str:
-    relevant = {k: v for k, v in sorted(cfg.to_dict().items()) if k not in _NOT_TRAINING}
+    relevant = {k: v for k, v in sorted(cfg.to_dict().items())
+                if k not in _NOT_TRAINING and not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{cfg.model}-{cfg.head}-{cfg.loss_type}-{digest}"
 
