@@ -136,7 +136,8 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path):
 def test_serve_replica_killed_under_load_costs_under_one_percent(tmp_path):
     from ray import serve
     from ray.util.state import list_actors
-    from test_serve import AUTH, app_config, chest, free_port, make_bundle, npy
+    from serve_payloads import chest, free_port, make_bundle, npy
+    from serve_service import AUTH, app_config
 
     from ctplatform.serve.app import build_app
 
