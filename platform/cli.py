@@ -241,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        return int(args.func(cfg) or 0)
+        from ctplatform.staging import staged
+
+        # Every URI is checked (bucket, credentials) before the command starts Ray; small inputs and outputs given
+        # as URIs are staged through local temp copies.
+        with staged(cfg) as local_cfg:
+            return int(args.func(local_cfg) or 0)
     except DataFormatError as exc:
         print(f"ctplatform {args.command}: error: {cli_prefix(exc)}: {exc}", file=sys.stderr)
         return 2

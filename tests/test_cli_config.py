@@ -21,7 +21,8 @@ pytestmark = pytest.mark.timeout(120)
 
 # evaluation settings added after the recording (confidence intervals and subgroups): every old command line gets
 # their defaults
-ADDED_SINCE = {"subgroup_metadata": None, "bootstrap_resamples": 1000, "bootstrap_seed": 0, "min_group_patients": 30}
+ADDED_SINCE = {"subgroup_metadata": None, "bootstrap_resamples": 1000, "bootstrap_seed": 0, "min_group_patients": 30,
+               "local_cache_gb": 50.0}
 
 
 def test_every_command_line_of_the_original_scripts_parses_to_the_same_settings():

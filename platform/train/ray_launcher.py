@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 # so rerunning a command, or rerunning it with more epochs, resumes the same run.
 _NOT_TRAINING = {"epochs", "mode", "checkpoint", "predict_input", "predict_type", "predict_metadata", "report_dir",
                  "output", "address", "run_name", "storage_path", "max_failures", "gpu_device", "num_workers",
-                 "use_gpu", "guide_checkpoints"}
+                 "use_gpu", "guide_checkpoints", "local_cache_gb"}
 
 
 def is_uri(path: str) -> bool:
