@@ -16,6 +16,7 @@ Writes of one object are whole or nothing: an object store publishes an object o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -87,6 +88,28 @@ def filesystem(location: str):
         options["use_listings_cache"] = False
     fs, path = fsspec.core.url_to_fs(location, **options)
     return fs, path
+
+
+def absolute(location: str) -> str:
+    """A URI as given; a local path made absolute (Ray workers run in other directories)."""
+    return location if is_uri(location) else str(Path(location).resolve())
+
+
+def local_work_dir(kind: str, location: str, name: str) -> Path:
+    """A node-local folder for the files a command writes before they are uploaded to `location` (a URI): under
+    `$CTPLATFORM_CACHE_DIR` (default ~/.cache/ctplatform), never the working directory; the same URI and name give
+    the same folder, so a rerun on this node finds what it left."""
+    import hashlib
+
+    home = Path(os.environ.get("CTPLATFORM_CACHE_DIR", "~/.cache/ctplatform")).expanduser()
+    return home / kind / hashlib.sha256(location.encode()).hexdigest()[:12] / name
+
+
+def with_scheme(path: str, uri: str) -> str:
+    """`path` as a URI of `uri`'s store: Ray reports checkpoint paths without their scheme (`bucket/run/...`)."""
+    if is_uri(path) or not is_uri(uri):
+        return path
+    return f"{scheme(uri)}://{path if scheme(uri) != 'file' else '/' + path.lstrip('/')}"
 
 
 def join(base: str, *parts: str) -> str:
@@ -165,6 +188,42 @@ def _get_file(fs, path: str, target: Path) -> None:
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def local_copy(location: str) -> Path:
+    """A node-local copy of the file or folder at a URI (a local path is returned as it is), made once per version:
+    the copy's folder is named by the objects' names, sizes and ETags (or modification times), so several
+    processes on one node share one copy and a changed object gets a new one. The copy appears by one rename."""
+    import hashlib
+    import json
+    import tempfile
+
+    if not is_uri(location):
+        return Path(location)
+    fs, root = filesystem(location)
+    root = root.rstrip("/")
+    single = fs.isfile(root)
+    found = {root: fs.info(root)} if single else fs.find(root, detail=True)
+    files = {p: i for p, i in found.items() if i.get("type") != "directory" and not p.endswith("/")}
+    if not files:
+        raise FileNotFoundError(f"{location}: no such file or folder")
+    signature = json.dumps(sorted((p, i.get("size"), str(i.get("ETag") or i.get("mtime") or i.get("LastModified")))
+                                  for p, i in files.items()))
+    folder = local_work_dir("copies", location, hashlib.sha256(signature.encode()).hexdigest()[:16])
+    name = root.rsplit("/", 1)[-1]
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
+        try:
+            for path in files:
+                target = partial / name if single else partial / name / path[len(root) + 1:]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(path, str(target))
+            with contextlib.suppress(OSError):  # OSError: another process made the same copy first
+                os.rename(partial, folder)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder / name
 
 
 def upload(source: str | Path, location: str) -> list[str]:

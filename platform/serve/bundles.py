@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ctplatform import storage
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.model.bundle import METADATA_FILE, WEIGHTS_FILE, BundleError
 from ctplatform.model.bundle_check import check_bundle, validated_metadata
@@ -25,7 +26,10 @@ def default_bundle_path(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
 
 
 def resolve_bundle_dir(path: str | Path) -> Path:
-    """A bundle folder (or its metadata.json) -> the folder; BundleError when it is not a bundle folder."""
+    """A bundle folder (or its metadata.json) -> the folder; BundleError when it is not a bundle folder. A URI
+    (`s3://...`) is first copied to this node's disk (once per version of its files: `storage.local_copy`)."""
+    if storage.is_uri(str(path)):
+        path = storage.local_copy(str(path))
     path = Path(path).expanduser()
     if path.is_file() and path.name == METADATA_FILE:
         path = path.parent

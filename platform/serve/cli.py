@@ -36,8 +36,9 @@ def cmd_serve(config: ServeConfig) -> int:
     from ctplatform.serve.bundles import bundle_version, default_bundle_path, resolve_bundle_dir
 
     config = config.replace(api_key=config.api_key or None)  # an empty key, from the flag or the environment: none
-    bundle = resolve_bundle_dir(config.bundle) if config.bundle else default_bundle_path()
-    config = config.replace(bundle=str(bundle)).validate()
+    bundle = resolve_bundle_dir(config.bundle) if config.bundle else default_bundle_path()  # a URI: copied here
+    is_uri = config.bundle is not None and "://" in config.bundle  # the replicas copy a URI to their own nodes
+    config = config.replace(bundle=config.bundle if is_uri else str(bundle)).validate()
     check_bundle(bundle)  # a bad bundle stops here, in seconds and before Ray starts, with one line (exit 2)
     if not _is_loopback(config.host) and not config.api_key:
         print(f"warning: serving on {config.host} without an API key: anyone who can reach this port can use the "

@@ -17,7 +17,7 @@ import numpy as np
 from ray import serve
 
 from ctplatform.evaluation.decision import DECISION_THRESHOLD
-from ctplatform.serve.bundles import bundle_version, preprocess_fingerprint, read_bundle_metadata
+from ctplatform.serve.bundles import bundle_version, preprocess_fingerprint, read_bundle_metadata, resolve_bundle_dir
 
 logger = logging.getLogger("ray.serve")
 
@@ -83,6 +83,7 @@ class ModelServer:
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        bundle_path = str(resolve_bundle_dir(bundle_path))  # a URI: this node's copy of it
         self.predictor = Predictor.from_path(bundle_path, device=self.device, batch_size=max_batch_slices)
         self.metadata = read_bundle_metadata(bundle_path)
         self.version = bundle_version(bundle_path)

@@ -28,6 +28,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from ctplatform import storage
 from ctplatform.config import TrainConfig
 from ctplatform.config.tune import TuneConfig
 from ctplatform.model.backbones import check_weights
@@ -47,8 +48,11 @@ def sweep_folder(settings: TuneConfig) -> str:
 
 def workspace_folder(settings: TuneConfig) -> str:
     """Where the driver writes the study, the trials table, the summary and the best bundle: the sweep folder,
-    or ./runs/<name> when storage is an object-store URI (mirrored to `<uri>/<name>` when the sweep ends)."""
-    return str(Path("runs", settings.name).resolve()) if is_uri(settings.storage_path) else sweep_folder(settings)
+    or a node-local folder when storage is an object-store URI (mirrored to `<uri>/<name>` when the sweep ends,
+    and fetched back from there by `--resume` on a driver that lacks it)."""
+    if is_uri(settings.storage_path):
+        return str(storage.local_work_dir("sweeps", settings.storage_path, settings.name))
+    return sweep_folder(settings)
 
 
 HISTORY_FILE = "tune_reports.jsonl"
@@ -147,9 +151,13 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
             check_weights(model, base.weights)
     sweep_dir, workspace = sweep_folder(settings), workspace_folder(settings)
     Path(workspace).mkdir(parents=True, exist_ok=True)
+    if resume and is_uri(sweep_dir) and not Path(workspace, "optuna.db").is_file():
+        for name in ("optuna.db", "trials.csv"):  # a driver on another machine: the study as last mirrored
+            if storage.is_file(storage.join(sweep_dir, name)):
+                storage.download(storage.join(sweep_dir, name), Path(workspace, name))
     base = base.replace(ray_workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_trial,
                         cpus_per_worker=settings.cpus_per_worker, max_failures=settings.max_failures,
-                        slice_dir=str(Path(base.slice_dir).resolve()))
+                        slice_dir=storage.absolute(base.slice_dir))
     started = connect(settings.address)
     try:
         driver = settings.driver_resources or {"CPU": 0.1}
@@ -186,10 +194,15 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
         summary = write_summary(results, space, base.epochs, workspace, settings,
                                 resources_note=resources_note(demand))
         summary.update(sweep_dir=sweep_dir, workspace=workspace, seconds=round(time.perf_counter() - begin, 1))
+        if summary.get("best_checkpoint"):
+            summary["best_checkpoint"] = storage.with_scheme(summary["best_checkpoint"], sweep_dir)
         if export_best and summary.get("best_checkpoint"):
             summary.update(export_best_bundle(summary["best_checkpoint"], base.slice_dir, workspace))
         if is_uri(sweep_dir):
             summary["mirrored"] = mirror_to_uri(workspace, sweep_dir)
+            for key, name in (("best_bundle", "best"), ("best_report", "best/report/report.html")):
+                if summary.get(key):  # where the results are kept (the workspace copy is this node's only)
+                    summary[key] = storage.join(sweep_dir, name)
         return summary
     finally:
         shutdown_if(started)
@@ -201,7 +214,7 @@ def export_best_bundle(checkpoint_dir: str, slice_dir: str, workspace: str) -> d
     from ctplatform.evaluation.evaluate import evaluate
 
     local = checkpoint_dir
-    if is_uri(checkpoint_dir):
+    if is_uri(checkpoint_dir):  # a URI with its scheme (Ray's checkpoint_path metric has none: see run_sweep)
         local = ray.train.Checkpoint(checkpoint_dir).to_directory()
     best_dir = Path(workspace) / "best"
     metrics = evaluate(os.path.join(local, "checkpoint.ckpt"), slice_dir, best_dir / "report", bundle_dir=best_dir)
