@@ -112,3 +112,51 @@ def test_half_written_volume_is_prepared_again_and_failures_land_in_the_bucket(s
     assert summary["cached"] == 23
     np.testing.assert_array_equal(
         np.load(io.BytesIO(storage.read_bytes(f"{cache}/volumes/train/{victim.name}"))), np.load(victim))
+
+
+def test_node_local_copy_is_whole_shared_and_bounded(s3_bucket, tmp_path):
+    """Files arrive whole under their name (no partial file left), two readers share one copy, and past its limit
+    the least recently used files go (a file still wanted is fetched again, with the same bytes)."""
+    from ctplatform.data.local_cache import NodeLocalCache
+
+    blobs = {f"volumes/train/v{i}.npy": bytes([i]) * 300_000 for i in range(4)}
+    for name, data in blobs.items():
+        storage.write_bytes(f"{s3_bucket}/cache/{name}", data)
+    limit_gb = 700_000 / (1 << 30)  # room for two of the four files
+    first, second = (NodeLocalCache(f"{s3_bucket}/cache", limit_gb, home=tmp_path) for _ in range(2))
+    assert first.root == second.root
+    for name in blobs:
+        assert first.path(name).read_bytes() == blobs[name]
+        os.utime(first.root / name, (0, 1_000_000 + int(name[-5])))  # fixed, increasing last-use times
+    first.evict()
+    left = sorted(p.relative_to(first.root).as_posix() for p in first.root.rglob("*.npy"))
+    assert left == ["volumes/train/v2.npy", "volumes/train/v3.npy"] and first.size_bytes() <= first.limit_bytes
+    assert not list(first.root.rglob("*.part"))
+    assert second.path("volumes/train/v0.npy").read_bytes() == blobs["volumes/train/v0.npy"]  # fetched again
+
+
+def test_bundle_in_a_bucket_is_checked_and_copied_once_per_version(s3_bucket, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from ctplatform.model.bundle import ModelSpec, export_bundle
+    from ctplatform.model.calibration import Calibration
+    from ctplatform.model.classifier import build_classifier
+    from ctplatform.serve.bundles import resolve_bundle_dir
+
+    monkeypatch.setenv("CTPLATFORM_CACHE_DIR", str(tmp_path / "home"))
+    torch.manual_seed(0)
+    model = build_classifier("efficientnet_b0")
+    spec = ModelSpec(architecture={"head": "slice", **model.architecture()}, input_windows="three",
+                     preprocess=SETTINGS.to_dict(), aggregation="topk", topk=2,
+                     calibration=Calibration(np.full(18, 1.2), np.zeros(18), "test"))
+    bundle = export_bundle(tmp_path / "local" / "b1", model.eval(), spec)
+    storage.upload(bundle, f"{s3_bucket}/models/b1")
+    assert main(["bundle", "check", f"{s3_bucket}/models/b1"]) == 0
+    assert "ok" in capsys.readouterr().out.lower()
+    copy = resolve_bundle_dir(f"{s3_bucket}/models/b1")
+    assert copy.is_relative_to(tmp_path / "home") and resolve_bundle_dir(f"{s3_bucket}/models/b1") == copy
+    assert (copy / "model.safetensors").read_bytes() == (bundle / "model.safetensors").read_bytes()
+    storage.write_bytes(f"{s3_bucket}/models/b1/metadata.json", b"{}")  # a new version at the same URI
+    assert resolve_bundle_dir(f"{s3_bucket}/models/b1") != copy
+    assert main(["bundle", "check", f"{s3_bucket}/models/b1"]) == 2
+    assert "metadata.json" in _one_error_line(capsys)
