@@ -61,8 +61,11 @@ def test_chain_with_every_path_in_a_bucket(s3_bucket, tmp_path):
         assert name in files, name
     assert [f for f in files if f.startswith("checkpoint_") and f.endswith("/checkpoint.ckpt")]  # Ray's own
     volume = index[index["split"] == "valid"]["file"].iloc[0]
+    one_slice = io.BytesIO()
+    np.save(one_slice, np.load(io.BytesIO(storage.read_bytes(f"{cache}/{volume}")))[4])
+    storage.write_bytes(f"{s3_bucket}/inputs/slice.npy", one_slice.getvalue())
     _cli("predict", "--checkpoint", f"{runs}/r1/bundle", "--predict-type", "slices", "--predict-input",
-         f"{cache}/{volume}", "--output", f"{s3_bucket}/preds/p.csv", env=env, cwd=cwd)
+         f"{s3_bucket}/inputs/slice.npy", "--output", f"{s3_bucket}/preds/p.csv", env=env, cwd=cwd)
     predicted = pd.read_csv(io.BytesIO(storage.read_bytes(f"{s3_bucket}/preds/p.csv")))
     assert len(predicted) == 1 and storage.is_file(f"{s3_bucket}/preds/p.json")
 
@@ -81,19 +84,17 @@ def test_chain_with_every_path_in_a_bucket(s3_bucket, tmp_path):
                 pass
             assert time.monotonic() < deadline, "service not ready"
             time.sleep(1)
-        slices = np.load(io.BytesIO(storage.read_bytes(f"{cache}/{volume}")))
-        body = io.BytesIO()
-        np.save(body, slices)
+        body = io.BytesIO(one_slice.getvalue())
         boundary = "ctplatformtestboundary"
-        payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"v.npy\"\r\n"
+        payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"s.npy\"\r\n"
                    "Content-Type: application/octet-stream\r\n\r\n").encode() + body.getvalue() + \
             f"\r\n--{boundary}--\r\n".encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict/slices", data=payload, method="POST",
                                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         with urllib.request.urlopen(request, timeout=60) as answer:
-            result = json.load(answer)
-        served = [result["probabilities"][name] for name in predicted.columns if name in result["probabilities"]]
-        expected = [predicted[name].iloc[0] for name in predicted.columns if name in result["probabilities"]]
+            result = json.load(answer)["slices"][0]["probabilities"]
+        served = [result[name] for name in predicted.columns if name in result]
+        expected = [predicted[name].iloc[0] for name in predicted.columns if name in result]
         assert len(served) == 18 and np.allclose(served, expected, atol=1e-4)
     finally:
         server.send_signal(signal.SIGTERM)

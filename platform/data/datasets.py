@@ -108,6 +108,7 @@ def _load_remote_index(uri: str, local_cache_gb: float) -> CacheIndex:
     source.path("cache.json")
     index = load_cache_index(source.path("index.parquet").parent)
     index.source = source
+    source.prefetch(index.files)  # the first epoch streams: files arrive ahead of the reads that need them
     return index
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ctplatform import storage
@@ -74,6 +76,29 @@ class NodeLocalCache:
             except FileNotFoundError:
                 pass
         return self.fetch(relative)
+
+    def prefetch(self, relatives: list[str], threads: int = 4) -> threading.Thread:
+        """Fetch `relatives` in the background (in this order, `threads` downloads at once, stopping at the
+        limit), so a first epoch finds most files already local instead of waiting for each one; a file a reader
+        needs first is fetched by that reader (the rename makes a double fetch harmless)."""
+        def run() -> None:
+            budget = self.limit_bytes
+            with ThreadPoolExecutor(threads) as pool:
+                for size in pool.map(self._prefetch_one, relatives):
+                    budget -= size
+                    if budget <= 0:
+                        break
+
+        thread = threading.Thread(target=run, name="ctplatform-prefetch", daemon=True)
+        thread.start()
+        return thread
+
+    def _prefetch_one(self, relative: str) -> int:
+        target = self.root / relative
+        try:
+            return target.stat().st_size if target.exists() else self.fetch(relative).stat().st_size
+        except Exception:  # only a missed head start: the reader that needs the file fetches it and reports errors
+            return 0
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self._files())
