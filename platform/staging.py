@@ -59,6 +59,7 @@ def staged(config: Any) -> Iterator[Any]:
     with tempfile.TemporaryDirectory(prefix="ctplatform-stage-") as temp:
         changes: dict[str, Any] = {}
         uploads: list[tuple[Path, str]] = []
+        names: dict[str, str] = {}  # local copy -> the URI the user gave (for error messages)
         for number, (name, kind, _) in enumerate(plan):
             value = getattr(config, name)
             values = list(value) if isinstance(value, list | tuple) else [value]
@@ -77,7 +78,32 @@ def staged(config: Any) -> Iterator[Any]:
                     folder.mkdir(parents=True)
                     uploads.append((folder, item.rstrip("/").rsplit("/", 1)[0]))
                 local_values.append(str(local))
+                names[str(local)] = item
             changes[name] = local_values if isinstance(value, list | tuple) else local_values[0]
-        yield dataclasses.replace(config, **changes)
+        try:
+            yield dataclasses.replace(config, **changes)
+        except (ValueError, FileNotFoundError) as exc:
+            renamed = _named_by_uri(exc, names)
+            if renamed is None:
+                raise
+            raise renamed from None
         for folder, parent in uploads:
             storage.upload(folder, parent)
+
+
+def _named_by_uri(exc: Exception, names: dict[str, str]) -> Exception | None:
+    """The same error naming the URIs the user gave instead of their temporary local copies (None: nothing to
+    rename, or an error type this cannot rebuild)."""
+    def rename(text: str) -> str:
+        for local, uri in sorted(names.items(), key=lambda pair: -len(pair[0])):
+            text = text.replace(local, uri)
+        return text
+
+    if not any(local in str(exc) for local in names):
+        return None
+    if hasattr(exc, "problem") and hasattr(exc, "path"):  # ctplatform.data.errors.DataFormatError and kin
+        return type(exc)(rename(exc.path), rename(exc.problem), column=getattr(exc, "column", None),
+                         row=getattr(exc, "row", None))
+    if type(exc) in (ValueError, FileNotFoundError):
+        return type(exc)(rename(str(exc)))
+    return None

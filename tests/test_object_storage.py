@@ -160,3 +160,12 @@ def test_bundle_in_a_bucket_is_checked_and_copied_once_per_version(s3_bucket, tm
     assert resolve_bundle_dir(f"{s3_bucket}/models/b1") != copy
     assert main(["bundle", "check", f"{s3_bucket}/models/b1"]) == 2
     assert "metadata.json" in _one_error_line(capsys)
+
+
+def test_bad_input_staged_from_a_bucket_is_named_by_its_uri(s3_bucket, capsys):
+    """A bad file given as a URI is reported under that URI, not the temporary copy the command read."""
+    storage.write_bytes(f"{s3_bucket}/in/labels.csv", b"VolumeName,nothing else\nx.nii.gz,1\n")
+    storage.write_bytes(f"{s3_bucket}/in/preds.csv", b"VolumeName\nx.nii.gz\n")
+    assert main(["score", "--labels", f"{s3_bucket}/in/labels.csv", "--predictions", f"{s3_bucket}/in/preds.csv"]) == 2
+    line = _one_error_line(capsys)
+    assert f"{s3_bucket}/in/" in line and "ctplatform-stage" not in line, line
