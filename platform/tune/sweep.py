@@ -33,7 +33,7 @@ from ctplatform.config import TrainConfig
 from ctplatform.config.tune import TuneConfig
 from ctplatform.model.backbones import check_weights
 from ctplatform.ray_session import cluster_has_gpus, connect, shutdown_if
-from ctplatform.train.ray_launcher import build_torch_trainer, is_uri, local_run_dir, resolved
+from ctplatform.train.ray_launcher import build_torch_trainer, is_uri, resolved
 from ctplatform.tune.resources import concurrent_trials, resources_note, trial_demand
 from ctplatform.tune.space import SearchSpace
 from ctplatform.tune.summary import LiveTrialsTable, write_summary
@@ -76,8 +76,13 @@ class RecordingTuneReportCallback(TuneReportCallback):
             record = dict(metrics[0])
             if checkpoint:
                 record["checkpoint_path"] = checkpoint.path
-            with open(self.history_path, "a") as handle:
-                handle.write(json.dumps(record, default=float) + "\n")
+            line = json.dumps(record, default=float) + "\n"
+            if storage.is_uri(self.history_path):  # an object cannot be appended to: write it whole again
+                before = storage.read_text(self.history_path) if storage.is_file(self.history_path) else ""
+                storage.write_bytes(self.history_path, (before + line).encode())
+            else:
+                with open(self.history_path, "a") as handle:
+                    handle.write(line)
 
 
 def run_trial(config: dict, base: dict, trials_dir: str, metric: str, mode: str, worker_callbacks=None) -> None:
@@ -86,21 +91,20 @@ def run_trial(config: dict, base: dict, trials_dir: str, metric: str, mode: str,
     cfg = TrainConfig.from_dict(base).replace(**config, run_name=f"trial_{trial_id}", storage_path=trials_dir,
                                               guide_checkpoints=False)  # Ray's checkpoints suffice (disk)
     cfg = resolved(cfg.validate())
-    run_dir = None if is_uri(cfg.storage_path) else Path(local_run_dir(cfg))
-    history = run_dir / HISTORY_FILE if run_dir is not None else None
-    if history is not None and history.is_file():
-        for line in history.read_text().splitlines():  # a restarted trial: replay what it already reported
+    run_dir = storage.join(cfg.storage_path, cfg.run_name)  # beside Ray's checkpoints: a folder or a URI
+    history = storage.join(run_dir, HISTORY_FILE)
+    if storage.is_file(history):
+        for line in storage.read_text(history).splitlines():  # a restarted trial: replay what it already reported
             tune.report(json.loads(line))
-        if (run_dir / COMPLETE_FILE).is_file():
+        if storage.is_file(storage.join(run_dir, COMPLETE_FILE)):
             return
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    callback = RecordingTuneReportCallback(str(history) if history is not None else None)
+    if not is_uri(run_dir):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    callback = RecordingTuneReportCallback(history)
     trainer = build_torch_trainer(cfg, run_callbacks=[callback], progress_bar=False,
                                   worker_callbacks=worker_callbacks, checkpoint_score=(metric, mode))
     trainer.fit()
-    if run_dir is not None:
-        (run_dir / COMPLETE_FILE).write_text("complete\n")
+    storage.write_bytes(storage.join(run_dir, COMPLETE_FILE), b"complete\n")
 
 
 class ResumableOptunaSearch(OptunaSearch):
