@@ -77,10 +77,12 @@ def write_run_config(run_dir: Path, train: TrainConfig, mode: str) -> Path:
 
 
 def cmd_train_evaluate(cfg, mode: str) -> int:
-    from ctplatform.train.ray_launcher import local_run_dir, resolved
+    from ctplatform import storage
+    from ctplatform.train.ray_launcher import local_run_dir, resolved, upload_run_files
 
     train = resolved(project(cfg, TrainConfig).validate())
-    run_dir = Path(local_run_dir(train))
+    run_dir = Path(local_run_dir(train))  # node-local when --storage-path is a URI; uploaded there at the end
+    remote = storage.is_uri(train.storage_path)
     checkpoint = getattr(cfg, "checkpoint", None)
     if mode in ("train", "both"):
         from ctplatform.train.ray_launcher import run_training
@@ -96,6 +98,9 @@ def cmd_train_evaluate(cfg, mode: str) -> int:
 
         if checkpoint is None:
             candidate = run_dir / "best_reported" / "checkpoint.ckpt"
+            kept = storage.join(train.storage_path, train.run_name, "best_reported", "checkpoint.ckpt")
+            if remote and not candidate.is_file() and storage.is_file(kept):  # trained on another machine
+                storage.download(kept, candidate)
             if not candidate.is_file():
                 raise ValueError("--mode evaluate needs --checkpoint (no finished run with these settings found)")
             checkpoint = str(candidate)
@@ -105,9 +110,13 @@ def cmd_train_evaluate(cfg, mode: str) -> int:
                            subgroup_metadata=cfg.subgroup_metadata, bootstrap_resamples=cfg.bootstrap_resamples,
                            bootstrap_seed=cfg.bootstrap_seed, min_group_patients=cfg.min_group_patients)
         print(summary_line(metrics))
-        print(f"report: {report_dir / 'report.html'}")
-        if bundle_dir is not None:
-            print(f"model bundle: {bundle_dir}")
+        if not remote:
+            print(f"report: {report_dir / 'report.html'}")
+            if bundle_dir is not None:
+                print(f"model bundle: {bundle_dir}")
+    if remote:
+        target = upload_run_files(train)
+        print(f"run files (settings, logs, best checkpoint, report, bundle) uploaded to {target}")
     return 0
 
 
@@ -241,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        return int(args.func(cfg) or 0)
+        from ctplatform.staging import staged
+
+        # Every URI is checked (bucket, credentials) before the command starts Ray; small inputs and outputs given
+        # as URIs are staged through local temp copies.
+        with staged(cfg) as local_cfg:
+            return int(args.func(local_cfg) or 0)
     except DataFormatError as exc:
         print(f"ctplatform {args.command}: error: {cli_prefix(exc)}: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.timeout(120)
 ADDED_SINCE = {"subgroup_metadata": None, "bootstrap_resamples": 1000, "bootstrap_seed": 0, "min_group_patients": 30,
                # LoRA and per-block checkpointing (off by default: the guide's commands train as before)
                "lora_rank": 0, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "auto",
-               "grad_checkpoint": False}
+               "grad_checkpoint": False,
+               # the node-local copy of a slice cache in a bucket
+               "local_cache_gb": 50.0}
 
 
 def test_every_command_line_of_the_original_scripts_parses_to_the_same_settings():

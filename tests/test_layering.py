@@ -13,11 +13,13 @@ SOURCE = Path(__file__).resolve().parents[1] / "platform"
 pytestmark = pytest.mark.timeout(60)
 
 # package (first part of the module path below ctplatform) -> packages it may import
-BASE = {"labels", "config", "atomic"}
+BASE = {"labels", "config", "atomic", "storage"}
 ALLOWED = {
     "labels": set(),
     "atomic": set(),
-    "config": {"labels"},
+    "storage": {"atomic"},
+    "staging": {"storage"},
+    "config": {"labels", "storage"},
     "data": BASE | {"data", "ray_session"},
     "model": BASE | {"data", "model"},
     "evaluation": BASE | {"data", "model", "evaluation"},

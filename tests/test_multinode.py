@@ -9,12 +9,12 @@ Run with the Ray lock held: `flock /tmp/ray-tests.lock .venv/bin/pytest tests/te
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import httpx
 import pandas as pd
@@ -49,8 +49,15 @@ def stop_cluster(cluster: Cluster) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- sweep
-def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path):
+def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path, s3_bucket, monkeypatch):
+    """No shared file system: the slice cache and the sweep's storage are in a bucket on the S3-protocol test
+    server (the nodes get its AWS_* environment when they start, as cluster.yaml's nodes get their credentials),
+    and each node reads the cache through its own local copy."""
+    from ctplatform import storage
     from ctplatform.train.lightning_import import pl
+
+    monkeypatch.setenv("CTPLATFORM_CACHE_DIR", str(tmp_path / "node-copies"))
+    storage.upload(tiny_cache, f"{s3_bucket}/cache")
 
     starts = tmp_path / "epoch-starts"
 
@@ -70,8 +77,8 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path):
                 (line.split() for line in starts.read_text().splitlines() if line.count(" ") == 2)]
 
     def checkpoint_registered(run: str) -> bool:  # Train's controller has recorded an epoch's checkpoint
-        history = tmp_path / "runs" / "mn" / "trials" / run / "tune_reports.jsonl"
-        return history.is_file() and "checkpoint_path" in history.read_text()
+        history = f"{s3_bucket}/runs/mn/trials/{run}/tune_reports.jsonl"
+        return storage.is_file(history) and "checkpoint_path" in storage.read_text(history)
 
     # head: the trials' thin drivers (0.1 CPU each, pinned there by a custom resource); three worker nodes of 1 CPU
     # each, so each fits exactly one Train worker: two trials at a time, and headroom for the one that loses its node
@@ -96,13 +103,13 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path):
 
     space = SearchSpace(metric="val_loss", mode="min", params={
         "learning_rate": {"type": "categorical", "choices": [0.003, 0.001, 0.0003]}})
-    config = TrainConfig(slice_dir=str(tiny_cache), model="resnet50", batch_size=16, epochs=3, num_workers=0,
+    config = TrainConfig(slice_dir=f"{s3_bucket}/cache", model="resnet50", batch_size=16, epochs=3, num_workers=0,
                          use_gpu=False, limit_train_batches=4, seed=0).validate()
     killer = threading.Thread(target=kill_a_busy_worker_node, daemon=True)
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         killer.start()
-        settings = TuneConfig(name="mn", storage_path=str(tmp_path / "runs"), num_samples=3, max_concurrent=2,
+        settings = TuneConfig(name="mn", storage_path=f"{s3_bucket}/runs", num_samples=3, max_concurrent=2,
                                  cpus_per_worker=1, scheduler="fifo", seed=0,
                                  driver_resources={"CPU": 0.1, "sweep_driver": 1})
         summary = run_sweep(config, space, settings, export_best=False, worker_callbacks=[RecordPlacement()])
@@ -115,7 +122,7 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path):
     # trials spread: the two trials running together trained on the two different worker nodes
     assert len(set(killed["concurrent"].values())) == 2, killed
     # every trial finished, none errored
-    trials = pd.read_csv(Path(summary["sweep_dir"]) / "summary" / "trials.csv")
+    trials = pd.read_csv(io.BytesIO(storage.read_bytes(f"{summary['sweep_dir']}/summary/trials.csv")))
     assert len(trials) == 3 and set(trials["state"]) == {"finished"} and summary["errors"] == 0, trials
     assert (trials["epochs"] == 3).all(), trials
     # the trial on the lost node resumed from its checkpoint on another node: epoch 0 trained once, epoch 1 twice

@@ -1,5 +1,6 @@
 """Sweeps on a real local Ray: Optuna records trials, ASHA stops some, the best epoch is exported; resumable."""
 
+import io
 import json
 import os
 import signal
@@ -154,27 +155,42 @@ def test_sweep_driver_killed_then_resumed_runs_each_trial_once(tiny_cache, tmp_p
     assert (sweep / "best" / "metadata.json").is_file()
 
 
-def test_sweep_on_object_store_uri_storage(tiny_cache, tmp_path, space_file, monkeypatch):
-    """Storage given as a URI (file:// here: the same pyarrow filesystem path an s3:// or gs:// URI takes): Ray's
-    checkpoints go there, the driver works in ./runs/<name> and mirrors its results next to them."""
-    monkeypatch.chdir(tmp_path)
-    bucket = tmp_path / "bucket"
+def test_sweep_on_object_store_uri_storage(tiny_cache, tmp_path, space_file, monkeypatch, s3_bucket):
+    """Every path a bucket on the S3-protocol test server: the slice cache is read through a node-local copy, Ray's
+    checkpoints go to the storage URI, the driver works in a node-local folder and mirrors its results next to
+    them, and the best bundle is served from there. Nothing is written to the working directory."""
+    from ctplatform import storage
+    from ctplatform.serve.bundles import resolve_bundle_dir
+
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("CTPLATFORM_CACHE_DIR", str(home))  # before Ray starts: its workers inherit it
+    storage.upload(tiny_cache, f"{s3_bucket}/cache")
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              configure_logging=False, log_to_driver=False)
     try:
-        settings = TuneConfig(name="u", storage_path=f"file://{bucket}", num_samples=2, seed=0,
+        settings = TuneConfig(name="u", storage_path=f"{s3_bucket}/runs", num_samples=2, seed=0,
                                  cpus_per_worker=1, scheduler="fifo")
-        summary = run_sweep(base_config(tiny_cache, epochs=1), load_space(space_file), settings)
+        summary = run_sweep(base_config(f"{s3_bucket}/cache", epochs=1), load_space(space_file), settings)
     finally:
         ray.shutdown()
-    assert summary["sweep_dir"] == f"file://{bucket}/u" and summary["errors"] == 0 and summary["trials"] == 2
-    assert summary["workspace"] == str(tmp_path / "runs" / "u")
-    # Ray's own checkpoints were written under the URI
-    assert list((bucket / "u" / "trials").glob("trial_*/checkpoint_*/checkpoint.ckpt"))
-    # the driver's results were mirrored there, and the mirrored bundle loads and predicts
-    for name in ("optuna.db", "trials.csv", "summary/trials.csv", "best/metadata.json"):
-        assert (bucket / "u" / name).is_file(), name
-    assert len(pd.read_csv(bucket / "u" / "summary" / "trials.csv")) == 2
-    predictor = Predictor.from_path(bucket / "u" / "best", device="cpu")
+    sweep = f"{s3_bucket}/runs/u"
+    assert summary["sweep_dir"] == sweep and summary["errors"] == 0 and summary["trials"] == 2
+    assert Path(summary["workspace"]).is_relative_to(home) and summary["best_bundle"] == f"{sweep}/best"
+    assert summary["best_checkpoint"].startswith(f"{sweep}/trials/")  # Ray reports it without the scheme
+    files = storage.list_files(sweep)
+    # Ray's own checkpoints were written under the URI, and the driver's results mirrored there
+    assert [f for f in files if f.startswith("trials/trial_") and f.endswith("/checkpoint.ckpt")]
+    for name in ("optuna.db", "trials.csv", "summary/trials.csv", "best/metadata.json", "best/report/report.html"):
+        assert name in files, name
+    assert len(pd.read_csv(io.BytesIO(storage.read_bytes(f"{sweep}/summary/trials.csv")))) == 2
+    # the trials read the cache through the node-local copy: the same bytes as the cache they came from
+    copies = sorted(home.glob("slices/*/volumes/*/*.npy"))  # training saw 3 batches; evaluation every valid volume
+    assert {p.name for p in tiny_cache.glob("volumes/valid/*.npy")} <= {p.name for p in copies}
+    assert all(p.read_bytes() == (tiny_cache / "volumes" / p.parent.name / p.name).read_bytes() for p in copies)
+    # the bundle in the bucket is copied to this node and predicts
+    predictor = Predictor.from_path(resolve_bundle_dir(f"{sweep}/best"), device="cpu")
     slices = np.load(sorted((tiny_cache / "volumes" / "valid").glob("*.npy"))[0])
     assert predictor.predict_prepared(slices).probabilities.shape == (18,)
+    assert os.listdir(cwd) == []

@@ -14,4 +14,4 @@ class BundleCommandConfig:
     action: str = option("check", "what to do: check (the validation `serve` runs before deploying)",
                          positional=True, choices=("check",), metavar="ACTION")
     bundle: str | None = option(None, "the bundle folder (model.safetensors + metadata.json) or its metadata.json",
-                                positional=True, metavar="BUNDLE")
+                                positional=True, metavar="BUNDLE", path="read")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 MISSING = dataclasses.MISSING
+PATH_KINDS = ("read", "write", "uri")
 
 
 def option(
@@ -28,6 +29,7 @@ def option(
     secret: bool = False,
     cli: bool = True,
     positional: bool = False,
+    path: str | None = None,
 ) -> Any:
     """A dataclass field with its flag's description.
 
@@ -38,10 +40,22 @@ def option(
     refuse to run without a value (from the command line or a config file); `cli=False` keeps a field out of the
     command line (set by code or config files only); `positional=True` makes it a positional argument
     (`ctplatform compare RUN_A RUN_B`), named by `metavar`.
+
+    `path` marks a path option (a local path or an object-store URI, parsed by `ctplatform.storage.user_path`) and
+    says how the command line treats a URI (`ctplatform.staging`): "read" (copied to a local temp folder first),
+    "write" (written locally, uploaded when the command succeeds) or "uri" (the command reads and writes it
+    itself: data, caches and run storage too large to copy whole).
     """
+    if path is not None:
+        if path not in PATH_KINDS:
+            raise ValueError(f"path must be one of {PATH_KINDS}, got {path!r}")
+        if parse is None:
+            from ctplatform.storage import user_path
+
+            parse = user_path
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "aliases": tuple(aliases),
                 "flag": flag, "const": const, "parse": parse, "metavar": metavar, "required": required,
-                "secret": secret, "cli": cli, "positional": positional}
+                "secret": secret, "cli": cli, "positional": positional, "path": path}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

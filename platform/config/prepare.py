@@ -13,8 +13,9 @@ SELECTIONS = ("even", "stride")
 class PrepareConfig:
     """Preparation: volumes -> a resumable slice cache"""
 
-    data_dir: str = option("./ct_rate_data", "CT-RATE folder")
-    out: str = option("./ct_rate_2d", "cache folder (what training calls --slice-dir)")
+    data_dir: str = option("./ct_rate_data", "CT-RATE folder or URI", path="uri")
+    out: str = option("./ct_rate_2d", "cache folder or URI (what training calls --slice-dir)",
+                          path="uri")
     image_size: int = option(224, "slice side after resizing")
     selection: str = option("even", "even: --num-slices evenly spaced within the body; stride: every --stride-th "
                                     "slice", choices=SELECTIONS)
@@ -32,7 +33,7 @@ class PrepareConfig:
 class SyntheticDataConfig:
     """Synthetic CT-RATE-shaped data"""
 
-    out: str | None = option(None, "output folder", required=True)
+    out: str | None = option(None, "output folder or URI", required=True, path="write")
     volumes: int = option(120, "number of volumes")
     size: str = option("64x64x48", "ROWSxCOLSxSLICES (real scans: 512x512x300)")
     seed: int = option(0, "random seed")
@@ -43,7 +44,7 @@ class SyntheticDataConfig:
 class DemoConfig:
     """Demo"""
 
-    workdir: str = option("demo_run", "folder for the data, cache, sweep and bundle")
+    workdir: str = option("demo_run", "folder for the data, cache, sweep and bundle (local)", path="uri")
     volumes: int = option(96, "synthetic volumes")
     trials: int = option(4, "sweep trials")
     epochs: int = option(2, "epochs per trial")

@@ -23,7 +23,7 @@ class RayConfig:
     gpus_per_worker: float = option(1.0, "GPUs per Train worker")
     cpus_per_worker: float = option(1.0, "CPUs per Train worker")
     use_gpu: bool | None = option(None, "train on CPUs even where GPUs exist", flag="--cpu", const=False)
-    storage_path: str = option("./runs", "runs folder or URI")
+    storage_path: str = option("./runs", "runs folder or URI", path="uri")
     run_name: str | None = option(None, "run name (default: derived from the training settings, stable, so a "
                                         "rerun resumes)")
     max_failures: int = option(2, "worker failures a run survives (it resumes from its last checkpoint)")

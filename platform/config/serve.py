@@ -42,7 +42,8 @@ class ServeTargetConfig:
     """Service: which bundle, where it listens, who may call it"""
 
     bundle: str | None = option(None, "model bundle folder (model.safetensors + metadata.json); default: the newest "
-                                      "./runs/*/best/ (the latest sweep's best)")
+                                      "./runs/*/best/ (the latest sweep's best); a URI is copied to each node's "
+                                      "local disk", path="uri")
     host: str = option("127.0.0.1", "address the HTTP proxy binds (default 127.0.0.1)")
     port: int = option(8000, "HTTP port (default 8000)")
     api_key: str | None = option(default_factory=_api_key_from_environment,

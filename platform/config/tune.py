@@ -14,9 +14,10 @@ SCHEDULERS = ("asha", "fifo")
 class TuneConfig:
     """Sweep: Optuna + ASHA over Ray Train trials"""
 
-    space: str | None = option(None, "search space YAML (default: the packaged default_space.yaml)")
+    space: str | None = option(None, "search space YAML (default: the packaged default_space.yaml)",
+                               path="read")
     name: str = option("sweep", "sweep name: <storage-path>/<name>")
-    storage_path: str = option("./runs", "runs folder or URI")
+    storage_path: str = option("./runs", "runs folder or URI", path="uri")
     num_samples: int = option(8, "trials")
     max_concurrent: int = option(1, "trials at once")
     workers_per_trial: int = option(1, "Ray Train workers per trial")

@@ -16,7 +16,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from ctplatform import storage
 from ctplatform.data.errors import DataFormatError
+from ctplatform.data.local_cache import NodeLocalCache
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.labels import CLASS_NAMES
 
@@ -33,6 +35,11 @@ class CacheIndex:
     slice_in_file: np.ndarray  # (M,) slice within a 3-D file, -1 for a 2-D file
     slice_volume: np.ndarray  # (M,) row in volumes
     settings: PreprocessSettings | None
+    source: NodeLocalCache | None = None  # a cache in object storage: its files are fetched to `root` on first use
+
+    def local_file(self, relative: str) -> Path:
+        """The local path of one of the cache's files (fetched first when the cache is in object storage)."""
+        return self.source.path(relative) if self.source is not None else self.root / relative
 
     def labels(self) -> np.ndarray:
         return self.volumes[list(CLASS_NAMES)].to_numpy(dtype=np.float32)
@@ -41,8 +48,11 @@ class CacheIndex:
         return np.flatnonzero((self.volumes["split"] == split).to_numpy())
 
 
-def load_cache_index(slice_dir: str | Path) -> CacheIndex:
-    """Open a prepared cache (index.parquet) or, failing that, the legacy layout (splits/*_slices.csv)."""
+def load_cache_index(slice_dir: str | Path, local_cache_gb: float = 50.0) -> CacheIndex:
+    """Open a prepared cache (index.parquet) or, failing that, the legacy layout (splits/*_slices.csv). A URI is
+    read through a node-local copy of at most `local_cache_gb` GiB (`ctplatform.data.local_cache`)."""
+    if storage.is_uri(str(slice_dir)):
+        return _load_remote_index(str(slice_dir), local_cache_gb)
     root = Path(slice_dir)
     if (root / "index.parquet").is_file():
         frame = pd.read_parquet(root / "index.parquet")
@@ -90,23 +100,43 @@ def load_cache_index(slice_dir: str | Path) -> CacheIndex:
     )
 
 
+def _load_remote_index(uri: str, local_cache_gb: float) -> CacheIndex:
+    if not storage.is_file(storage.join(uri, "index.parquet")):
+        raise DataFormatError(uri, "no slice cache here: expected index.parquet (ctplatform prepare; a cache in "
+                                   "object storage must use prepare's layout, not the legacy one)")
+    source = NodeLocalCache(uri, local_cache_gb)
+    source.path("cache.json")
+    index = load_cache_index(source.path("index.parquet").parent)
+    index.source = source
+    source.prefetch(index.files)  # the first epoch streams: files arrive ahead of the reads that need them
+    return index
+
+
 class _MappedFiles:
     """A small per-process LRU of memory-mapped .npy files (safe to pickle into DataLoader workers)."""
 
-    def __init__(self, root: Path, capacity: int = 1024):
-        self.root, self.capacity = root, capacity
+    def __init__(self, root: Path, capacity: int = 1024, source: NodeLocalCache | None = None):
+        self.root, self.capacity, self.source = root, capacity, source
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def __getstate__(self):
-        return {"root": self.root, "capacity": self.capacity}
+        return {"root": self.root, "capacity": self.capacity, "source": self.source}
 
     def __setstate__(self, state):
-        self.__init__(state["root"], state["capacity"])
+        self.__init__(state["root"], state["capacity"], state.get("source"))
+
+    def _open(self, relative: str) -> np.ndarray:
+        if self.source is None:
+            return np.load(self.root / relative, mmap_mode="r", allow_pickle=False)
+        try:
+            return np.load(self.source.path(relative), mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:  # evicted by another process between the check and the open
+            return np.load(self.source.fetch(relative), mmap_mode="r", allow_pickle=False)
 
     def get(self, relative: str) -> np.ndarray:
         array = self._maps.get(relative)
         if array is None:
-            array = np.load(self.root / relative, mmap_mode="r", allow_pickle=False)
+            array = self._open(relative)
             self._maps[relative] = array
             if len(self._maps) > self.capacity:
                 self._maps.popitem(last=False)
@@ -127,7 +157,7 @@ class SliceDataset(Dataset):
             raise DataFormatError(index.root, f"no volumes of split {split!r} in the cache")
         self.items = np.flatnonzero(np.isin(index.slice_volume, list(rows)))
         self.labels = torch.tensor(index.labels())
-        self.files = _MappedFiles(index.root)
+        self.files = _MappedFiles(index.root, source=index.source)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -150,7 +180,7 @@ class VolumeDataset(Dataset):
         self.index = index
         self.rows = index.split_volumes(split)
         self.labels = torch.tensor(index.labels())
-        self.files = _MappedFiles(index.root, capacity=256)
+        self.files = _MappedFiles(index.root, capacity=256, source=index.source)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -194,7 +224,7 @@ class SliceBagDataset(Dataset):
         self.counts = index.volumes["num_slices"].to_numpy(dtype=np.int64)
         self.slices_per_volume = slices_per_volume
         self.random_subsample = random_subsample
-        self.files = _MappedFiles(index.root, capacity=256)
+        self.files = _MappedFiles(index.root, capacity=256, source=index.source)
 
     def __len__(self) -> int:
         return len(self.rows)

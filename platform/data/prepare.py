@@ -16,14 +16,23 @@ memory-mapped (`np.load(mmap_mode="r")`) and slice k of a volume is one contiguo
 reads a single slice, or a window of neighbouring slices, without touching the rest. One file per volume makes
 each volume's write atomic and the job resumable volume by volume.
 
-Resumability: each volume's .npy and record are written atomically, record last; the index and failures file are
+Resumability: each volume's .npy and record are written whole (a temp file renamed on disk; a single object in an
+object store, which appears only once its upload completes), record last; the index and failures file are
 rebuilt from the records at the end, sorted by name, so a run killed at any point and rerun gives a cache
-identical to an uninterrupted one.
+identical to an uninterrupted one. A volume file without its record (a run killed between the two, or a partial
+file left by a store that shows uploads in progress) is not in the index and is written again by the rerun.
+
+`--data-dir` and `--out` may be object-store URIs (`ctplatform.storage`): volumes are then copied to the node
+that decodes them (`ctplatform.data.remote_input`) and the cache's files are written to the store by the task
+that made them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ctplatform.atomic import write_atomic, write_bytes_atomic, write_json_atomic
+from ctplatform import storage
+from ctplatform.atomic import write_atomic, write_bytes_atomic
 from ctplatform.data import read_raw_volume
 from ctplatform.data.errors import DataFormatError, DataNotFoundError, UnusableContentError
 from ctplatform.data.hounsfield import NON_CHEST_NOTE
@@ -40,6 +50,7 @@ from ctplatform.data.labels_csv import read_labels_csv
 from ctplatform.data.metadata import VolumeMetadata, read_metadata_csv
 from ctplatform.data.paths import VolumeFinder, dataset_root, find_label_files, find_metadata_files, parse_volume_name
 from ctplatform.data.preprocess import PreprocessSettings, preprocess_raw_volume
+from ctplatform.data.remote_input import local_volume, mirror_listing, rename_error, to_uri
 from ctplatform.data.splits import patient_of, patient_split
 from ctplatform.labels import CLASS_NAMES, volume_stem
 
@@ -61,7 +72,24 @@ class VolumeTask:
 
 
 def discover_tasks(data_dir: str | Path) -> list[VolumeTask]:
-    """Every labelled volume under `data_dir` with its split, patient, file and metadata, sorted by name."""
+    """Every labelled volume under `data_dir` (a folder or a URI) with its split, patient, file and metadata,
+    sorted by name."""
+    if not storage.is_uri(str(data_dir)):
+        return _discover_local(data_dir)
+    uri = str(data_dir)
+    with tempfile.TemporaryDirectory(prefix="ctplatform-listing-") as temp:
+        root = Path(temp)
+        if not mirror_listing(uri, root):
+            raise DataFormatError(uri, "no files here (empty or missing prefix)")
+        try:
+            tasks = _discover_local(root)
+        except DataFormatError as exc:
+            raise rename_error(exc, root, uri) from None
+        return [dataclasses.replace(t, path=to_uri(t.path, root, uri) if t.path is not None else None)
+                for t in tasks]
+
+
+def _discover_local(data_dir: str | Path) -> list[VolumeTask]:
     files = find_label_files(data_dir)
     if not files:
         raise DataFormatError(
@@ -106,22 +134,32 @@ def discover_tasks(data_dir: str | Path) -> list[VolumeTask]:
     return tasks
 
 
+def _write_json(location: str, value) -> None:
+    storage.write_bytes(location, (json.dumps(value, indent=2, allow_nan=False) + "\n").encode())
+
+
 def prepare_volume(task: VolumeTask, out_dir: str, settings: PreprocessSettings, keep_non_chest: bool) -> dict:
     """Prepare one volume; returns its record ("ok") or its failure ("failed"). Never raises for bad input."""
-    out = Path(out_dir)
+    out = str(out_dir)
     try:
         if task.path is None:
             raise DataNotFoundError(task.volume_name, "volume file not found under the data directory")
-        volume = read_raw_volume(task.path, metadata=task.metadata)
+        with local_volume(task.path) as path:
+            try:
+                volume = read_raw_volume(path, metadata=task.metadata)
+            except DataFormatError as exc:  # name the volume as the user knows it, not the temporary copy
+                raise type(exc)(task.path, exc.problem, column=exc.column, row=exc.row) from None
         if not keep_non_chest and any(note.startswith(NON_CHEST_NOTE) for note in volume.notes):
             raise UnusableContentError(task.path, "skipped: no lung field found (head CT?); --keep-non-chest keeps it")
         slices, positions = preprocess_raw_volume(volume, settings)
     except (DataFormatError, OSError, ValueError, MemoryError) as exc:
         failure = {"VolumeName": task.volume_name, "path": task.path or "", "reason": str(exc), "status": "failed"}
-        write_json_atomic(out / "failed" / f"{task.stem}.json", failure)
+        _write_json(storage.join(out, "failed", f"{task.stem}.json"), failure)
         return failure
     relative = f"volumes/{task.split}/{task.stem}.npy"
-    write_atomic(out / relative, lambda handle: np.save(handle, slices, allow_pickle=False))
+    buffer = io.BytesIO()
+    np.save(buffer, slices, allow_pickle=False)
+    storage.write_bytes(storage.join(out, relative), buffer.getvalue())
     record = {
         "VolumeName": task.volume_name,
         "stem": task.stem,
@@ -137,49 +175,63 @@ def prepare_volume(task: VolumeTask, out_dir: str, settings: PreprocessSettings,
         "labels": list(task.labels),
         "status": "ok",
     }
-    write_json_atomic(out / "records" / f"{task.stem}.json", record)  # written last: the volume is done
-    (out / "failed" / f"{task.stem}.json").unlink(missing_ok=True)
+    _write_json(storage.join(out, "records", f"{task.stem}.json"), record)  # written last: the volume is done
+    storage.remove(storage.join(out, "failed", f"{task.stem}.json"))
     return record
 
 
-def open_cache(out_dir: str | Path, settings: PreprocessSettings) -> Path:
-    """Create the cache folder, or check that an existing one was made with the same settings."""
-    out = Path(out_dir)
-    manifest = out / "cache.json"
+def open_cache(out_dir: str | Path, settings: PreprocessSettings) -> str:
+    """Create the cache folder, or check that an existing one was made with the same settings; returns the cache's
+    location (an absolute folder or the URI)."""
+    out = str(out_dir) if storage.is_uri(str(out_dir)) else str(Path(out_dir).resolve())
+    manifest = storage.join(out, "cache.json")
     wanted = {"format": CACHE_FORMAT, "preprocess": settings.to_dict()}
-    if manifest.is_file():
-        found = json.loads(manifest.read_text())
+    if storage.is_file(manifest):
+        found = json.loads(storage.read_text(manifest))
         if found != wanted:
             raise DataFormatError(
                 manifest, f"cache was prepared with other settings ({found['preprocess']}); use another --out"
             )
     else:
-        write_json_atomic(manifest, wanted)
+        _write_json(manifest, wanted)
     return out
 
 
-def pending_tasks(tasks: Iterable[VolumeTask], out_dir: Path) -> list[VolumeTask]:
+def _stems(folder: str) -> set[str]:
+    """The stems of the `.json` files in a cache subfolder (one listing, also for an object store)."""
+    return {name[: -len(".json")] for name in storage.list_files(folder) if name.endswith(".json") and "/" not in name}
+
+
+def pending_tasks(tasks: Iterable[VolumeTask], out_dir: str | Path) -> list[VolumeTask]:
     """Tasks whose record is missing: finished volumes are skipped on a rerun; failed ones are retried."""
-    return [t for t in tasks if not (out_dir / "records" / f"{t.stem}.json").is_file()]
+    done = _stems(storage.join(str(out_dir), "records"))
+    return [t for t in tasks if t.stem not in done]
+
+
+def _read_json_files(folder: str, stems: list[str]) -> list[dict]:
+    if not stems:
+        return []
+    fs, root = storage.filesystem(folder)
+    paths = [f"{root.rstrip('/')}/{stem}.json" for stem in stems]
+    contents = fs.cat(paths)  # concurrent requests on an object store
+    return [json.loads(contents[p]) for p in paths]
 
 
 def finalize_cache(out_dir: str | Path, tasks: list[VolumeTask], legacy_layout: bool = False) -> pd.DataFrame:
     """Rebuild index.parquet and failures.csv from the per-volume records (sorted, so deterministic)."""
-    out = Path(out_dir)
-    rows, failures = [], []
-    for task in tasks:
-        record_path = out / "records" / f"{task.stem}.json"
-        failure_path = out / "failed" / f"{task.stem}.json"
-        if record_path.is_file():
-            rows.append(json.loads(record_path.read_text()))
-        elif failure_path.is_file():
-            failures.append(json.loads(failure_path.read_text()))
+    out = str(out_dir)
+    records, failed = _stems(storage.join(out, "records")), _stems(storage.join(out, "failed"))
+    rows = _read_json_files(storage.join(out, "records"), [t.stem for t in tasks if t.stem in records])
+    failures = _read_json_files(storage.join(out, "failed"),
+                                [t.stem for t in tasks if t.stem not in records and t.stem in failed])
     index = records_to_index(rows)
-    write_atomic(out / "index.parquet", lambda handle: index.to_parquet(handle, index=False))
+    parquet = io.BytesIO()
+    index.to_parquet(parquet, index=False)
+    storage.write_bytes(storage.join(out, "index.parquet"), parquet.getvalue())
     failures_frame = pd.DataFrame(failures, columns=["VolumeName", "path", "reason"])
-    write_bytes_atomic(out / "failures.csv", failures_frame.to_csv(index=False).encode())
+    storage.write_bytes(storage.join(out, "failures.csv"), failures_frame.to_csv(index=False).encode())
     if legacy_layout:
-        write_legacy_layout(out, index)
+        write_legacy_layout(Path(out), index)
     return index
 
 
@@ -226,6 +278,8 @@ def run_prepare(
     on_result: Callable[[dict], None] | None = None,
 ) -> dict:
     """Prepare every labelled volume; returns a summary. `executor` is "ray" (default) or "local" (in-process)."""
+    if legacy_layout and storage.is_uri(str(out_dir)):
+        raise ValueError(f"--legacy-layout writes one file per slice: give a local --out, not {out_dir}")
     tasks = discover_tasks(data_dir)
     out = open_cache(out_dir, settings)
     todo = pending_tasks(tasks, out)
@@ -233,20 +287,20 @@ def run_prepare(
     if executor == "ray":
         from ctplatform.data.prepare_ray import prepare_with_ray  # Ray stays in its adapter module
 
-        elapsed = prepare_with_ray(todo, str(out), settings, keep_non_chest, address=address, workers=workers,
+        elapsed = prepare_with_ray(todo, out, settings, keep_non_chest, address=address, workers=workers,
                                    progress=progress, on_result=on_result)
     elif executor == "local":
         from tqdm import tqdm
 
         for task in tqdm(todo, unit="vol", disable=not progress, desc="prepare"):
-            result = prepare_volume(task, str(out), settings, keep_non_chest)
+            result = prepare_volume(task, out, settings, keep_non_chest)
             if on_result is not None:
                 on_result(result)
         elapsed = time.perf_counter() - started
     else:
         raise ValueError(f"invalid executor {executor!r}: choose ray or local")
     index = finalize_cache(out, tasks, legacy_layout=legacy_layout)
-    failures = pd.read_csv(out / "failures.csv")
+    failures = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "failures.csv"))))
     return {
         "volumes": len(tasks),
         "prepared_now": len(todo),
@@ -254,6 +308,6 @@ def run_prepare(
         "failed": len(failures),
         "seconds": round(elapsed, 2),  # processing only (a Ray cluster's start-up is not counted)
         "volumes_per_second": round(len(todo) / elapsed, 2) if elapsed > 0 and todo else None,
-        "index": str(out / "index.parquet"),
-        "failures": str(out / "failures.csv"),
+        "index": storage.join(out, "index.parquet"),
+        "failures": storage.join(out, "failures.csv"),
     }

@@ -51,7 +51,7 @@ def predict_split(predictor: Predictor, slice_dir: str | Path, split: str = "val
     names, volume_probs, slice_probs, slice_targets, patients = [], [], [], [], []
     for row in rows:
         record = index.volumes.iloc[row]
-        slices = np.load(index.root / record["file"], mmap_mode="r")
+        slices = np.load(index.local_file(record["file"]), mmap_mode="r")
         prediction = predictor.predict_prepared(np.asarray(slices), np.asarray(record["slice_positions"]))
         names.append(record["VolumeName"])
         patients.append(record["patient"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ray import serve
 
+from ctplatform import storage
 from ctplatform.config.serve import ServeConfig
 from ctplatform.model.bundle_check import BundleSummary, check_bundle
 from ctplatform.serve.auth import expected_key_hash
@@ -63,8 +64,10 @@ def build_app(config: ServeConfig, checked: BundleSummary | None = None) -> serv
          "backpressure_config": {"retry_after_s": OVERLOAD_RETRY_AFTER_S},
          "graceful_shutdown_timeout_s": config.request_timeout},
         config.ingress_replicas, target_ongoing=max(1.0, config.max_ongoing / 2))
+    # A URI goes to the replicas as it is: each copies it to its own node (a local path exists on this node only).
+    source = config.bundle if config.bundle and storage.is_uri(config.bundle) else str(bundle)
     model = ModelServer.options(**model_options).bind(
-        str(bundle), max_batch_slices=config.max_batch_slices, batch_wait_timeout_s=config.batch_wait_ms / 1000.0,
+        source, max_batch_slices=config.max_batch_slices, batch_wait_timeout_s=config.batch_wait_ms / 1000.0,
         batching=not config.no_batching, torch_threads=config.torch_threads)
     return Ingress.options(**ingress_options).bind(model, checked.metadata["preprocess"], options)
 

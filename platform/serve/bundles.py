@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ctplatform import storage
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.model.bundle import METADATA_FILE, WEIGHTS_FILE, bundle_folder
 
@@ -24,7 +25,10 @@ def default_bundle_path(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
 
 
 def chosen_bundle(path: str | Path | None, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
-    """The bundle folder to serve: `path` (a folder or its metadata.json), else the newest sweep's best bundle."""
+    """The bundle folder to serve: `path` (a folder or its metadata.json), else the newest sweep's best bundle. A URI
+    (`s3://...`) is first copied to this node's disk (once per version of its files: `storage.local_copy`)."""
+    if path and storage.is_uri(str(path)):
+        path = storage.local_copy(str(path))
     return bundle_folder(path) if path else default_bundle_path(runs_dir)
 
 

@@ -30,14 +30,16 @@ def cmd_serve(config: ServeConfig) -> int:
     import ray
     from ray import serve
 
+    from ctplatform import storage
     from ctplatform.model.bundle_check import check_bundle
     from ctplatform.ray_session import cluster_has_gpus, connect
     from ctplatform.serve.app import build_app
     from ctplatform.serve.bundles import bundle_version, chosen_bundle
 
     config = config.replace(api_key=config.api_key or None)  # an empty key, from the flag or the environment: none
-    bundle = chosen_bundle(config.bundle)
-    config = config.replace(bundle=str(bundle)).validate()
+    bundle = chosen_bundle(config.bundle)  # a URI: copied here
+    is_uri = config.bundle is not None and storage.is_uri(config.bundle)  # the replicas copy a URI to their nodes
+    config = config.replace(bundle=config.bundle if is_uri else str(bundle)).validate()
     checked = check_bundle(bundle)  # a bad bundle stops here, in seconds and before Ray starts, with one line (exit 2)
     if not _is_loopback(config.host) and not config.api_key:
         print(f"warning: serving on {config.host} without an API key: anyone who can reach this port can use the "

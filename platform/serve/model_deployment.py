@@ -17,7 +17,7 @@ import numpy as np
 from ray import serve
 
 from ctplatform.evaluation.decision import DECISION_THRESHOLD
-from ctplatform.serve.bundles import bundle_version, preprocess_fingerprint
+from ctplatform.serve.bundles import bundle_version, chosen_bundle, preprocess_fingerprint
 
 logger = logging.getLogger("ray.serve")
 
@@ -85,7 +85,8 @@ class ModelServer:
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        checked = check_bundle(bundle_path)  # the files this replica reads, which may not be the driver's
+        # a URI: this node's copy of it; the files this replica reads are checked (they may not be the driver's)
+        checked = check_bundle(chosen_bundle(bundle_path))
         model, spec = load_checked_bundle(checked)
         self.predictor = Predictor(model, spec, device=self.device, batch_size=max_batch_slices)
         self.metadata = checked.metadata

@@ -29,9 +29,11 @@ class CTDataModule(pl.LightningDataModule):
     collate_fn: Callable | None = None  # DataLoader's default: stack slices
     prefetch_factor = 4
 
-    def __init__(self, slice_dir: str, batch_size: int = 32, num_workers: int = 2, seed: int = 0):
+    def __init__(self, slice_dir: str, batch_size: int = 32, num_workers: int = 2, seed: int = 0,
+                 local_cache_gb: float = 50.0):
         super().__init__()
         self.slice_dir = slice_dir
+        self.local_cache_gb = local_cache_gb
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -39,7 +41,7 @@ class CTDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.index is None:
-            self.index = load_cache_index(self.slice_dir)
+            self.index = load_cache_index(self.slice_dir, self.local_cache_gb)
             self.train_set = SliceDataset(self.index, "train")
             self.val_set = SliceDataset(self.index, "valid")
 
@@ -86,14 +88,14 @@ class VolumeBagDataModule(CTDataModule):
     prefetch_factor = 2
 
     def __init__(self, slice_dir: str, batch_size: int = 32, num_workers: int = 2, seed: int = 0,
-                 slices_per_volume: int | None = None):
-        super().__init__(slice_dir, batch_size, num_workers, seed)
+                 slices_per_volume: int | None = None, local_cache_gb: float = 50.0):
+        super().__init__(slice_dir, batch_size, num_workers, seed, local_cache_gb)
         self.slices_per_volume = slices_per_volume
         self.volumes_per_batch = 1
 
     def setup(self, stage: str | None = None) -> None:
         if self.index is None:
-            self.index = load_cache_index(self.slice_dir)
+            self.index = load_cache_index(self.slice_dir, self.local_cache_gb)
             self.train_set = SliceBagDataset(self.index, "train", self.slices_per_volume, random_subsample=True)
             self.val_set = SliceBagDataset(self.index, "valid")
             self.volumes_per_batch = max(1, self.batch_size // self.train_set.max_slices())
@@ -118,5 +120,6 @@ def build_datamodule(cfg: TrainConfig) -> CTDataModule:
     """The data module for a configuration: slices for the slice head, bags of slices for attention-MIL."""
     if cfg.head == "attention-mil":
         return VolumeBagDataModule(cfg.slice_dir, cfg.batch_size, cfg.num_workers, seed=cfg.seed,
-                                   slices_per_volume=cfg.mil_slices)
-    return CTDataModule(cfg.slice_dir, cfg.batch_size, cfg.num_workers, seed=cfg.seed)
+                                   slices_per_volume=cfg.mil_slices, local_cache_gb=cfg.local_cache_gb)
+    return CTDataModule(cfg.slice_dir, cfg.batch_size, cfg.num_workers, seed=cfg.seed,
+                        local_cache_gb=cfg.local_cache_gb)

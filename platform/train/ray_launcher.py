@@ -26,6 +26,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.train.v2._internal.execution.failure_handling import FailureDecision
 
+from ctplatform import storage
 from ctplatform.config import TrainConfig
 from ctplatform.model.backbones import check_weights
 from ctplatform.ray_session import cluster_has_gpus, connect, shutdown_if
@@ -45,14 +46,10 @@ logger = logging.getLogger(__name__)
 # so rerunning a command, or rerunning it with more epochs, resumes the same run.
 _NOT_TRAINING = {"epochs", "mode", "checkpoint", "predict_input", "predict_type", "predict_metadata", "report_dir",
                  "output", "address", "run_name", "storage_path", "max_failures", "gpu_device", "num_workers",
-                 "use_gpu", "guide_checkpoints", "grad_checkpoint"}
+                 "use_gpu", "guide_checkpoints", "grad_checkpoint", "local_cache_gb"}
 # Fields added after runs were named, left out of the name while they hold their defaults, so those runs' names (and
 # resuming them) do not change.
 _ADDED_DEFAULTS = {"lora_rank": 0, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "auto"}
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def stable_run_name(cfg: TrainConfig) -> str:
@@ -64,17 +61,30 @@ def stable_run_name(cfg: TrainConfig) -> str:
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
     """Absolute paths (Ray workers run in other directories) and a run name."""
-    storage = cfg.storage_path if is_uri(cfg.storage_path) else str(Path(cfg.storage_path).resolve())
-    return cfg.replace(slice_dir=str(Path(cfg.slice_dir).resolve()), storage_path=storage,
+    return cfg.replace(slice_dir=storage.absolute(cfg.slice_dir), storage_path=storage.absolute(cfg.storage_path),
                        run_name=cfg.run_name or stable_run_name(cfg))
 
 
 def local_run_dir(cfg: TrainConfig) -> str:
-    """Where rank 0 writes the top-3/last.ckpt checkpoints and TensorBoard logs: the run folder, or ./runs/<name> when
-    the storage is an object-store URI (Ray's own checkpoints still go to the URI)."""
-    if is_uri(cfg.storage_path):
-        return str(Path("runs", cfg.run_name).resolve())
+    """Where rank 0 writes the top-3/last.ckpt checkpoints and TensorBoard logs: the run folder, or a node-local
+    folder when the storage is an object-store URI (Ray's own checkpoints go to the URI; the command uploads the
+    report, bundle, settings and logs there when it ends: `upload_run_files`)."""
+    if storage.is_uri(cfg.storage_path):
+        return str(storage.local_work_dir("runs", cfg.storage_path, cfg.run_name))
     return str(Path(cfg.storage_path, cfg.run_name))
+
+
+UPLOADED = ("config.yaml", "report", "bundle", "logs", "best_reported")
+
+
+def upload_run_files(cfg: TrainConfig) -> str:
+    """Copy what the driver and rank 0 wrote locally next to Ray's checkpoints under `<storage-path>/<run-name>`."""
+    target = storage.join(cfg.storage_path, cfg.run_name)
+    for name in UPLOADED:
+        local = Path(local_run_dir(cfg), name)
+        if local.exists():
+            storage.upload(local, storage.join(target, name))
+    return target
 
 
 class LeanRayDDPStrategy(RayDDPStrategy):

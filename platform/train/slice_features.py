@@ -80,7 +80,7 @@ def _read(path: Path, rows: int) -> np.ndarray | None:
 def _compute(extract: Callable[[torch.Tensor], torch.Tensor], index: CacheIndex, batch_size: int) -> np.ndarray:
     parts = []
     for relative in index.files:
-        volume = np.load(index.root / relative, mmap_mode="r", allow_pickle=False)
+        volume = np.load(index.local_file(relative), mmap_mode="r", allow_pickle=False)
         for start in range(0, len(volume), batch_size):
             hu = torch.from_numpy(np.array(volume[start : start + batch_size], dtype=np.int16))
             parts.append(extract(hu).float().cpu().numpy().astype(np.float16))

@@ -28,11 +28,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from ctplatform import storage
 from ctplatform.config import TrainConfig
 from ctplatform.config.tune import TuneConfig
 from ctplatform.model.backbones import check_weights
 from ctplatform.ray_session import cluster_has_gpus, connect, shutdown_if
-from ctplatform.train.ray_launcher import build_torch_trainer, is_uri, local_run_dir, resolved
+from ctplatform.train.ray_launcher import build_torch_trainer, resolved
 from ctplatform.tune.resources import concurrent_trials, resources_note, trial_demand
 from ctplatform.tune.space import SearchSpace
 from ctplatform.tune.summary import LiveTrialsTable, write_summary
@@ -40,15 +41,18 @@ from ctplatform.tune.summary import LiveTrialsTable, write_summary
 
 def sweep_folder(settings: TuneConfig) -> str:
     storage = settings.storage_path
-    if is_uri(storage):
+    if storage.is_uri(storage):
         return storage.rstrip("/") + "/" + settings.name
     return str(Path(storage).resolve() / settings.name)
 
 
 def workspace_folder(settings: TuneConfig) -> str:
     """Where the driver writes the study, the trials table, the summary and the best bundle: the sweep folder,
-    or ./runs/<name> when storage is an object-store URI (mirrored to `<uri>/<name>` when the sweep ends)."""
-    return str(Path("runs", settings.name).resolve()) if is_uri(settings.storage_path) else sweep_folder(settings)
+    or a node-local folder when storage is an object-store URI (mirrored to `<uri>/<name>` when the sweep ends,
+    and fetched back from there by `--resume` on a driver that lacks it)."""
+    if storage.is_uri(settings.storage_path):
+        return str(storage.local_work_dir("sweeps", settings.storage_path, settings.name))
+    return sweep_folder(settings)
 
 
 HISTORY_FILE = "tune_reports.jsonl"
@@ -72,8 +76,13 @@ class RecordingTuneReportCallback(TuneReportCallback):
             record = dict(metrics[0])
             if checkpoint:
                 record["checkpoint_path"] = checkpoint.path
-            with open(self.history_path, "a") as handle:
-                handle.write(json.dumps(record, default=float) + "\n")
+            line = json.dumps(record, default=float) + "\n"
+            if storage.is_uri(self.history_path):  # an object cannot be appended to: write it whole again
+                before = storage.read_text(self.history_path) if storage.is_file(self.history_path) else ""
+                storage.write_bytes(self.history_path, (before + line).encode())
+            else:
+                with open(self.history_path, "a") as handle:
+                    handle.write(line)
 
 
 def run_trial(config: dict, base: dict, trials_dir: str, metric: str, mode: str, worker_callbacks=None) -> None:
@@ -82,21 +91,20 @@ def run_trial(config: dict, base: dict, trials_dir: str, metric: str, mode: str,
     cfg = TrainConfig.from_dict(base).replace(**config, run_name=f"trial_{trial_id}", storage_path=trials_dir,
                                               guide_checkpoints=False)  # Ray's checkpoints suffice (disk)
     cfg = resolved(cfg.validate())
-    run_dir = None if is_uri(cfg.storage_path) else Path(local_run_dir(cfg))
-    history = run_dir / HISTORY_FILE if run_dir is not None else None
-    if history is not None and history.is_file():
-        for line in history.read_text().splitlines():  # a restarted trial: replay what it already reported
+    run_dir = storage.join(cfg.storage_path, cfg.run_name)  # beside Ray's checkpoints: a folder or a URI
+    history = storage.join(run_dir, HISTORY_FILE)
+    if storage.is_file(history):
+        for line in storage.read_text(history).splitlines():  # a restarted trial: replay what it already reported
             tune.report(json.loads(line))
-        if (run_dir / COMPLETE_FILE).is_file():
+        if storage.is_file(storage.join(run_dir, COMPLETE_FILE)):
             return
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    callback = RecordingTuneReportCallback(str(history) if history is not None else None)
+    if not storage.is_uri(run_dir):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    callback = RecordingTuneReportCallback(history)
     trainer = build_torch_trainer(cfg, run_callbacks=[callback], progress_bar=False,
                                   worker_callbacks=worker_callbacks, checkpoint_score=(metric, mode))
     trainer.fit()
-    if run_dir is not None:
-        (run_dir / COMPLETE_FILE).write_text("complete\n")
+    storage.write_bytes(storage.join(run_dir, COMPLETE_FILE), b"complete\n")
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -147,9 +155,13 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
             check_weights(model, base.weights)
     sweep_dir, workspace = sweep_folder(settings), workspace_folder(settings)
     Path(workspace).mkdir(parents=True, exist_ok=True)
+    if resume and storage.is_uri(sweep_dir) and not Path(workspace, "optuna.db").is_file():
+        for name in ("optuna.db", "trials.csv"):  # a driver on another machine: the study as last mirrored
+            if storage.is_file(storage.join(sweep_dir, name)):
+                storage.download(storage.join(sweep_dir, name), Path(workspace, name))
     base = base.replace(ray_workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_trial,
                         cpus_per_worker=settings.cpus_per_worker, max_failures=settings.max_failures,
-                        slice_dir=str(Path(base.slice_dir).resolve()))
+                        slice_dir=storage.absolute(base.slice_dir))
     started = connect(settings.address)
     try:
         driver = settings.driver_resources or {"CPU": 0.1}
@@ -177,7 +189,7 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
                                             scheduler=_scheduler(space, settings, base.epochs),
                                             num_samples=settings.num_samples, reuse_actors=False),
                 run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(sweep_dir).parent)
-                                          if not is_uri(sweep_dir) else settings.storage_path,
+                                          if not storage.is_uri(sweep_dir) else settings.storage_path,
                                           failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                                           callbacks=[table], verbose=tune_verbosity),
             )
@@ -186,10 +198,15 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
         summary = write_summary(results, space, base.epochs, workspace, settings,
                                 resources_note=resources_note(demand))
         summary.update(sweep_dir=sweep_dir, workspace=workspace, seconds=round(time.perf_counter() - begin, 1))
+        if summary.get("best_checkpoint"):
+            summary["best_checkpoint"] = storage.with_scheme(summary["best_checkpoint"], sweep_dir)
         if export_best and summary.get("best_checkpoint"):
             summary.update(export_best_bundle(summary["best_checkpoint"], base.slice_dir, workspace))
-        if is_uri(sweep_dir):
+        if storage.is_uri(sweep_dir):
             summary["mirrored"] = mirror_to_uri(workspace, sweep_dir)
+            for key, name in (("best_bundle", "best"), ("best_report", "best/report/report.html")):
+                if summary.get(key):  # where the results are kept (the workspace copy is this node's only)
+                    summary[key] = storage.join(sweep_dir, name)
         return summary
     finally:
         shutdown_if(started)
@@ -201,7 +218,7 @@ def export_best_bundle(checkpoint_dir: str, slice_dir: str, workspace: str) -> d
     from ctplatform.evaluation.evaluate import evaluate
 
     local = checkpoint_dir
-    if is_uri(checkpoint_dir):
+    if storage.is_uri(checkpoint_dir):  # a URI with its scheme (Ray's checkpoint_path metric has none: see run_sweep)
         local = ray.train.Checkpoint(checkpoint_dir).to_directory()
     best_dir = Path(workspace) / "best"
     metrics = evaluate(os.path.join(local, "checkpoint.ckpt"), slice_dir, best_dir / "report", bundle_dir=best_dir)
