@@ -40,10 +40,10 @@ from ctplatform.tune.summary import LiveTrialsTable, write_summary
 
 
 def sweep_folder(settings: TuneConfig) -> str:
-    storage = settings.storage_path
-    if storage.is_uri(storage):
-        return storage.rstrip("/") + "/" + settings.name
-    return str(Path(storage).resolve() / settings.name)
+    location = settings.storage_path
+    if storage.is_uri(location):
+        return location.rstrip("/") + "/" + settings.name
+    return str(Path(location).resolve() / settings.name)
 
 
 def workspace_folder(settings: TuneConfig) -> str:
