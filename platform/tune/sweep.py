@@ -130,9 +130,9 @@ def _searcher(space: SearchSpace, settings: TuneConfig, workspace: str, max_conc
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
     else:
         raise ValueError(f"invalid searcher {settings.searcher!r}: choose optuna or random")
-    storage = optuna.storages.RDBStorage(f"sqlite:///{workspace}/optuna.db")
+    study_storage = optuna.storages.RDBStorage(f"sqlite:///{workspace}/optuna.db")
     searcher = ResumableOptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode, sampler=sampler,
-                            study_name=settings.name, storage=storage)
+                            study_name=settings.name, storage=study_storage)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
