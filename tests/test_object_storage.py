@@ -141,7 +141,7 @@ def test_bundle_in_a_bucket_is_checked_and_copied_once_per_version(s3_bucket, tm
     from ctplatform.model.bundle import ModelSpec, export_bundle
     from ctplatform.model.calibration import Calibration
     from ctplatform.model.classifier import build_classifier
-    from ctplatform.serve.bundles import resolve_bundle_dir
+    from ctplatform.serve.bundles import chosen_bundle
 
     monkeypatch.setenv("CTPLATFORM_CACHE_DIR", str(tmp_path / "home"))
     torch.manual_seed(0)
@@ -153,11 +153,11 @@ def test_bundle_in_a_bucket_is_checked_and_copied_once_per_version(s3_bucket, tm
     storage.upload(bundle, f"{s3_bucket}/models/b1")
     assert main(["bundle", "check", f"{s3_bucket}/models/b1"]) == 0
     assert "ok" in capsys.readouterr().out.lower()
-    copy = resolve_bundle_dir(f"{s3_bucket}/models/b1")
-    assert copy.is_relative_to(tmp_path / "home") and resolve_bundle_dir(f"{s3_bucket}/models/b1") == copy
+    copy = chosen_bundle(f"{s3_bucket}/models/b1")
+    assert copy.is_relative_to(tmp_path / "home") and chosen_bundle(f"{s3_bucket}/models/b1") == copy
     assert (copy / "model.safetensors").read_bytes() == (bundle / "model.safetensors").read_bytes()
     storage.write_bytes(f"{s3_bucket}/models/b1/metadata.json", b"{}")  # a new version at the same URI
-    assert resolve_bundle_dir(f"{s3_bucket}/models/b1") != copy
+    assert chosen_bundle(f"{s3_bucket}/models/b1") != copy
     assert main(["bundle", "check", f"{s3_bucket}/models/b1"]) == 2
     assert "metadata.json" in _one_error_line(capsys)
 

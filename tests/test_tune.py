@@ -160,7 +160,7 @@ def test_sweep_on_object_store_uri_storage(tiny_cache, tmp_path, space_file, mon
     checkpoints go to the storage URI, the driver works in a node-local folder and mirrors its results next to
     them, and the best bundle is served from there. Nothing is written to the working directory."""
     from ctplatform import storage
-    from ctplatform.serve.bundles import resolve_bundle_dir
+    from ctplatform.serve.bundles import chosen_bundle
 
     cwd, home = tmp_path / "cwd", tmp_path / "home"
     cwd.mkdir()
@@ -190,7 +190,7 @@ def test_sweep_on_object_store_uri_storage(tiny_cache, tmp_path, space_file, mon
     assert {p.name for p in tiny_cache.glob("volumes/valid/*.npy")} <= {p.name for p in copies}
     assert all(p.read_bytes() == (tiny_cache / "volumes" / p.parent.name / p.name).read_bytes() for p in copies)
     # the bundle in the bucket is copied to this node and predicts
-    predictor = Predictor.from_path(resolve_bundle_dir(f"{sweep}/best"), device="cpu")
+    predictor = Predictor.from_path(chosen_bundle(f"{sweep}/best"), device="cpu")
     slices = np.load(sorted((tiny_cache / "volumes" / "valid").glob("*.npy"))[0])
     assert predictor.predict_prepared(slices).probabilities.shape == (18,)
     assert os.listdir(cwd) == []
