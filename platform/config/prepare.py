@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ctplatform.config.options import option
 
 SELECTIONS = ("even", "stride")
+PRESETS = ("realistic", "easy")  # ctplatform.data.synthetic.presets (config sits below data in the layering)
 
 
 @dataclass
@@ -37,6 +38,9 @@ class SyntheticDataConfig:
     size: str = option("64x64x48", "ROWSxCOLSxSLICES (real scans: 512x512x300)")
     seed: int = option(0, "random seed")
     workers: int = option(1, "processes drawing scans in parallel; the files are the same for any value")
+    preset: str = option("realistic", "realistic: findings as subtle and local as in real CT, at CT-RATE's "
+                                      "prevalence; easy: each finding through the whole scan at 3x contrast, "
+                                      "in a third of the patients (what the demo learns from)", choices=PRESETS)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class DemoConfig:
 
     workdir: str = option("demo_run", "folder for the data, cache, sweep and bundle")
     volumes: int = option(96, "synthetic volumes")
+    preset: str = option("easy", "synthetic data preset (see demo-data --preset)", choices=PRESETS)
     trials: int = option(4, "sweep trials")
     epochs: int = option(2, "epochs per trial")
     no_serve: bool = option(False, "stop after exporting the best bundle")
