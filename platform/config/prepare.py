@@ -39,8 +39,9 @@ class SyntheticDataConfig:
     seed: int = option(0, "random seed")
     workers: int = option(1, "processes drawing scans in parallel; the files are the same for any value")
     preset: str = option("realistic", "realistic: findings as subtle and local as in real CT, at CT-RATE's "
-                                      "prevalence; easy: each finding through the whole scan at 3x contrast, "
-                                      "in a third of the patients (what the demo learns from)", choices=PRESETS)
+                                      "prevalence; easy: one chest for all, each finding through the whole "
+                                      "scan at its own density (what the demo learns from; far easier than CT)",
+                         choices=PRESETS)
 
 
 @dataclass
@@ -48,10 +49,10 @@ class DemoConfig:
     """Demo"""
 
     workdir: str = option("demo_run", "folder for the data, cache, sweep and bundle")
-    volumes: int = option(96, "synthetic volumes")
+    volumes: int = option(600, "synthetic volumes")
     preset: str = option("easy", "synthetic data preset (see demo-data --preset)", choices=PRESETS)
-    trials: int = option(4, "sweep trials")
-    epochs: int = option(2, "epochs per trial")
+    trials: int = option(2, "sweep trials")
+    epochs: int = option(4, "epochs per trial")
     no_serve: bool = option(False, "stop after exporting the best bundle")
     verbose: bool = option(False, "show Ray's, Tune's and every worker's full logs (default: one line per step and "
                                   "per finished trial)")

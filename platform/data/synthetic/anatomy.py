@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ctplatform.data.synthetic.canvas import Canvas, ellipse, profile, rho2, segment_dist2
+from ctplatform.data.synthetic.canvas import Canvas, dilate, ellipse, profile, rho2, segment_dist2
 from ctplatform.data.synthetic.findings import DRAW, cardiomegaly_scale, pericardial_effusion_thickness
 from ctplatform.data.synthetic.lungs import Lungs, taper
 from ctplatform.data.synthetic.presets import REALISTIC, Preset
@@ -26,7 +26,8 @@ class Chest:
                  preset: Preset = REALISTIC):
         # Normal anatomy and each finding draw from their own streams: a scan's healthy anatomy does not depend
         # on its labels, and each finding is drawn the same whatever the others are.
-        self.rng = r = rng(seed, ANATOMY, key, scan_index)
+        # (the easy preset gives every scan the same healthy chest: only the findings differ between scans)
+        self.rng = r = rng(seed, ANATOMY, *((0, 0) if preset.same_chest else (key, scan_index)))
         self.fr = {name: rng(seed, ANATOMY, key, scan_index, 1 + i) for i, name in enumerate(CLASS_NAMES)}
         self.c = Canvas(size)
         self.has = dict(zip(CLASS_NAMES, (bool(x) for x in labels), strict=True))
@@ -99,6 +100,8 @@ class Chest:
             k = int(np.argmax(tally))
             plane = self.c.hu[:, :, k]
             changed = plane != before[:, :, k]
+            if self.preset.thicken:  # thin findings (arcs, bands, small holes) made blobs a few voxels wide
+                changed = dilate(changed, max(1, round(self.preset.thicken * self.c.size[1])))
             if self.preset.finding_hu is not None:
                 plane[changed] = self.preset.finding_hu[name]
             self.c.hu[changed] = plane[changed][:, None]

@@ -3,7 +3,7 @@
 
 As in CT-RATE, a patient may have a second scan ('b') and a scan a second reconstruction (2); every volume of a
 patient shares the patient's split, tree and label row. Findings are drawn per patient, each independently at its
-CT-RATE validation-set prevalence.
+CT-RATE validation-set prevalence (or the preset's).
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ realistic: findings at their CT-RATE prevalence, each over the range of slices w
 volume label says little about most of a volume's slices. A model trained on volume labels from random weights
 needs far more volumes than a laptop demo has (measured: macro AUROC ~0.5 with the demo's recipe).
 
-easy: the same chest and the same findings, but each finding is extruded through the whole scan (the slice where
-it is largest, copied into every slice) and every finding is present in a third of the patients. Every slice of a
-volume then shows all of its findings, so volume labels are slice labels, and each class has enough positives to
-learn from and to score on. This is far easier than real CT; it exists so that the demo visibly learns.
+easy: every patient has the same healthy chest; each finding is drawn where it belongs, then thickened by a few
+voxels and copied (the slice where it is largest) into every slice at a density of its own; every finding is present
+in a quarter of the patients. Every slice of a volume then shows all its findings (volume labels are slice labels)
+and nothing but the findings differs between volumes. This is far easier than real CT: it exists so that the demo
+visibly learns from random weights on a CPU (given enough volumes: benchmarks/demo_learnability.py).
 """
 
 from __future__ import annotations
@@ -16,17 +17,15 @@ from dataclasses import dataclass
 
 from ctplatform.labels import CLASS_NAMES, VALID_PREVALENCE
 
-# The easy preset's density of each finding (HU): the lung findings, which overlap in place, each get their own;
-# findings elsewhere share a density with a lung finding but not a place. Chosen apart from the normal chest's air
-# (-1000), lung (about -850), fat (about -100), soft tissue (35-65), enhanced blood (140-260) and bone (350-900),
-# and seen through the three input windows (lung [-1350, 150], mediastinum [-160, 240], bone [-500, 1300]).
-EASY_HU: dict[str, float] = {
-    "Emphysema": -1000, "Mosaic attenuation pattern": -650, "Lung opacity": -500,
-    "Interlobular septal thickening": -350, "Pulmonary fibrotic sequela": -200, "Peribronchial thickening": -50,
-    "Bronchiectasis": 100, "Consolidation": 300, "Atelectasis": 1000, "Pleural effusion": 1150, "Lung nodule": 1300,
-    "Medical material": 3000, "Arterial wall calcification": 1150, "Coronary artery wall calcification": 1300,
-    "Pericardial effusion": -350, "Lymphadenopathy": 300, "Hiatal hernia": -500, "Cardiomegaly": 100,
-}
+# The easy preset's density of each finding (HU), one per finding, about 130 HU apart between air and the top of
+# the bone window, as seen through the three input windows (lung [-1350, 150], mediastinum [-160, 240], bone
+# [-500, 1300]); the normal lung (about -850) is left out of the ladder.
+EASY_HU: dict[str, float] = dict(zip((
+    "Emphysema", "Mosaic attenuation pattern", "Lung opacity", "Interlobular septal thickening", "Hiatal hernia",
+    "Pulmonary fibrotic sequela", "Pericardial effusion", "Peribronchial thickening", "Lymphadenopathy",
+    "Bronchiectasis", "Cardiomegaly", "Consolidation", "Atelectasis", "Pleural effusion", "Lung nodule",
+    "Arterial wall calcification", "Coronary artery wall calcification", "Medical material"),
+    (-1000, -700, -580, -460, -340, -220, -150, -50, 40, 110, 180, 300, 430, 560, 700, 850, 1050, 1300), strict=True))
 
 
 @dataclass(frozen=True)
@@ -35,10 +34,13 @@ class Preset:
     prevalence: tuple[float, ...]  # per finding, in CLASS_NAMES order
     extrude: bool  # copy each finding's largest slice into every slice of the scan
     finding_hu: dict[str, float] | None = None  # with `extrude`: each finding's voxels set to this density
+    same_chest: bool = False  # every scan drawn on the same healthy chest (no variation between patients)
+    thicken: float = 0.0  # with `extrude`: each finding grown by this fraction of the width (at least a voxel)
 
 
 REALISTIC = Preset("realistic", tuple(VALID_PREVALENCE[c] for c in CLASS_NAMES), extrude=False)
-EASY = Preset("easy", (1 / 3,) * len(CLASS_NAMES), extrude=True, finding_hu=EASY_HU)
+EASY = Preset("easy", (1 / 4,) * len(CLASS_NAMES), extrude=True, finding_hu=EASY_HU, same_chest=True,
+              thicken=1 / 32)
 PRESETS = {p.name: p for p in (REALISTIC, EASY)}
 
 
