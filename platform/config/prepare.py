@@ -49,10 +49,10 @@ class DemoConfig:
     """Demo"""
 
     workdir: str = option("demo_run", "folder for the data, cache, sweep and bundle")
-    volumes: int = option(600, "synthetic volumes")
+    volumes: int = option(1200, "synthetic volumes")
     preset: str = option("easy", "synthetic data preset (see demo-data --preset)", choices=PRESETS)
     trials: int = option(2, "sweep trials")
-    epochs: int = option(4, "epochs per trial")
+    epochs: int = option(5, "epochs per trial")
     no_serve: bool = option(False, "stop after exporting the best bundle")
     verbose: bool = option(False, "show Ray's, Tune's and every worker's full logs (default: one line per step and "
                                   "per finished trial)")

@@ -164,27 +164,27 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
             driver,
         )
         table = LiveTrialsTable(Path(workspace) / "trials.csv", space, base.epochs)
-        if resume:
-            if not tune.Tuner.can_restore(sweep_dir):
-                raise ValueError(f"--resume: no sweep to resume at {sweep_dir}")
-            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            if tune.Tuner.can_restore(sweep_dir):
-                raise ValueError(f"a sweep named {settings.name!r} exists at {sweep_dir}: pass --resume to continue "
-                                 "it, or choose another --name")
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=_searcher(space, settings, workspace, max_concurrent),
-                                            scheduler=_scheduler(space, settings, base.epochs),
-                                            num_samples=settings.num_samples, reuse_actors=False),
-                run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(sweep_dir).parent)
-                                          if not is_uri(sweep_dir) else settings.storage_path,
-                                          failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                                          callbacks=[table, CSVLoggerCallback(), JsonLoggerCallback()],
-                                          verbose=tune_verbosity),
-            )
-        begin = time.perf_counter()
-        with _tune_output(quiet=tune_verbosity == 0):
+        with _tune_output(quiet=tune_verbosity == 0):  # from the searcher's study on: Optuna logs there
+            if resume:
+                if not tune.Tuner.can_restore(sweep_dir):
+                    raise ValueError(f"--resume: no sweep to resume at {sweep_dir}")
+                tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            else:
+                if tune.Tuner.can_restore(sweep_dir):
+                    raise ValueError(f"a sweep named {settings.name!r} exists at {sweep_dir}: pass --resume to "
+                                     "continue it, or choose another --name")
+                tuner = tune.Tuner(
+                    trainable,
+                    tune_config=tune.TuneConfig(search_alg=_searcher(space, settings, workspace, max_concurrent),
+                                                scheduler=_scheduler(space, settings, base.epochs),
+                                                num_samples=settings.num_samples, reuse_actors=False),
+                    run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(sweep_dir).parent)
+                                              if not is_uri(sweep_dir) else settings.storage_path,
+                                              failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                                              callbacks=[table, CSVLoggerCallback(), JsonLoggerCallback()],
+                                              verbose=tune_verbosity),
+                )
+            begin = time.perf_counter()
             results = tuner.fit()
         summary = write_summary(results, space, base.epochs, workspace, settings,
                                 resources_note=resources_note(demand))
