@@ -28,7 +28,7 @@ def cmd_demo_data(cfg) -> int:
     from ctplatform.data.synthetic import generate_dataset, parse_size
 
     summary = generate_dataset(cfg.out, num_volumes=cfg.volumes, size=parse_size(cfg.size), seed=cfg.seed,
-                               workers=cfg.workers)
+                               workers=cfg.workers, preset=cfg.preset)
     print(f"synthetic CT-RATE data set: {summary}")
     return 0
 
@@ -199,8 +199,8 @@ def cmd_tune(cfg) -> int:
 def cmd_demo(cfg) -> int:
     from ctplatform.demo import run_demo
 
-    run_demo(cfg.workdir, volumes=cfg.volumes, trials=cfg.trials, epochs=cfg.epochs, serve=not cfg.no_serve,
-             verbose=cfg.verbose)
+    run_demo(cfg.workdir, volumes=cfg.volumes, preset=cfg.preset, trials=cfg.trials, epochs=cfg.epochs,
+             serve=not cfg.no_serve, verbose=cfg.verbose)
     return 0
 
 

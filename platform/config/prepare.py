@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ctplatform.config.options import option
 
 SELECTIONS = ("even", "stride")
+PRESETS = ("realistic", "easy")  # ctplatform.data.synthetic.presets (config sits below data in the layering)
 
 
 @dataclass
@@ -38,6 +39,10 @@ class SyntheticDataConfig:
     size: str = option("64x64x48", "ROWSxCOLSxSLICES (real scans: 512x512x300)")
     seed: int = option(0, "random seed")
     workers: int = option(1, "processes drawing scans in parallel; the files are the same for any value")
+    preset: str = option("realistic", "realistic: findings as subtle and local as in real CT, at CT-RATE's "
+                                      "prevalence; easy: one chest for all, each finding through the whole "
+                                      "scan at its own density (what the demo learns from; far easier than CT)",
+                         choices=PRESETS)
 
 
 @dataclass
@@ -45,9 +50,10 @@ class DemoConfig:
     """Demo"""
 
     workdir: str = option("demo_run", "folder for the data, cache, sweep and bundle (local)", path="uri")
-    volumes: int = option(96, "synthetic volumes")
-    trials: int = option(4, "sweep trials")
-    epochs: int = option(2, "epochs per trial")
+    volumes: int = option(1200, "synthetic volumes")
+    preset: str = option("easy", "synthetic data preset (see demo-data --preset)", choices=PRESETS)
+    trials: int = option(2, "sweep trials")
+    epochs: int = option(5, "epochs per trial")
     no_serve: bool = option(False, "stop after exporting the best bundle")
     verbose: bool = option(False, "show Ray's, Tune's and every worker's full logs (default: one line per step and "
                                   "per finished trial)")

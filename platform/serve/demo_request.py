@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 import urllib.parse
@@ -19,9 +20,10 @@ def _free_port() -> int:
 
 
 def serve_and_ask_once(bundle: str | Path, volume: str | Path, *, port: int | None = None,
-                       timeout_s: float = 300.0) -> dict:
+                       timeout_s: float = 300.0, quiet: bool = False) -> dict:
     """Deploy `bundle` (small CPU shares, so it fits beside a finished sweep), predict `volume` through the real
-    HTTP API, shut Serve down again; returns the URL, the HTTP status, the round-trip time and the JSON answer."""
+    HTTP API, shut Serve down again (`quiet`: without Serve's INFO lines); returns the URL, the HTTP status, the
+    round-trip time and the JSON answer."""
     import ray
     from ray import serve
 
@@ -31,6 +33,10 @@ def serve_and_ask_once(bundle: str | Path, volume: str | Path, *, port: int | No
 
     started_ray = connect(quiet=True) if not ray.is_initialized() else False
     port = port or _free_port()
+    serve_log = logging.getLogger("ray.serve")
+    level = serve_log.level
+    if quiet:  # Serve's INFO lines on starting, deploying and stopping; its warnings and errors still show
+        serve_log.setLevel(logging.WARNING)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout_s})
         config = ServeConfig(bundle=str(bundle), api_key=None, model_cpus=0.5, ingress_cpus=0.5,
@@ -47,4 +53,5 @@ def serve_and_ask_once(bundle: str | Path, volume: str | Path, *, port: int | No
                 "round_trip_ms": round(1000 * (time.perf_counter() - began), 1), "response": answer}
     finally:
         serve.shutdown()
+        serve_log.setLevel(level)
         shutdown_if(started_ray)

@@ -8,6 +8,7 @@ volumes are often not different: pick among the tied ones by cost or simplicity,
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -202,10 +203,17 @@ def _optuna_plots(sweep_dir: str, name: str, out: Path) -> list[str]:
     if not db.is_file():
         return []
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    # Importances and parallel coordinates compare trials: they need two finished trials, and only parameters that
+    # took two values among them (Optuna warns of equal importances and matplotlib of a flat axis otherwise).
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    varied = sorted(p for p in {p for t in done for p in t.params}
+                    if len({repr(t.params[p]) for t in done if p in t.params}) >= 2)
+    plots = [("optimization_history.png", ovm.plot_optimization_history)]
+    if len(done) >= 2 and varied:
+        plots += [("param_importances.png", functools.partial(ovm.plot_param_importances, params=varied)),
+                  ("parallel_coordinates.png", functools.partial(ovm.plot_parallel_coordinate, params=varied))]
     written = []
-    for filename, plot in (("optimization_history.png", ovm.plot_optimization_history),
-                           ("param_importances.png", ovm.plot_param_importances),
-                           ("parallel_coordinates.png", ovm.plot_parallel_coordinate)):
+    for filename, plot in plots:
         try:
             with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental; used knowingly here
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

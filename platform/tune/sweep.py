@@ -24,6 +24,7 @@ import optuna
 import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -175,26 +176,28 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
             driver,
         )
         table = LiveTrialsTable(Path(workspace) / "trials.csv", space, base.epochs)
-        if resume:
-            if not tune.Tuner.can_restore(sweep_dir):
-                raise ValueError(f"--resume: no sweep to resume at {sweep_dir}")
-            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            if tune.Tuner.can_restore(sweep_dir):
-                raise ValueError(f"a sweep named {settings.name!r} exists at {sweep_dir}: pass --resume to continue "
-                                 "it, or choose another --name")
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=_searcher(space, settings, workspace, max_concurrent),
-                                            scheduler=_scheduler(space, settings, base.epochs),
-                                            num_samples=settings.num_samples, reuse_actors=False),
-                run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(sweep_dir).parent)
-                                          if not storage.is_uri(sweep_dir) else settings.storage_path,
-                                          failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                                          callbacks=[table], verbose=tune_verbosity),
-            )
-        begin = time.perf_counter()
-        results = tuner.fit()
+        with _tune_output(quiet=tune_verbosity == 0):  # from the searcher's study on: Optuna logs there
+            if resume:
+                if not tune.Tuner.can_restore(sweep_dir):
+                    raise ValueError(f"--resume: no sweep to resume at {sweep_dir}")
+                tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            else:
+                if tune.Tuner.can_restore(sweep_dir):
+                    raise ValueError(f"a sweep named {settings.name!r} exists at {sweep_dir}: pass --resume to "
+                                     "continue it, or choose another --name")
+                tuner = tune.Tuner(
+                    trainable,
+                    tune_config=tune.TuneConfig(search_alg=_searcher(space, settings, workspace, max_concurrent),
+                                                scheduler=_scheduler(space, settings, base.epochs),
+                                                num_samples=settings.num_samples, reuse_actors=False),
+                    run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(sweep_dir).parent)
+                                              if not storage.is_uri(sweep_dir) else settings.storage_path,
+                                              failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                                              callbacks=[table, CSVLoggerCallback(), JsonLoggerCallback()],
+                                              verbose=tune_verbosity),
+                )
+            begin = time.perf_counter()
+            results = tuner.fit()
         summary = write_summary(results, space, base.epochs, workspace, settings,
                                 resources_note=resources_note(demand))
         summary.update(sweep_dir=sweep_dir, workspace=workspace, seconds=round(time.perf_counter() - begin, 1))
@@ -210,6 +213,32 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
         return summary
     finally:
         shutdown_if(started)
+
+
+@contextlib.contextmanager
+def _tune_output(quiet: bool):
+    """What Tune prints while it runs, set for the duration of `fit()` only.
+
+    Tune's own result loggers: CSV and JSON (trial results, which `Result.metrics_dataframe` reads) but not its
+    TensorBoard copy of them, which it writes into Ray's temporary session folder and then advertises; the trials'
+    TensorBoard logs are Lightning's, in each trial's run folder. `quiet`: Tune's newer output engine prints its
+    experiment table even at verbosity 0, the older one prints nothing there; Optuna's INFO lines (a study
+    created, each trial finished) are left out too. Warnings and errors of both still show."""
+    saved = {name: os.environ.get(name) for name in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT")}
+    optuna_level = optuna.logging.get_verbosity()
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    if quiet:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(optuna_level)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def export_best_bundle(checkpoint_dir: str, slice_dir: str, workspace: str) -> dict:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ctplatform.data.synthetic.canvas import Canvas, ellipse, profile, rho2, segment_dist2
+from ctplatform.data.synthetic.canvas import Canvas, dilate, ellipse, profile, rho2, segment_dist2
 from ctplatform.data.synthetic.findings import DRAW, cardiomegaly_scale, pericardial_effusion_thickness
 from ctplatform.data.synthetic.lungs import Lungs, taper
+from ctplatform.data.synthetic.presets import REALISTIC, Preset
 from ctplatform.data.synthetic.size import check_size
 from ctplatform.data.synthetic.streams import ANATOMY, rng
 from ctplatform.labels import CLASS_NAMES
@@ -21,13 +22,16 @@ class Chest:
     """One scan's chest (shared by its reconstructions): normal anatomy with nuisance variation, and the scan's
     findings drawn into it (``findings.DRAW``) in an order where later structures cover earlier ones."""
 
-    def __init__(self, size: tuple[int, int, int], labels: tuple[int, ...], seed: int, key: int, scan_index: int):
+    def __init__(self, size: tuple[int, int, int], labels: tuple[int, ...], seed: int, key: int, scan_index: int,
+                 preset: Preset = REALISTIC):
         # Normal anatomy and each finding draw from their own streams: a scan's healthy anatomy does not depend
         # on its labels, and each finding is drawn the same whatever the others are.
-        self.rng = r = rng(seed, ANATOMY, key, scan_index)
+        # (the easy preset gives every scan the same healthy chest: only the findings differ between scans)
+        self.rng = r = rng(seed, ANATOMY, *((0, 0) if preset.same_chest else (key, scan_index)))
         self.fr = {name: rng(seed, ANATOMY, key, scan_index, 1 + i) for i, name in enumerate(CLASS_NAMES)}
         self.c = Canvas(size)
         self.has = dict(zip(CLASS_NAMES, (bool(x) for x in labels), strict=True))
+        self.preset = preset  # the easy one extrudes each finding through the scan at a higher contrast
         z = self.c.z
         # --- nuisance parameters: body habitus, lungs, tissue densities ---
         self.body = (r.uniform(-0.03, 0.03), r.uniform(-0.06, 0.08), r.uniform(0.66, 0.9), r.uniform(0.5, 0.68))
@@ -83,9 +87,25 @@ class Chest:
     def _draw(self, name: str) -> None:
         """Draw finding `name` if the scan has it, from its own random stream, counting the voxels it paints."""
         if self.has[name]:
-            self.c.tally = self._tally(name)
-            DRAW[name](self, self.fr[name])
-            self.c.tally = None
+            self._paint_finding(name, lambda: DRAW[name](self, self.fr[name]))
+
+    def _paint_finding(self, name: str, draw) -> None:
+        """Run `draw()`, counting the voxels it paints as finding `name`'s; with the preset's `extrude`, then copy
+        the slice where the finding is largest (at the preset's density for it, if any) into every slice."""
+        before = self.c.hu.copy() if self.preset.extrude else None
+        self.c.tally = tally = self._tally(name)
+        draw()
+        self.c.tally = None
+        if before is not None and tally.any():
+            k = int(np.argmax(tally))
+            plane = self.c.hu[:, :, k]
+            changed = plane != before[:, :, k]
+            if self.preset.thicken:  # thin findings (arcs, bands, small holes) made blobs a few voxels wide
+                changed = dilate(changed, max(1, round(self.preset.thicken * self.c.size[1])))
+            if self.preset.finding_hu is not None:
+                plane[changed] = self.preset.finding_hu[name]
+            self.c.hu[changed] = plane[changed][:, None]
+            np.maximum(tally, int(changed.sum()), out=tally)
 
     def extents(self, min_voxels: int = 3) -> dict[str, tuple[int, int]]:
         """Per finding present: (first, last) slice index (inclusive) with at least `min_voxels` voxels of it."""
@@ -198,9 +218,11 @@ class Chest:
             self._draw("Pericardial effusion")
             c.paint(self.heart_mask(self.epi_t), fat)
         # the myocardium; an enlarged one (cardiomegaly_scale) is that finding's voxels
-        self.c.tally = self._tally("Cardiomegaly") if self.has["Cardiomegaly"] else None
-        c.paint(self.heart_mask(0.0), r.uniform(35, 48))
-        self.c.tally = None
+        myocardium = self.heart_mask(0.0), r.uniform(35, 48)
+        if self.has["Cardiomegaly"]:
+            self._paint_finding("Cardiomegaly", lambda: c.paint(*myocardium))
+        else:
+            c.paint(*myocardium)
         if self.contrast:  # enhanced ventricular cavity
             c.paint(self.heart_mask(-0.45 * self.heart_rz), self.blood_hu)
         self._draw("Coronary artery wall calcification")
@@ -282,12 +304,12 @@ class Chest:
 
 
 def synthesize_scan(
-    seed: int, key: int, scan_index: int, size: tuple[int, int, int], labels
+    seed: int, key: int, scan_index: int, size: tuple[int, int, int], labels, preset: Preset = REALISTIC
 ) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
     """Noise-free HU phantom of one scan: (rows, cols, slices) float32, and each finding's slice range.
 
     The ranges are (first, last) slice indices, inclusive, of the slices showing at least 3 voxels of the finding:
     ground truth that volume labels lack (for tests, and for checking slice-level models).
     """
-    chest = Chest(check_size(tuple(size)), tuple(int(x) for x in labels), seed, key, scan_index)
+    chest = Chest(check_size(tuple(size)), tuple(int(x) for x in labels), seed, key, scan_index, preset)
     return chest.build(), chest.extents()

@@ -102,3 +102,15 @@ def erode(mask: np.ndarray, steps: int) -> np.ndarray:
         out[0] = out[-1] = False
         out[:, 0] = out[:, -1] = False
     return out
+
+
+def dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    """In-plane binary dilation by `steps` voxels (4-neighbourhood, repeated) of a 2-D mask."""
+    out = mask.copy()
+    for _ in range(steps):
+        prev = out.copy()
+        out[1:] |= prev[:-1]
+        out[:-1] |= prev[1:]
+        out[:, 1:] |= prev[:, :-1]
+        out[:, :-1] |= prev[:, 1:]
+    return out

@@ -3,7 +3,7 @@
 
 As in CT-RATE, a patient may have a second scan ('b') and a scan a second reconstruction (2); every volume of a
 patient shares the patient's split, tree and label row. Findings are drawn per patient, each independently at its
-CT-RATE validation-set prevalence.
+CT-RATE validation-set prevalence (or the preset's).
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ def _bresenham(index: int, fraction: float) -> bool:
     return math.floor((index + 1) * fraction + 0.5) > math.floor(index * fraction + 0.5)
 
 
-def plan_volumes(num_volumes: int, seed: int, valid_fraction: float, fixed_fraction: float) -> list[Volume]:
+def plan_volumes(num_volumes: int, seed: int, valid_fraction: float, fixed_fraction: float,
+                 prevalence: tuple[float, ...] | None = None) -> list[Volume]:
     """The data set's volumes, a patient's scans and reconstructions consecutive. Patient k's content depends only
-    on (seed, k)."""
+    on (seed, k). `prevalence`: each finding's probability, in CLASS_NAMES order (default: CT-RATE's)."""
     cap = max(1, num_volumes // 3)  # at least 3 patients even for tiny data sets
     patients: list[list[tuple[str, int, int]]] = []
     total = 0
@@ -72,7 +73,7 @@ def plan_volumes(num_volumes: int, seed: int, valid_fraction: float, fixed_fract
         splits[0] = "train"
     volumes: list[Volume] = []
     counters = {"train": 0, "valid": 0}
-    prevalence = np.array([VALID_PREVALENCE[c] for c in CLASS_NAMES])
+    prevalence = np.array(prevalence if prevalence is not None else [VALID_PREVALENCE[c] for c in CLASS_NAMES])
     for k, items in enumerate(patients):
         split = splits[k]
         number = counters[split]

@@ -16,6 +16,7 @@ from pathlib import Path
 from ctplatform.data.synthetic.anatomy import synthesize_scan
 from ctplatform.data.synthetic.cohort import Volume, plan_volumes
 from ctplatform.data.synthetic.layout import stale_volumes, volume_relpath, write_tables, write_volume
+from ctplatform.data.synthetic.presets import Preset, get_preset
 from ctplatform.data.synthetic.scanner import reconstruct, scan_metadata
 from ctplatform.data.synthetic.size import check_size
 
@@ -51,6 +52,8 @@ def generate_dataset(
     valid_fraction: float = 0.25,
     fixed_fraction: float = 0.5,
     workers: int = 1,
+    preset: str = "realistic",
+    progress: bool = False,
 ) -> SyntheticSummary:
     """Write a CT-RATE-shaped data set of `num_volumes` volumes of `size` (rows, cols, slices) under `out_dir`.
 
@@ -58,9 +61,11 @@ def generate_dataset(
     each scan's content depends only on the seed and its patient). Patients are split train/valid by patient
     (`valid_fraction` of them, at least 2); about `fixed_fraction` of the patients of each split are stored in the
     `_fixed` trees. Existing files of an earlier run are overwritten; volume files under the split trees that
-    this run would not write are an error (mixing two data sets silently would corrupt both).
+    this run would not write are an error (mixing two data sets silently would corrupt both). `preset`: see
+    ``presets``. `progress`: a progress bar on stderr (for a terminal).
     """
     size = check_size(tuple(size))
+    chosen = get_preset(preset)
     if int(num_volumes) != num_volumes or num_volumes < 3:
         raise ValueError(f"num_volumes must be an int >= 3 (a train and two valid patients); got {num_volumes!r}")
     if not 0 < valid_fraction < 1:
@@ -71,7 +76,8 @@ def generate_dataset(
         raise ValueError(f"workers must be an int >= 1; got {workers!r}")
     out = Path(out_dir)
     root = out / "dataset"
-    plan = plan_volumes(int(num_volumes), int(seed), float(valid_fraction), float(fixed_fraction))
+    plan = plan_volumes(int(num_volumes), int(seed), float(valid_fraction), float(fixed_fraction),
+                        chosen.prevalence)
     stale = stale_volumes(root, {volume_relpath(v) for v in plan})
     if stale:
         raise FileExistsError(
@@ -83,16 +89,17 @@ def generate_dataset(
     scans: dict[tuple[int, int], list[Volume]] = {}  # the reconstructions of one scan share its drawing
     for vol in plan:
         scans.setdefault((vol.key, vol.scan_index), []).append(vol)
-    write_scan = functools.partial(_write_scan, seed, size, root, nan_pick.name)
+    write_scan = functools.partial(_write_scan, seed, size, root, nan_pick.name, chosen)
     if workers > 1 and len(scans) > 1:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
 
         # spawn: the caller may hold threads (Ray, torch) that a forked child would inherit half-copied
         with ProcessPoolExecutor(min(int(workers), len(scans)), mp_context=get_context("spawn")) as pool:
-            written = [w for group in pool.map(write_scan, scans.values(), chunksize=8) for w in group]
+            groups = pool.map(write_scan, scans.values(), chunksize=8)
+            written = [w for group in _bar(groups, len(scans), progress) for w in group]
     else:
-        written = [w for group in scans.values() for w in write_scan(group)]
+        written = [w for group in _bar(map(write_scan, scans.values()), len(scans), progress) for w in group]
     # in plan order: a patient's scans and reconstructions are consecutive
     labels_csv, metadata_csv = write_tables(root, [(vol, meta) for vol, _, _, meta in written])
     return SyntheticSummary(
@@ -115,10 +122,17 @@ def generate_dataset(
     )
 
 
-def _write_scan(seed: int, size: tuple[int, int, int], root: Path, nan_affine_name: str,
+def _bar(items, total: int, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, unit="scan", desc="synthetic data", disable=not show)
+
+
+def _write_scan(seed: int, size: tuple[int, int, int], root: Path, nan_affine_name: str, preset: Preset,
                 volumes: list[Volume]) -> list[tuple[Volume, Path, dict[str, tuple[int, int]], dict]]:
     """Draw one scan and write each of its reconstructions; returns (volume, path, finding extents, metadata)."""
-    clean, extents = synthesize_scan(seed, volumes[0].key, volumes[0].scan_index, size, volumes[0].labels)
+    clean, extents = synthesize_scan(seed, volumes[0].key, volumes[0].scan_index, size, volumes[0].labels,
+                                      preset)
     written = []
     for vol in volumes:
         hu = reconstruct(clean, seed, vol.key, vol.scan_index, vol.recon)
