@@ -18,10 +18,10 @@ import pytest
 from dicom_series import PATIENT, write_scout, write_series
 from pydicom.uid import RLELossless, generate_uid
 
-from ctplatform.data import read_volume
+from ctplatform.data import read_raw_volume
 from ctplatform.data.errors import DataFormatError
 from ctplatform.data.prepare import discover_tasks, run_prepare
-from ctplatform.data.preprocess import PreprocessSettings
+from ctplatform.data.preprocess import PreprocessSettings, preprocess_raw_volume
 from ctplatform.data.synthetic.anatomy import synthesize_scan
 from ctplatform.labels import CLASS_NAMES, NUM_CLASSES
 
@@ -164,7 +164,11 @@ def test_service_upload_of_a_series_zip_and_its_refusals(tmp_path):
     write_series(tmp_path / "s", hu, spacing=SPACING)
     data = zip_folder(tmp_path / "s", tmp_path / "s.zip").read_bytes()
     volume = decode_volume(Upload("scan.zip", data), ServeLimits())
-    np.testing.assert_array_equal(volume.hu, read_volume(write_nifti(tmp_path / "s.nii.gz", hu)).hu)
+    nifti = read_raw_volume(write_nifti(tmp_path / "s.nii.gz", hu))
+    assert volume.shape == nifti.shape and volume.spacing == pytest.approx(nifti.spacing)
+    settings = PreprocessSettings(image_size=32, num_slices=4)
+    for got, want in zip(volume.prepare(settings), preprocess_raw_volume(nifti, settings), strict=True):
+        np.testing.assert_array_equal(got, want)  # the slices and positions the model gets
     with pytest.raises(InputError) as error:
         decode_volume(Upload("scan.zip", data), ServeLimits(max_series_files=10))
     assert error.value.status == 413 and "holds 16 files, above the limit of 10" in error.value.reason
