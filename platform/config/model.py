@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ctplatform.config.options import option
 
-MODELS = ("resnet50", "resnet101", "efficientnet_b0")  # the guide's (torchvision); any timm name is accepted too
+MODELS = ("resnet50", "resnet101", "efficientnet_b0")  # torchvision's; any timm name is accepted too
 ATTENTIONS = ("none", "se", "cbam")
 AGGREGATIONS = ("mean", "max", "topk")
 INPUT_WINDOWS = ("single", "three")
@@ -46,10 +46,10 @@ class LoraConfig:
 
 
 def check_model_name(name: str) -> None:
-    """ValueError unless ``name`` is one of the guide's backbones or an architecture timm knows."""
+    """ValueError unless ``name`` is one of MODELS or an architecture timm knows."""
     if name in MODELS:
         return
-    import timm  # only for names outside the guide's three: keeps the CLI's start fast
+    import timm  # only for names outside MODELS: keeps the CLI's start fast
 
     if not timm.is_model(name):
         raise ValueError(f"invalid model {name!r}: choose one of {', '.join(MODELS)} or any architecture timm "

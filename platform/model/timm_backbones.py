@@ -1,4 +1,4 @@
-"""Any timm architecture as a :class:`~ctplatform.model.backbones.Backbone` (the guide's three stay torchvision's).
+"""Any timm architecture as a :class:`~ctplatform.model.backbones.Backbone` (MODELS stay torchvision's).
 
 timm (Wightman, https://github.com/huggingface/pytorch-image-models) knows more than a thousand image models,
 among them the foundation models that CT-RATE's best results start from (DINOv2, Oquab et al. 2023,
