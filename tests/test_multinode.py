@@ -81,7 +81,7 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path, 
         return storage.is_file(history) and "checkpoint_path" in storage.read_text(history)
 
     # head: the trials' thin drivers (0.1 CPU each, pinned there by a custom resource); three worker nodes of 1 CPU
-    # each, so each fits exactly one Train worker: two trials at a time, and headroom for the one that loses its node
+    # each, so each fits exactly one Train worker: both trials at once, and headroom for the one that loses its node
     # (Ray's cluster_utils cannot add a node from a thread, which is where the node is killed)
     cluster, workers = start_cluster(head_cpus=1, worker_cpus=[1, 1, 1], head_resources={"sweep_driver": 10})
     by_id = {node.node_id: node for node in workers}
@@ -102,14 +102,14 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path, 
             time.sleep(0.2)
 
     space = SearchSpace(metric="val_loss", mode="min", params={
-        "learning_rate": {"type": "categorical", "choices": [0.003, 0.001, 0.0003]}})
+        "learning_rate": {"type": "categorical", "choices": [0.003, 0.0003]}})
     config = TrainConfig(slice_dir=f"{s3_bucket}/cache", model="resnet50", batch_size=16, epochs=3, num_workers=0,
                          use_gpu=False, limit_train_batches=4, seed=0).validate()
     killer = threading.Thread(target=kill_a_busy_worker_node, daemon=True)
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         killer.start()
-        settings = TuneConfig(name="mn", storage_path=f"{s3_bucket}/runs", num_samples=3, max_concurrent=2,
+        settings = TuneConfig(name="mn", storage_path=f"{s3_bucket}/runs", num_samples=2, max_concurrent=2,
                                  cpus_per_worker=1, scheduler="fifo", seed=0,
                                  driver_resources={"CPU": 0.1, "sweep_driver": 1})
         summary = run_sweep(config, space, settings, export_best=False, worker_callbacks=[RecordPlacement()])
@@ -123,7 +123,7 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path, 
     assert len(set(killed["concurrent"].values())) == 2, killed
     # every trial finished, none errored
     trials = pd.read_csv(io.BytesIO(storage.read_bytes(f"{summary['sweep_dir']}/summary/trials.csv")))
-    assert len(trials) == 3 and set(trials["state"]) == {"finished"} and summary["errors"] == 0, trials
+    assert len(trials) == 2 and set(trials["state"]) == {"finished"} and summary["errors"] == 0, trials
     assert (trials["epochs"] == 3).all(), trials
     # the trial on the lost node resumed from its checkpoint on another node: epoch 0 trained once, epoch 1 twice
     epochs_by_run = defaultdict(list)
@@ -134,7 +134,7 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path, 
     victim = killed["run"]
     assert epochs_by_run[victim].count(0) == 1 and epochs_by_run[victim].count(1) == 2, epochs_by_run[victim]
     assert nodes_by_run[victim][-1] != killed["node"]
-    for run, epochs in epochs_by_run.items():  # the other trials never repeated an epoch
+    for run, epochs in epochs_by_run.items():  # the other trial never repeated an epoch
         if run != victim:
             assert sorted(epochs) == [0, 1, 2], (run, epochs)
 

@@ -35,6 +35,7 @@ from ctplatform.config.tune import TuneConfig
 from ctplatform.model.backbones import check_weights
 from ctplatform.ray_session import cluster_has_gpus, connect, shutdown_if
 from ctplatform.train.ray_launcher import build_torch_trainer, resolved
+from ctplatform.tune.mirror import StudyMirror, mirror_to_uri
 from ctplatform.tune.resources import concurrent_trials, resources_note, trial_demand
 from ctplatform.tune.space import SearchSpace
 from ctplatform.tune.summary import LiveTrialsTable, write_summary
@@ -176,6 +177,7 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
             driver,
         )
         table = LiveTrialsTable(Path(workspace) / "trials.csv", space, base.epochs)
+        mirror = [StudyMirror(workspace, sweep_dir)] if storage.is_uri(sweep_dir) else []
         with _tune_output(quiet=tune_verbosity == 0):  # from the searcher's study on: Optuna logs there
             if resume:
                 if not tune.Tuner.can_restore(sweep_dir):
@@ -193,7 +195,7 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
                     run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(sweep_dir).parent)
                                               if not storage.is_uri(sweep_dir) else settings.storage_path,
                                               failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                                              callbacks=[table, CSVLoggerCallback(), JsonLoggerCallback()],
+                                              callbacks=[table, *mirror, CSVLoggerCallback(), JsonLoggerCallback()],
                                               verbose=tune_verbosity),
                 )
             begin = time.perf_counter()
@@ -253,27 +255,3 @@ def export_best_bundle(checkpoint_dir: str, slice_dir: str, workspace: str) -> d
     metrics = evaluate(os.path.join(local, "checkpoint.ckpt"), slice_dir, best_dir / "report", bundle_dir=best_dir)
     return {"best_bundle": str(best_dir), "best_report": str(best_dir / "report" / "report.html"),
             "best_validation_macro_auroc": metrics["macro"]["auroc"]}
-
-
-MIRRORED = ("optuna.db", "trials.csv", "summary", "best")
-
-
-def mirror_to_uri(workspace: str, uri: str) -> list[str]:
-    """Copy the driver's results (study, trials table, summary, best bundle) next to Ray's checkpoints at `uri`."""
-    import shutil
-
-    import pyarrow.fs
-
-    remote, root = pyarrow.fs.FileSystem.from_uri(uri)
-    copied = []
-    for name in MIRRORED:
-        source = Path(workspace) / name
-        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
-        for path in files:
-            target = f"{root}/{path.relative_to(workspace).as_posix()}"
-            remote.create_dir(target.rsplit("/", 1)[0], recursive=True)  # object stores: a no-op
-            with open(path, "rb") as src, remote.open_output_stream(target) as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        if files:
-            copied.append(f"{uri.rstrip('/')}/{name}")
-    return copied
