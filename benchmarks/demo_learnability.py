@@ -63,12 +63,14 @@ def shuffle_train_labels(cache: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def train_like_the_demo(cache: Path, run_dir: Path, epochs: int, seed: int = 0) -> list[float]:
+def train_like_the_demo(cache: Path, run_dir: Path, epochs: int, seed: int = 0,
+                        model: str | None = None) -> list[float]:
     """The demo trial's training (its TrainConfig, one CPU thread), without Ray: validation macro AUROC per
     epoch."""
     import torch
 
     from ctplatform.config import TrainConfig
+    from ctplatform.demo import DEMO_MODEL
     from ctplatform.model.losses import class_pos_weights
     from ctplatform.train.datamodule import build_datamodule
     from ctplatform.train.lightning_import import pl
@@ -76,7 +78,7 @@ def train_like_the_demo(cache: Path, run_dir: Path, epochs: int, seed: int = 0) 
     from ctplatform.train.trainer import build_trainer
 
     torch.set_num_threads(1)  # a demo trial's worker holds one core
-    cfg = TrainConfig(slice_dir=str(cache), model="resnet50", loss_type="bce", batch_size=32, epochs=epochs,
+    cfg = TrainConfig(slice_dir=str(cache), model=model or DEMO_MODEL, loss_type="bce", batch_size=32, epochs=epochs,
                       num_workers=0, learning_rate=DEMO_LEARNING_RATE, seed=seed).validate()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
@@ -96,7 +98,8 @@ def train_like_the_demo(cache: Path, run_dir: Path, epochs: int, seed: int = 0) 
     return record.values
 
 
-def run(seeds: list[int], volumes: int, size: str, epochs: int, realistic: bool = True) -> list[dict]:
+def run(seeds: list[int], volumes: int, size: str, epochs: int, realistic: bool = True,
+        model: str | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -109,7 +112,7 @@ def run(seeds: list[int], volumes: int, size: str, epochs: int, realistic: bool 
             cache = work / "cache" if work.exists() else prepare_data(work, preset, seed, volumes, size)
             if shuffled:
                 cache = shuffle_train_labels(cache, root / f"shuffled-{seed}", seed)
-            curve = train_like_the_demo(cache, root / f"run-{len(rows)}", epochs)
+            curve = train_like_the_demo(cache, root / f"run-{len(rows)}", epochs, model=model)
             rows.append({"preset": preset, "seed": seed, "labels": "shuffled" if shuffled else "true",
                          "best_auroc": max(curve), "last_auroc": curve[-1],
                          "curve": " ".join(f"{v:.3f}" for v in curve), "seconds": time.perf_counter() - began})
@@ -130,10 +133,11 @@ def main() -> int:
     parser.add_argument("--volumes", type=int, default=defaults["volumes"])
     parser.add_argument("--size", default=defaults["size"])
     parser.add_argument("--epochs", type=int, default=defaults["epochs"])
+    parser.add_argument("--model", default=None, help="a backbone other than the demo's")
     parser.add_argument("--no-realistic", action="store_true", help="leave out the realistic preset's run")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
-    rows = run(args.seeds, args.volumes, args.size, args.epochs, realistic=not args.no_realistic)
+    rows = run(args.seeds, args.volumes, args.size, args.epochs, realistic=not args.no_realistic, model=args.model)
     print_table(f"demo recipe, {args.volumes} volumes of {args.size}, {args.epochs} epochs: validation macro AUROC",
                 rows)
     if args.json:

@@ -53,7 +53,7 @@ class DemoConfig:
     volumes: int = option(1200, "synthetic volumes")
     preset: str = option("easy", "synthetic data preset (see demo-data --preset)", choices=PRESETS)
     trials: int = option(2, "sweep trials")
-    epochs: int = option(5, "epochs per trial")
+    epochs: int = option(6, "epochs per trial")
     no_serve: bool = option(False, "stop after exporting the best bundle")
     verbose: bool = option(False, "show Ray's, Tune's and every worker's full logs (default: one line per step and "
                                   "per finished trial)")

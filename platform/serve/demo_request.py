@@ -20,10 +20,14 @@ def _free_port() -> int:
 
 
 def serve_and_ask_once(bundle: str | Path, volume: str | Path, *, port: int | None = None,
-                       timeout_s: float = 300.0, quiet: bool = False) -> dict:
+                       timeout_s: float = 300.0, quiet: bool = False, stop_serve: bool = True) -> dict:
     """Deploy `bundle` (small CPU shares, so it fits beside a finished sweep), predict `volume` through the real
-    HTTP API, shut Serve down again (`quiet`: without Serve's INFO lines); returns the URL, the HTTP status, the
-    round-trip time and the JSON answer."""
+    HTTP API, stop serving it (`quiet`: without Serve's INFO lines); returns the URL, the HTTP status, the
+    round-trip time and the JSON answer.
+
+    `stop_serve=False` deletes only the application and leaves Serve's controller and proxy to the caller's
+    `ray.shutdown()` (an embedded Ray about to stop): `serve.shutdown()` makes Ray print a raylet line about the
+    controller's retried shutdown task, which is how Serve stops its controller, not a fault."""
     import ray
     from ray import serve
 
@@ -52,6 +56,9 @@ def serve_and_ask_once(bundle: str | Path, volume: str | Path, *, port: int | No
         return {"url": f"http://127.0.0.1:{port}/", "status": status,
                 "round_trip_ms": round(1000 * (time.perf_counter() - began), 1), "response": answer}
     finally:
-        serve.shutdown()
+        if stop_serve:
+            serve.shutdown()
+        else:
+            serve.delete(DEMO_APP)
         serve_log.setLevel(level)
         shutdown_if(started_ray)
