@@ -10,20 +10,13 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from storage_checks import SETTINGS, SETTINGS_FLAGS, cache_files, local_cache_files, one_error_line
 
 from ctplatform import storage
 from ctplatform.cli import main
 from ctplatform.data.prepare import run_prepare
-from ctplatform.data.preprocess import PreprocessSettings
 
 pytestmark = pytest.mark.timeout(120)
-SETTINGS = PreprocessSettings(image_size=32, num_slices=8)
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 @pytest.mark.parametrize("uri, problem", [("s3://ab/x", "invalid S3 bucket name"),
@@ -47,18 +40,13 @@ def test_missing_bucket_and_wrong_credentials_stop_before_ray(s3_bucket, tmp_pat
     monkeypatch.chdir(tmp_path)
     ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     assert main(["prepare", "--data-dir", "s3://no-such-bucket-here/data", "--out", f"{s3_bucket}/cache"]) == 2
-    assert "bucket 'no-such-bucket-here' does not exist" in _one_error_line(capsys)
+    assert "bucket 'no-such-bucket-here' does not exist" in one_error_line(capsys)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     assert main(["tune", "--slice-dir", f"{s3_bucket}/cache", "--storage-path", f"{s3_bucket}/runs"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "access denied" in line and s3_bucket in line
     assert ("ray" in sys.modules and sys.modules["ray"].is_initialized()) == ray_before  # Ray never started
     assert os.listdir(tmp_path) == []
-
-
-def _cache_files(location: str) -> dict[str, bytes]:
-    return {name: storage.read_bytes(storage.join(location, name)) for name in storage.list_files(location)
-            if name.startswith("volumes/")}
 
 
 def test_demo_data_and_prepare_from_and_to_a_bucket(s3_bucket, tiny_dataset, tiny_cache, tmp_path, monkeypatch,
@@ -74,12 +62,10 @@ def test_demo_data_and_prepare_from_and_to_a_bucket(s3_bucket, tiny_dataset, tin
     cache = f"{s3_bucket}/cache"
     summary = run_prepare(f"{s3_bucket}/data", cache, SETTINGS, executor="local", progress=False)
     assert summary["prepared_now"] == 24 and summary["failures"] == f"{cache}/failures.csv"
-    expected = {f"volumes/{p.parent.name}/{p.name}": p.read_bytes() for p in tiny_cache.glob("volumes/*/*.npy")}
-    assert _cache_files(cache) == expected
+    assert cache_files(cache) == local_cache_files(tiny_cache)
     index = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{cache}/index.parquet")))
     pd.testing.assert_frame_equal(index, pd.read_parquet(tiny_cache / "index.parquet"))
-    assert main(["prepare", "--data-dir", f"{s3_bucket}/data", "--out", cache, "--no-ray", "--image-size", "32",
-                 "--num-slices", "8"]) == 0
+    assert main(["prepare", "--data-dir", f"{s3_bucket}/data", "--out", cache, "--no-ray", *SETTINGS_FLAGS]) == 0
     assert '"prepared_now": 0' in capsys.readouterr().out
     assert os.listdir(tmp_path) == []
 
@@ -159,7 +145,7 @@ def test_bundle_in_a_bucket_is_checked_and_copied_once_per_version(s3_bucket, tm
     storage.write_bytes(f"{s3_bucket}/models/b1/metadata.json", b"{}")  # a new version at the same URI
     assert chosen_bundle(f"{s3_bucket}/models/b1") != copy
     assert main(["bundle", "check", f"{s3_bucket}/models/b1"]) == 2
-    assert "metadata.json" in _one_error_line(capsys)
+    assert "metadata.json" in one_error_line(capsys)
 
 
 def test_bad_input_staged_from_a_bucket_is_named_by_its_uri(s3_bucket, capsys):
@@ -167,5 +153,5 @@ def test_bad_input_staged_from_a_bucket_is_named_by_its_uri(s3_bucket, capsys):
     storage.write_bytes(f"{s3_bucket}/in/labels.csv", b"VolumeName,nothing else\nx.nii.gz,1\n")
     storage.write_bytes(f"{s3_bucket}/in/preds.csv", b"VolumeName\nx.nii.gz\n")
     assert main(["score", "--labels", f"{s3_bucket}/in/labels.csv", "--predictions", f"{s3_bucket}/in/preds.csv"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert f"{s3_bucket}/in/" in line and "ctplatform-stage" not in line, line
