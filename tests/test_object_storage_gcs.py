@@ -65,6 +65,17 @@ def test_missing_gcs_bucket_stops_the_command_before_anything_is_written(gcs_buc
     assert os.listdir(tmp_path) == []
 
 
+def test_gs_without_gcsfs_installed_names_the_extra(monkeypatch, tmp_path, capsys):
+    """gcsfs is optional (`ctplatform[gcs]`): without it a gs:// path stops the command with the install line."""
+    for module in ("gcsfs", "gcsfs.core"):
+        monkeypatch.setitem(sys.modules, module, None)  # what an interpreter without gcsfs finds: no such module
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "--data-dir", "gs://some-bucket/data", "--out", str(tmp_path / "cache"), "--no-ray"]) == 2
+    line = one_error_line(capsys)
+    assert "gs://some-bucket/data" in line and "pip install 'ctplatform[gcs]'" in line
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.fixture
 def refusing_gcs_endpoint(request):
     """An HTTP server on 127.0.0.1 that answers every request as GCS's JSON API answers refused credentials
