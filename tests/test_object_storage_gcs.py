@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from gcs_server import gcs_env
 from storage_checks import SETTINGS_FLAGS, cache_files, local_cache_files, one_error_line
 
 from ctplatform import storage
@@ -54,8 +55,12 @@ def test_gcs_bucket_names_google_allows_are_accepted():
 def test_missing_gcs_bucket_stops_the_command_before_anything_is_written(gcs_bucket, gcs_server, tmp_path,
                                                                            monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["demo-data", "--out", "gs://no-such-bucket-here/data", *DEMO]) == 2
-    assert "bucket 'no-such-bucket-here' does not exist" in one_error_line(capsys)
+    # in a process of its own, as a user runs it (the emulator found through the environment alone)
+    done = subprocess.run([sys.executable, "-m", "ctplatform.cli", "demo-data", "--out",
+                           "gs://no-such-bucket-here/data", *DEMO], capture_output=True, text=True,
+                          env=gcs_env(gcs_server), cwd=tmp_path, timeout=40)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+    assert "gs://no-such-bucket-here/data: bucket 'no-such-bucket-here' does not exist" in done.stderr
     # the input's bucket is missing: nothing may land in the output bucket that exists
     assert main(["prepare", "--data-dir", "gs://no-such-bucket-here/data", "--out", f"{gcs_bucket}/cache",
                  "--no-ray"]) == 2
