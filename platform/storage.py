@@ -287,6 +287,8 @@ def check_access(location: str) -> None:
     check here; commands report missing local files themselves). Called before any command starts Ray."""
     if not is_uri(location) or scheme(location) == "file":
         return
+    if scheme(location) in ("gs", "gcs"):
+        _check_google_credentials_file(location)
     fs, path = filesystem(location)
     bucket = path.split("/", 1)[0]
     try:
@@ -306,6 +308,24 @@ def check_access(location: str) -> None:
             raise StorageError(f"{location}: access denied ({_reason(exc)}); {_credentials_hint(location)}") \
                 from None
         raise
+
+
+def _check_google_credentials_file(location: str) -> None:
+    """A `GOOGLE_APPLICATION_CREDENTIALS` file that is missing or unreadable is an error here: gcsfs would go on
+    without credentials (anonymous requests), and the command would fail later, or read a public bucket, unsigned."""
+    credentials = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if not credentials:
+        return
+    try:
+        import google.auth
+        import google.auth.exceptions
+    except ImportError:
+        return  # gcsfs (which brings google-auth) is missing: filesystem() says so
+    try:
+        google.auth.load_credentials_from_file(credentials)
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        raise StorageError(f"{location}: GOOGLE_APPLICATION_CREDENTIALS={credentials} is not a usable credentials "
+                           f"file ({_reason(exc)})") from None
 
 
 @contextlib.contextmanager

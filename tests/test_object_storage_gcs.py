@@ -70,6 +70,23 @@ def test_missing_gcs_bucket_stops_the_command_before_anything_is_written(gcs_buc
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("content", [None, b"not json", b'{"type": "service_account", "client_email": "a@b"}'],
+                         ids=["missing", "not-json", "incomplete"])
+def test_unusable_google_credentials_file_stops_the_command_with_one_line(content, gcs_bucket, gcs_server, tmp_path,
+                                                                          monkeypatch, capsys):
+    """gcsfs alone would go on without credentials (unsigned requests) and the emulator would accept them."""
+    credentials = tmp_path / "key.json"
+    if content is not None:
+        credentials.write_bytes(content)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(credentials))
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo-data", "--out", f"{gcs_bucket}/data", *DEMO]) == 2
+    line = one_error_line(capsys)
+    assert f"{gcs_bucket}/data: GOOGLE_APPLICATION_CREDENTIALS={credentials} is not a usable credentials file" in line
+    assert gcs_server.object_names(_bucket_name(gcs_bucket)) == []
+    assert sorted(os.listdir(tmp_path)) == ([] if content is None else ["key.json"])
+
+
 def test_gs_without_gcsfs_installed_names_the_extra(monkeypatch, tmp_path, capsys):
     """gcsfs is optional (`ctplatform[gcs]`): without it a gs:// path stops the command with the install line."""
     for module in ("gcsfs", "gcsfs.core"):
