@@ -7,10 +7,12 @@ DEMO_DIR ?= demo_run
 
 .PHONY: demo test test-all lint venv clean-demo
 
+# `pip check`: s3fs and gcsfs each constrain fsspec (s3fs also botocore); a clash fails here, not in a test.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip check
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -7,8 +7,8 @@ read or write of a URI goes through the functions here (fsspec underneath).
 
 Credentials and endpoint come from the standard environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL` for S3-compatible stores such as MinIO, Ceph, R2;
-`GOOGLE_APPLICATION_CREDENTIALS` for gs://). The endpoint is passed to s3fs explicitly, as not every client
-version reads `AWS_ENDPOINT_URL` itself.
+`GOOGLE_APPLICATION_CREDENTIALS` for gs://, and `STORAGE_EMULATOR_HOST` for a local GCS emulator). The endpoint is
+passed to s3fs explicitly, as not every client version reads `AWS_ENDPOINT_URL` itself.
 
 Writes of one object are whole or nothing: an object store publishes an object only when its upload completes
 (a multipart upload too), and a local file is written to a temp file and renamed.
@@ -25,6 +25,9 @@ from pathlib import Path
 _URI = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>.*)$")
 # S3's bucket naming rules (the common subset; a name outside them can never exist, so say so at once).
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# Google Cloud Storage's: 3 to 63 characters (up to 222 when dotted, each dot-separated part at most 63), lowercase
+# letters, digits, hyphens, underscores and dots, starting and ending with a letter or digit.
+_GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 
 
 class StorageError(ValueError):
@@ -57,6 +60,11 @@ def user_path(text: str) -> str:
         if not _S3_BUCKET.match(bucket):
             raise StorageError(f"{text}: invalid S3 bucket name {bucket!r} (3 to 63 lowercase letters, digits, dots, "
                                "hyphens)")
+    if kind in ("gs", "gcs"):
+        bucket = _URI.match(text)["rest"].split("/", 1)[0]
+        if not _GCS_BUCKET.match(bucket) or max(map(len, bucket.split("."))) > 63:
+            raise StorageError(f"{text}: invalid GCS bucket name {bucket!r} (3 to 63 lowercase letters, digits, "
+                               "hyphens, underscores, dots)")
     return text.rstrip("/") if text.rstrip("/") != f"{kind}:/" else text
 
 
@@ -72,6 +80,8 @@ def filesystem(location: str):
     if not is_uri(location):
         return fsspec.filesystem("file"), str(Path(location).resolve())
     kind = scheme(location)
+    if kind in ("gs", "gcs"):
+        return _gcs_filesystem(location)
     options: dict = {}
     if kind in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -88,6 +98,29 @@ def filesystem(location: str):
         options["use_listings_cache"] = False
     fs, path = fsspec.core.url_to_fs(location, **options)
     return fs, path
+
+
+def _gcs_filesystem(location: str):
+    """gcsfs for a gs:// URI. Credentials: `GOOGLE_APPLICATION_CREDENTIALS`, else Google's default chain (workload
+    identity, the node's service account). With `STORAGE_EMULATOR_HOST` set (a local GCS emulator) and no
+    credentials file, requests go unsigned (`token="anon"`): an emulator checks none, and the default chain would
+    first probe the cloud metadata server. Against an emulator the JSON-API client is used directly: the gcsfs
+    default (its "extended" file system) first asks Google's gRPC storage-control API for each bucket's type, which
+    an emulator does not serve (60 s of retries per bucket)."""
+    try:
+        import gcsfs.core
+    except ImportError:
+        raise StorageError(f"{location}: gs:// paths need gcsfs: pip install 'ctplatform[gcs]'") from None
+    import fsspec
+
+    # No listing cache: several processes write the same prefix, and a stale listing would hide their objects.
+    options: dict = {"use_listings_cache": False}
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        if not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            options["token"] = "anon"
+        fs = gcsfs.core.GCSFileSystem(**options)
+        return fs, fs._strip_protocol(location)
+    return fsspec.core.url_to_fs(location, **options)
 
 
 def absolute(location: str) -> str:
@@ -207,8 +240,7 @@ def local_copy(location: str) -> Path:
     files = {p: i for p, i in found.items() if i.get("type") != "directory" and not p.endswith("/")}
     if not files:
         raise FileNotFoundError(f"{location}: no such file or folder")
-    signature = json.dumps(sorted((p, i.get("size"), str(i.get("ETag") or i.get("mtime") or i.get("LastModified")))
-                                  for p, i in files.items()))
+    signature = json.dumps(sorted((p, i.get("size"), str(_version_of(i))) for p, i in files.items()))
     folder = local_work_dir("copies", location, hashlib.sha256(signature.encode()).hexdigest()[:16])
     name = root.rsplit("/", 1)[-1]
     if not folder.is_dir():
@@ -224,6 +256,13 @@ def local_copy(location: str) -> Path:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return folder / name
+
+
+def _version_of(info: dict):
+    """What changes when an object is rewritten: its ETag (s3fs `ETag`, gcsfs `etag`; GCS also numbers each write,
+    `generation`), else its modification time."""
+    return (info.get("ETag") or info.get("etag") or info.get("generation") or info.get("mtime")
+            or info.get("LastModified"))
 
 
 def upload(source: str | Path, location: str) -> list[str]:
@@ -248,17 +287,64 @@ def check_access(location: str) -> None:
     check here; commands report missing local files themselves). Called before any command starts Ray."""
     if not is_uri(location) or scheme(location) == "file":
         return
+    if scheme(location) in ("gs", "gcs"):
+        _check_google_credentials_file(location)
     fs, path = filesystem(location)
     bucket = path.split("/", 1)[0]
     try:
-        fs.ls(bucket, detail=False)
+        with _quiet("gcsfs"):  # gcsfs logs a refused request with its traceback; the one line below says it all
+            fs.ls(bucket, detail=False)
     except FileNotFoundError:
         raise StorageError(f"{location}: bucket {bucket!r} does not exist") from None
     except PermissionError as exc:
-        raise StorageError(f"{location}: access denied ({_reason(exc)}); check the credentials in "
-                           "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the node's role)") from None
+        raise StorageError(f"{location}: access denied ({_reason(exc)}); {_credentials_hint(location)}") from None
     except OSError as exc:
+        if str(exc).startswith("Forbidden"):  # gcsfs reports HTTP 403 as a plain OSError
+            raise StorageError(f"{location}: access denied ({_reason(exc)}); {_credentials_hint(location)}") from None
         raise StorageError(f"{location}: storage not reachable ({_reason(exc)})") from None
+    except Exception as exc:
+        # gcsfs raises its own HttpError (not an OSError) for HTTP 401: no or unusable credentials
+        if getattr(exc, "code", None) in (401, 403):
+            raise StorageError(f"{location}: access denied ({_reason(exc)}); {_credentials_hint(location)}") \
+                from None
+        raise
+
+
+def _check_google_credentials_file(location: str) -> None:
+    """A `GOOGLE_APPLICATION_CREDENTIALS` file that is missing or unreadable is an error here: gcsfs would go on
+    without credentials (anonymous requests), and the command would fail later, or read a public bucket, unsigned."""
+    credentials = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if not credentials:
+        return
+    try:
+        import google.auth
+        import google.auth.exceptions
+    except ImportError:
+        return  # gcsfs (which brings google-auth) is missing: filesystem() says so
+    try:
+        google.auth.load_credentials_from_file(credentials)
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        raise StorageError(f"{location}: GOOGLE_APPLICATION_CREDENTIALS={credentials} is not a usable credentials "
+                           f"file ({_reason(exc)})") from None
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _credentials_hint(location: str) -> str:
+    if scheme(location) in ("gs", "gcs"):
+        return "check GOOGLE_APPLICATION_CREDENTIALS (or the node's service account)"
+    return "check the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the node's role)"
 
 
 def _reason(exc: BaseException) -> str:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-# The S3-protocol test server's fixtures (s3_server, s3_bucket): tests/s3_server.py
-pytest_plugins = ["s3_server"]
+# The object-store test servers' fixtures: s3_server, s3_bucket (tests/s3_server.py); gcs_server, gcs_bucket
+# (tests/gcs_server.py)
+pytest_plugins = ["s3_server", "gcs_server"]
 
 # Every Ray this test session starts (in process, in `ctplatform` subprocesses, in Ray's own workers) keeps its
 # session files under this folder, so the leftover check below sees this session's daemons only, never those of

@@ -1,5 +1,6 @@
 """Every user path may be an object-store URI: the storage helper, the checks before a command starts, and
-demo-data -> prepare against a real S3-protocol server (moto in server mode, `tests/s3_server.py`)."""
+demo-data -> prepare against a real S3-protocol server (moto in server mode, `tests/s3_server.py`); the tests taking
+`bucket` run on the GCS emulator too (`tests/gcs_server.py`; gs:// specifics: tests/test_object_storage_gcs.py)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,20 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from storage_checks import SETTINGS, SETTINGS_FLAGS, cache_files, local_cache_files, one_error_line
 
 from ctplatform import storage
 from ctplatform.cli import main
 from ctplatform.data.prepare import run_prepare
-from ctplatform.data.preprocess import PreprocessSettings
 
 pytestmark = pytest.mark.timeout(120)
-SETTINGS = PreprocessSettings(image_size=32, num_slices=8)
 
 
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
+@pytest.fixture(params=["s3_bucket", "gcs_bucket"])
+def bucket(request) -> str:
+    """A fresh bucket on each protocol's test server (`s3://` on moto, `gs://` on the GCS emulator): the checks
+    below hold for both."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.mark.parametrize("uri, problem", [("s3://ab/x", "invalid S3 bucket name"),
@@ -47,18 +48,13 @@ def test_missing_bucket_and_wrong_credentials_stop_before_ray(s3_bucket, tmp_pat
     monkeypatch.chdir(tmp_path)
     ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     assert main(["prepare", "--data-dir", "s3://no-such-bucket-here/data", "--out", f"{s3_bucket}/cache"]) == 2
-    assert "bucket 'no-such-bucket-here' does not exist" in _one_error_line(capsys)
+    assert "bucket 'no-such-bucket-here' does not exist" in one_error_line(capsys)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     assert main(["tune", "--slice-dir", f"{s3_bucket}/cache", "--storage-path", f"{s3_bucket}/runs"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "access denied" in line and s3_bucket in line
     assert ("ray" in sys.modules and sys.modules["ray"].is_initialized()) == ray_before  # Ray never started
     assert os.listdir(tmp_path) == []
-
-
-def _cache_files(location: str) -> dict[str, bytes]:
-    return {name: storage.read_bytes(storage.join(location, name)) for name in storage.list_files(location)
-            if name.startswith("volumes/")}
 
 
 def test_demo_data_and_prepare_from_and_to_a_bucket(s3_bucket, tiny_dataset, tiny_cache, tmp_path, monkeypatch,
@@ -74,56 +70,54 @@ def test_demo_data_and_prepare_from_and_to_a_bucket(s3_bucket, tiny_dataset, tin
     cache = f"{s3_bucket}/cache"
     summary = run_prepare(f"{s3_bucket}/data", cache, SETTINGS, executor="local", progress=False)
     assert summary["prepared_now"] == 24 and summary["failures"] == f"{cache}/failures.csv"
-    expected = {f"volumes/{p.parent.name}/{p.name}": p.read_bytes() for p in tiny_cache.glob("volumes/*/*.npy")}
-    assert _cache_files(cache) == expected
+    assert cache_files(cache) == local_cache_files(tiny_cache)
     index = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{cache}/index.parquet")))
     pd.testing.assert_frame_equal(index, pd.read_parquet(tiny_cache / "index.parquet"))
-    assert main(["prepare", "--data-dir", f"{s3_bucket}/data", "--out", cache, "--no-ray", "--image-size", "32",
-                 "--num-slices", "8"]) == 0
+    assert main(["prepare", "--data-dir", f"{s3_bucket}/data", "--out", cache, "--no-ray", *SETTINGS_FLAGS]) == 0
     assert '"prepared_now": 0' in capsys.readouterr().out
     assert os.listdir(tmp_path) == []
 
 
-def test_half_written_volume_is_prepared_again_and_failures_land_in_the_bucket(s3_bucket, tiny_dataset, tiny_cache):
+def test_half_written_volume_is_prepared_again_and_failures_land_in_the_bucket(bucket, tiny_dataset, tiny_cache):
     """A prepare killed mid-upload leaves at most a volume object without its record (on a store that shows
     partial uploads, a truncated one): the rerun writes it again and the index never lists it before."""
-    storage.upload(tiny_dataset, f"{s3_bucket}/data")
-    cache = f"{s3_bucket}/cache"
-    run_prepare(f"{s3_bucket}/data", cache, SETTINGS, executor="local", progress=False)
+    storage.upload(tiny_dataset, f"{bucket}/data")
+    cache = f"{bucket}/cache"
+    run_prepare(f"{bucket}/data", cache, SETTINGS, executor="local", progress=False)
     victim = sorted(tiny_cache.glob("volumes/train/*.npy"))[0]
     stem = victim.stem
     storage.remove(f"{cache}/records/{stem}.json")
     storage.write_bytes(f"{cache}/volumes/train/{victim.name}", victim.read_bytes()[:100])  # the killed upload
     from ctplatform.data.prepare import discover_tasks, finalize_cache
 
-    partial = finalize_cache(cache, discover_tasks(f"{s3_bucket}/data"))
+    partial = finalize_cache(cache, discover_tasks(f"{bucket}/data"))
     assert stem not in set(partial["stem"])  # not read as a complete volume
     # a corrupt source volume: its failure is listed in the bucket's failures.csv, the rest complete
-    broken = next(n for n in storage.list_files(f"{s3_bucket}/data")
+    broken = next(n for n in storage.list_files(f"{bucket}/data")
                   if n.endswith(".nii.gz") and not n.endswith(f"/{stem}.nii.gz"))
-    storage.write_bytes(f"{s3_bucket}/data/{broken}", b"not a volume")
-    summary = run_prepare(f"{s3_bucket}/data", cache, SETTINGS, executor="local", progress=False)
+    storage.write_bytes(f"{bucket}/data/{broken}", b"not a volume")
+    summary = run_prepare(f"{bucket}/data", cache, SETTINGS, executor="local", progress=False)
     assert summary["prepared_now"] == 1 and summary["failed"] == 0  # only the half-written one was redone
     assert storage.read_bytes(f"{cache}/volumes/train/{victim.name}") == victim.read_bytes()
     storage.remove(f"{cache}/records")
-    summary = run_prepare(f"{s3_bucket}/data", cache, SETTINGS, executor="local", progress=False)
+    summary = run_prepare(f"{bucket}/data", cache, SETTINGS, executor="local", progress=False)
     failures = pd.read_csv(io.BytesIO(storage.read_bytes(f"{cache}/failures.csv")))
-    assert summary["failed"] == 1 and failures["path"].tolist() == [f"{s3_bucket}/data/{broken}"]
+    assert summary["failed"] == 1 and failures["path"].tolist() == [f"{bucket}/data/{broken}"]
     assert summary["cached"] == 23
     np.testing.assert_array_equal(
         np.load(io.BytesIO(storage.read_bytes(f"{cache}/volumes/train/{victim.name}"))), np.load(victim))
 
 
-def test_node_local_copy_is_whole_shared_and_bounded(s3_bucket, tmp_path):
+def test_node_local_copy_is_whole_shared_and_bounded(bucket, tmp_path):
     """Files arrive whole under their name (no partial file left), two readers share one copy, and past its limit
     the least recently used files go (a file still wanted is fetched again, with the same bytes)."""
     from ctplatform.data.local_cache import NodeLocalCache
 
     blobs = {f"volumes/train/v{i}.npy": bytes([i]) * 300_000 for i in range(4)}
     for name, data in blobs.items():
-        storage.write_bytes(f"{s3_bucket}/cache/{name}", data)
+        storage.write_bytes(f"{bucket}/cache/{name}", data)
     limit_gb = 700_000 / (1 << 30)  # room for two of the four files
-    first, second = (NodeLocalCache(f"{s3_bucket}/cache", limit_gb, home=tmp_path) for _ in range(2))
+    first, second = (NodeLocalCache(f"{bucket}/cache", limit_gb, home=tmp_path) for _ in range(2))
     assert first.root == second.root
     for name in blobs:
         assert first.path(name).read_bytes() == blobs[name]
@@ -135,7 +129,7 @@ def test_node_local_copy_is_whole_shared_and_bounded(s3_bucket, tmp_path):
     assert second.path("volumes/train/v0.npy").read_bytes() == blobs["volumes/train/v0.npy"]  # fetched again
 
 
-def test_bundle_in_a_bucket_is_checked_and_copied_once_per_version(s3_bucket, tmp_path, monkeypatch, capsys):
+def test_bundle_in_a_bucket_is_checked_and_copied_once_per_version(bucket, tmp_path, monkeypatch, capsys):
     import torch
 
     from ctplatform.model.bundle import ModelSpec, export_bundle
@@ -150,22 +144,22 @@ def test_bundle_in_a_bucket_is_checked_and_copied_once_per_version(s3_bucket, tm
                      preprocess=SETTINGS.to_dict(), aggregation="topk", topk=2,
                      calibration=Calibration(np.full(18, 1.2), np.zeros(18), "test"))
     bundle = export_bundle(tmp_path / "local" / "b1", model.eval(), spec)
-    storage.upload(bundle, f"{s3_bucket}/models/b1")
-    assert main(["bundle", "check", f"{s3_bucket}/models/b1"]) == 0
+    storage.upload(bundle, f"{bucket}/models/b1")
+    assert main(["bundle", "check", f"{bucket}/models/b1"]) == 0
     assert "ok" in capsys.readouterr().out.lower()
-    copy = chosen_bundle(f"{s3_bucket}/models/b1")
-    assert copy.is_relative_to(tmp_path / "home") and chosen_bundle(f"{s3_bucket}/models/b1") == copy
+    copy = chosen_bundle(f"{bucket}/models/b1")
+    assert copy.is_relative_to(tmp_path / "home") and chosen_bundle(f"{bucket}/models/b1") == copy
     assert (copy / "model.safetensors").read_bytes() == (bundle / "model.safetensors").read_bytes()
-    storage.write_bytes(f"{s3_bucket}/models/b1/metadata.json", b"{}")  # a new version at the same URI
-    assert chosen_bundle(f"{s3_bucket}/models/b1") != copy
-    assert main(["bundle", "check", f"{s3_bucket}/models/b1"]) == 2
-    assert "metadata.json" in _one_error_line(capsys)
+    storage.write_bytes(f"{bucket}/models/b1/metadata.json", b"{}")  # a new version at the same URI
+    assert chosen_bundle(f"{bucket}/models/b1") != copy
+    assert main(["bundle", "check", f"{bucket}/models/b1"]) == 2
+    assert "metadata.json" in one_error_line(capsys)
 
 
-def test_bad_input_staged_from_a_bucket_is_named_by_its_uri(s3_bucket, capsys):
+def test_bad_input_staged_from_a_bucket_is_named_by_its_uri(bucket, capsys):
     """A bad file given as a URI is reported under that URI, not the temporary copy the command read."""
-    storage.write_bytes(f"{s3_bucket}/in/labels.csv", b"VolumeName,nothing else\nx.nii.gz,1\n")
-    storage.write_bytes(f"{s3_bucket}/in/preds.csv", b"VolumeName\nx.nii.gz\n")
-    assert main(["score", "--labels", f"{s3_bucket}/in/labels.csv", "--predictions", f"{s3_bucket}/in/preds.csv"]) == 2
-    line = _one_error_line(capsys)
-    assert f"{s3_bucket}/in/" in line and "ctplatform-stage" not in line, line
+    storage.write_bytes(f"{bucket}/in/labels.csv", b"VolumeName,nothing else\nx.nii.gz,1\n")
+    storage.write_bytes(f"{bucket}/in/preds.csv", b"VolumeName\nx.nii.gz\n")
+    assert main(["score", "--labels", f"{bucket}/in/labels.csv", "--predictions", f"{bucket}/in/preds.csv"]) == 2
+    line = one_error_line(capsys)
+    assert f"{bucket}/in/" in line and "ctplatform-stage" not in line, line
