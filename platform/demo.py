@@ -73,7 +73,7 @@ def run_demo(workdir: str | Path, *, volumes: int = 1200, size: str = "64x64x16"
             from ctplatform.serve.demo_request import serve_and_ask_once
 
             step("4/4 serve the best bundle with Ray Serve and ask once over HTTP")
-            volume = sorted((data / "dataset").glob("valid*/*/*/*.nii.gz"))[0]
+            volume = example_volume(data)
             # Ray started here stops Serve with it (see stop_serve)
             answer = serve_and_ask_once(summary["best_bundle"], volume, quiet=not verbose, stop_serve=not started)
             answer["volume"], answer["labels"] = volume.name, true_labels(data, volume.name)
@@ -83,6 +83,13 @@ def run_demo(workdir: str | Path, *, volumes: int = 1200, size: str = "64x64x16"
         return {"sweep": summary, "answer": answer, "summary_lines": lines}
     finally:
         shutdown_if(started)
+
+
+def example_volume(data_dir: Path) -> Path:
+    """The validation volume the demo sends: the first (by name) whose label row lists a finding, so the served
+    answer can be read against something; the first of all when none has one."""
+    volumes = sorted((data_dir / "dataset").glob("valid*/*/*/*.nii.gz"))
+    return next((v for v in volumes if true_labels(data_dir, v.name)), volumes[0])
 
 
 def true_labels(data_dir: Path, volume_name: str) -> list[str]:
