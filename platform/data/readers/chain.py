@@ -63,12 +63,10 @@ def read_volume(
         return _dicom_volume(checked_folder_header(Path(source), label, limits), metadata, limits, label)
     with _opened(source, name) as (stream, label):
         head, reader = _detect(stream, label)
-        if isinstance(reader, DicomReader):
-            header = reader.checked_header(stream, label, limits)
-        else:
-            header, data = reader.read(stream, head, label, limits)
-            return _checked_volume(data, header, metadata, limits, label).to_volume()
-    return _dicom_volume(header, metadata, limits, label)
+        if isinstance(reader, DicomReader):  # decoded while the stream is open (a zip's members are read from it)
+            return _dicom_volume(reader.checked_header(stream, label, limits), metadata, limits, label)
+        header, data = reader.read(stream, head, label, limits)
+    return _checked_volume(data, header, metadata, limits, label).to_volume()
 
 
 def _dicom_volume(header: DicomHeader, metadata: VolumeMetadata | None, limits: ReadLimits, label: str) -> Volume:
