@@ -211,8 +211,9 @@ def single_upload(uploads: list[Upload]) -> Upload:
 # ------------------------------------------------------------------------------------------------ volumes
 def decode_volume(upload: Upload, limits: ServeLimits) -> ScannedVolume | HeldVolume:
     """Bytes of a .nii / .nii.gz / .mha / DICOM (.zip of a series, Enhanced CT .dcm) upload -> a checked volume ready
-    to prepare: NIfTI and MetaImage scanned a plane at a time (never held whole: memory bounded whatever the header
-    declares), DICOM held in its stored values. Raises InputError, never anything else."""
+    to prepare: NIfTI and MetaImage scanned a plane at a time, a DICOM series `.zip` a member at a time (never held
+    whole: memory bounded whatever the upload declares); a non-axial volume or an Enhanced CT file held in its stored
+    values. Raises InputError, never anything else."""
     name = upload.filename
     data = upload.data
     if not data:

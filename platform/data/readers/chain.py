@@ -128,6 +128,21 @@ def plane_stream(source: VolumeSource, *, name: str | None = None,
         yield PlaneStream(header, dims, label, stored_planes(data, header.dtype, dims, label))
 
 
+@contextmanager
+def dicom_series(source: VolumeSource, *, name: str | None = None,
+                 limits: ReadLimits | None = None) -> Iterator[tuple[DicomHeader, str] | None]:
+    """The checked header of the DICOM series at `source` (a folder, a `.zip`, an Enhanced CT `.dcm`) and its label,
+    the source kept open while the caller decodes it (`decode_series`, `stream_grid`); None for any other format."""
+    limits = limits or ReadLimits()
+    if _is_folder(source):
+        label = name or str(source)
+        yield checked_folder_header(Path(source), label, limits), label  # type: ignore[arg-type]
+        return
+    with _opened(source, name) as (stream, label):
+        _head, reader = _detect(stream, label)
+        yield (reader.checked_header(stream, label, limits), label) if isinstance(reader, DicomReader) else None
+
+
 def read_header(source: VolumeSource, *, name: str | None = None) -> VolumeHeader:
     """Only what the header declares (a .nii.gz inflates a few hundred bytes; a DICOM series parses every file's
     header): no limits, no image data."""
