@@ -14,6 +14,7 @@ time (:func:`~ctplatform.data.readers.dicom.stream_grid`); memory follows a memb
 from __future__ import annotations
 
 import stat
+import struct
 import threading
 import zipfile
 from pathlib import PurePosixPath
@@ -28,6 +29,13 @@ NESTED_ARCHIVE_MAGICS = (b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!", b"B
 # is only looked at for archives declaring more than RATIO_FLOOR_BYTES, so small test or blank series are not refused.
 MAX_EXPANSION = 100
 RATIO_FLOOR_BYTES = 64 << 20
+# zipfile builds an object per central-directory entry before its caller can count them: a directory of millions
+# of empty entries (100 bytes each in the upload) would take gigabytes. Its size is checked first, from the end
+# record: at most this many bytes per allowed member (46 fixed, the name, extra fields; real ones take ~100).
+DIRECTORY_BYTES_PER_MEMBER = 1024
+END_RECORD = struct.Struct("<4s4H2LH")  # signature, disks, entries here, entries, directory size, offset, comment
+ZIP64_LOCATOR = struct.Struct("<4sLQL")
+ZIP64_END_RECORD = struct.Struct("<4sQ2H2L4Q")
 
 
 def is_zip(head: bytes) -> bool:
@@ -90,6 +98,7 @@ class MemberFile:
 def open_archive(stream: BinaryIO, label: str, max_members: int, max_bytes: int) -> list[MemberFile]:
     """The regular files of the archive in `stream`, in name order (directories skipped), checked as the module says;
     nothing inflated yet. The archive stays open as long as its members are referenced."""
+    _check_directory(stream, label, max_members)
     try:
         archive = zipfile.ZipFile(stream)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -109,6 +118,37 @@ def open_archive(stream: BinaryIO, label: str, max_members: int, max_bytes: int)
     for info in infos:
         _check_entry(info, label)
     return [MemberFile(archive, info, label) for info in sorted(infos, key=lambda i: i.filename)]
+
+
+def _check_directory(stream: BinaryIO, label: str, max_members: int) -> None:
+    """Refuse an archive whose end record declares more entries, or a larger central directory, than `max_members`
+    allow, before zipfile reads the directory. An archive without a readable end record is left to zipfile (which
+    refuses it)."""
+    start = stream.tell()
+    try:
+        end = stream.seek(0, 2)
+        tail_start = max(start, end - END_RECORD.size - 0xFFFF)
+        stream.seek(tail_start)
+        tail = stream.read(end - tail_start)
+    finally:
+        stream.seek(start)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < END_RECORD.size:
+        return
+    _, _, _, _, entries, size, _, _ = END_RECORD.unpack_from(tail, at)
+    locator = at - ZIP64_LOCATOR.size
+    if locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
+        offset = ZIP64_LOCATOR.unpack_from(tail, locator)[2]
+        stream.seek(start + offset)
+        record = stream.read(ZIP64_END_RECORD.size)
+        stream.seek(start)
+        if len(record) == ZIP64_END_RECORD.size and record[:4] == b"PK\x06\x06":
+            _, _, _, _, _, _, _, entries, size, _ = ZIP64_END_RECORD.unpack(record)
+    if entries > max_members:
+        raise DataTooLargeError(label, f"the archive holds {entries:,} files, above the limit of {max_members:,}")
+    if size > max_members * DIRECTORY_BYTES_PER_MEMBER:
+        raise DataTooLargeError(label, f"the archive's directory takes {size:,} bytes, above the "
+                                       f"{max_members * DIRECTORY_BYTES_PER_MEMBER:,} its {max_members:,} files may")
 
 
 def _check_entry(info: zipfile.ZipInfo, label: str) -> None:
