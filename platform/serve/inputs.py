@@ -155,7 +155,9 @@ def parse_multipart(body: bytes, content_type: str, limits: ServeLimits) -> list
         state["field"], state["value"] = b"", b""
 
     def on_part_data(data, start, end):
-        parts[-1]["data"].append(data[start:end])
+        # a view of the (immutable) body, not a slice: a part's bytes are copied once, when joined; the parser's
+        # own reused buffer (a boundary look-behind) is copied
+        parts[-1]["data"].append(memoryview(data)[start:end] if isinstance(data, bytes) else bytes(data[start:end]))
 
     def on_end():
         state["ended"] = True
