@@ -6,8 +6,9 @@ under the 2 GiB `--max-decompressed-mb`; 400 Mi voxels, the `--max-voxels` cap) 
 Starts an embedded Ray and the Serve application (a random-weight efficientnet_b0 bundle at 224 px, 32 slices),
 warms it with a small volume, then sends each payload once (multipart, as a client does) while sampling the RSS of
 the Serve proxy, the ingress replica and the model replica every 10 ms (psutil): the table gives each one's RSS
-before, its peak growth during the request and its growth after. The ingress holds the upload (and, while the
-multipart body is parsed, a second copy of it), so its growth is shown beside the upload's size.
+before, its peak growth during the request and its growth after. The ingress holds the upload several times over
+while it arrives and is parsed (Serve's copy of the request, the body's chunks and their join, the multipart part),
+so its growth is shown beside the upload's size.
 
 Payloads are written plane by plane (never a whole volume in this process): smooth anatomy, so the 1.6 GiB volumes
 fit the 512 MiB body cap gzipped; the DICOM slices carry a fixed noise pattern of a few HU, as real CT does (a zip
