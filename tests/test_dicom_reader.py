@@ -341,3 +341,28 @@ def test_no_patient_identifier_in_any_message_note_log_or_warning(tmp_path, ches
     for message in messages:
         for secret in secrets:
             assert secret.lower() not in message.lower(), message
+
+
+def test_an_archive_of_countless_entries_is_refused_from_its_end_record_before_its_directory_is_read():
+    """60,000 empty entries (a 6 MB upload; millions fit the body cap): zipfile would build an object for each
+    before the count could be checked, so the end record's count and directory size are checked first."""
+    import tracemalloc
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as out:
+        for k in range(60_000):
+            out.writestr(f"{k:06d}.dcm", b"")
+    data = buffer.getvalue()
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataTooLargeError, match="holds 60,000 files, above the limit of 2,048"):
+            read_volume(data, name="many.zip", limits=ReadLimits(max_series_files=2048))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(data)  # the upload's tail is read, not 60,000 ZipInfo objects (~25 MB)
+    end = data.rfind(b"PK\x05\x06")
+    lying = bytearray(data)
+    lying[end + 8:end + 12] = (1).to_bytes(2, "little") * 2  # the end record claims one entry
+    with pytest.raises(DataTooLargeError, match="directory takes"):
+        read_volume(bytes(lying), name="liar.zip", limits=ReadLimits(max_series_files=2048))

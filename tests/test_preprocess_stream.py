@@ -4,13 +4,11 @@ format and orientation, in memory bounded by the model's input rather than by th
 
 import gzip
 import tracemalloc
-import zipfile
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from dicom_series import write_series
 
 from ctplatform.data import ReadLimits, read_raw_volume
 from ctplatform.data.errors import DataFormatError
@@ -86,21 +84,14 @@ def test_scanned_volume_prepares_what_the_whole_volume_path_prepares(case, tmp_p
         assert got_slices.dtype == np.int16
 
 
-def test_non_axial_volumes_and_dicom_are_held_whole_and_prepare_the_same(tmp_path):
+def test_non_axial_volumes_are_held_whole_and_prepare_the_same():
+    """(A zipped DICOM series is scanned too: tests/test_preprocess_stream_dicom.py.)"""
     sagittal = np.array([[0, 0, 2.0, 0], [0.8, 0, 0, 0], [0, 0.7, 0, 0], [0, 0, 0, 1]])  # slices along x
     data, name = nifti(chest(), sagittal)
     raw, (slices, _) = whole(data, name)
     volume = open_for_preprocessing(data, name=name)
     assert isinstance(volume, HeldVolume) and any("non-axial" in note for note in volume.notes)
     np.testing.assert_array_equal(volume.prepare(SETTINGS)[0], slices)
-    write_series(tmp_path / "s", np.round(chest((12, 32, 28))), spacing=(2.0, 0.7, 0.7))
-    with zipfile.ZipFile(tmp_path / "s.zip", "w") as archive:
-        for path in sorted((tmp_path / "s").iterdir()):
-            archive.write(path, path.name)
-    data = (tmp_path / "s.zip").read_bytes()
-    volume = open_for_preprocessing(data, name="s.zip")
-    assert isinstance(volume, HeldVolume)
-    np.testing.assert_array_equal(volume.prepare(SETTINGS)[0], whole(data, "s.zip")[1][0])
 
 
 @pytest.mark.parametrize("make", [

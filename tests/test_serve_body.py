@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ctplatform.serve.body import BodyBudget, BodyReservation, read_body
+from ctplatform.serve.body import MemoryBudget, Reservation, read_body
 from ctplatform.serve.inputs import (
     InputError,
     ServeLimits,
@@ -89,8 +89,8 @@ def test_a_body_that_never_ends_gets_408_at_the_body_timeout():
 
 
 def test_the_body_budget_refuses_with_503_before_reading_and_is_given_back():
-    budget = BodyBudget(1000)
-    first = BodyReservation(budget)
+    budget = MemoryBudget(1000)
+    first = Reservation(budget)
     assert asyncio.run(read_body(trickle([b"a" * 600], 0), LIMITS, first, declared_length=600)) == b"a" * 600
     pulled = []
 
@@ -99,15 +99,34 @@ def test_the_body_budget_refuses_with_503_before_reading_and_is_given_back():
         yield b"b" * 500
 
     with pytest.raises(InputError) as refused:  # 600 + 500 > 1000: refused from Content-Length, nothing read
-        asyncio.run(read_body(chunks(), LIMITS, BodyReservation(budget), declared_length=500))
+        asyncio.run(read_body(chunks(), LIMITS, Reservation(budget), declared_length=500))
     assert refused.value.status == 503 and pulled == [] and budget.held == 600
     # no Content-Length: the reservation grows as the bytes arrive; as a context manager it is given back however
     # the request ends
-    with pytest.raises(InputError, match="bytes of uploads in memory"), BodyReservation(budget) as chunked:
+    with pytest.raises(InputError, match="bytes of uploads in memory"), Reservation(budget) as chunked:
         asyncio.run(read_body(trickle([b"c" * 300, b"c" * 300], 0), LIMITS, chunked))
     assert budget.held == 600
     first.release()
     assert budget.held == 0
-    assert asyncio.run(read_body(trickle([b"d" * 900], 0), LIMITS, BodyReservation(budget), 900)) == b"d" * 900
+    assert asyncio.run(read_body(trickle([b"d" * 900], 0), LIMITS, Reservation(budget), 900)) == b"d" * 900
 
 
+
+
+def test_one_budget_mechanism_bounds_decoding_too_with_413_for_what_could_never_fit():
+    decodes = MemoryBudget(100, "bytes of volume decoding")
+    with Reservation(decodes) as first:
+        first.grow_to(60)
+        with pytest.raises(InputError) as busy, Reservation(decodes) as second:
+            second.grow_to(50)
+        assert busy.value.status == 503 and "100 bytes of volume decoding in memory" in busy.value.reason
+        with pytest.raises(InputError) as never, Reservation(decodes) as huge:
+            huge.grow_to(101)  # more than the whole budget: waiting would not help
+        assert never.value.status == 413 and "needs 101 bytes of volume decoding" in never.value.reason
+        assert decodes.held == 60
+    assert decodes.held == 0
+
+
+def test_serve_limits_refuse_a_decode_budget_below_one_volume_read_whole():
+    with pytest.raises(ValueError, match="decode budget"):
+        ServeLimits(max_decompressed_bytes=100 << 20, max_inflight_decode_bytes=150 << 20)

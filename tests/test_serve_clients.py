@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from serve_payloads import MiB, chest, gzip_bomb, long_gzip_name, nifti_gz, npy, terabyte_header, vox_offset_bomb
-from serve_service import AUTH, KEY, assert_good_request_works, post_volume, running_service
+from serve_service import AUTH, KEY, app_config, assert_good_request_works, post_volume, running_service
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -290,3 +290,48 @@ def test_slow_uploads_get_408_and_do_not_slow_down_other_requests(service):
     assert_good_request_works(client)
 
 
+
+
+def test_the_decode_budget_answers_503_with_retry_after_and_413_for_a_volume_beyond_it(service):
+    """An application whose decode budget holds one volume request of the flood's size (estimated from its header)
+    and not two: concurrent requests beyond it get 503 with Retry-After at once, a volume that alone needs more than
+    the budget 413, and the budget is given back (a later request is served)."""
+    from ray import serve
+
+    from ctplatform.data.decode_memory import decode_estimate
+    from ctplatform.data.preprocess import PreprocessSettings
+    from ctplatform.serve.app import build_app
+
+    data = nifti_gz(chest(seed=14))
+    one = decode_estimate(data, "d.nii.gz", PreprocessSettings(image_size=64, num_slices=8))  # the test bundle's
+    budget_mb = max(1.5 * one, 2 * 6.5 * MiB) / MiB
+    assert budget_mb * MiB < 2 * one
+    serve.run(build_app(app_config(service["bundles"]["a"], max_inflight_decode_mb=budget_mb, max_decompressed_mb=6.5,
+                                   max_ongoing=16, max_queued=32)), name="tight", route_prefix="/tight")
+    try:
+        async def flood(n):
+            async with httpx.AsyncClient(base_url=service["url"], timeout=60,
+                                         limits=httpx.Limits(max_connections=n)) as client:
+                async def one_request():
+                    response = await client.post("/tight/v1/predict/volume", files={"file": ("d.nii.gz", data)},
+                                                 headers=AUTH)
+                    return response.status_code, response.headers.get("retry-after"), response.text
+
+                return await asyncio.gather(*(one_request() for _ in range(n)))
+
+        results = asyncio.run(flood(12))
+        statuses = [status for status, _, _ in results]
+        print(f"decode budget {budget_mb:.1f} MiB, one request's share {one / MiB:.1f} MiB: statuses {statuses}")
+        assert set(statuses) <= {200, 503}, results
+        refused = [(retry, text) for status, retry, text in results if status == 503]
+        assert refused and statuses.count(200) >= 1, statuses
+        assert all(retry == "1" and "bytes of volume decoding in memory" in text for retry, text in refused), refused
+        sagittal = nib.Nifti1Image(np.ascontiguousarray(chest((96, 128, 128), seed=15).transpose(2, 1, 0)),
+                                   np.array([[0, 0, 2.0, 0], [0.8, 0, 0, 0], [0, 0.7, 0, 0], [0, 0, 0, 1]]))
+        too_big = service["client"].post("/tight/v1/predict/volume", headers=AUTH,
+                                         files={"file": ("big.nii", sagittal.to_bytes())})  # float32, held whole
+        assert too_big.status_code == 413 and "bytes of volume decoding" in too_big.text, too_big.text
+        served = service["client"].post("/tight/v1/predict/volume", files={"file": ("d.nii.gz", data)}, headers=AUTH)
+        assert served.status_code == 200, served.text
+    finally:
+        serve.delete("tight")

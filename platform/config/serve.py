@@ -106,6 +106,10 @@ class UploadLimitsConfig:
                                           "slower client gets 408 (default 64)")
     max_inflight_body_mb: float = option(2048, "MiB of request bodies one ingress replica holds at once; beyond, "
                                                "503 with Retry-After (default 2048)")
+    max_inflight_decode_mb: float = option(6144, "MiB of volume decoding one ingress replica admits at once, each "
+                                                 "request's share estimated from its header and decode path; "
+                                                 "beyond, 503 with Retry-After; at least twice "
+                                                 "--max-decompressed-mb (default 6144)")
     max_files: int = option(64, "multipart parts per request", cli=False)
     max_slices: int = option(256, "2-D slices per /v1/predict/slices request", cli=False)
     max_slice_side: int = option(2048, "largest side of an uploaded slice in pixels", cli=False)

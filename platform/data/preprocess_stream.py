@@ -8,8 +8,11 @@ second (:meth:`ScannedVolume.prepare`) keeps only the chosen slices, each conver
 model's size as it arrives. What is held: a plane or two, the coarse sample and the chosen slices at model size.
 Slices, positions, notes and errors are those of the whole-volume path (tests compare them).
 
-A DICOM series (separate files, already decoded one by one) and a volume whose canonical order needs an axis swap
-(a non-axial acquisition) are read whole, as :class:`HeldVolume`.
+A DICOM series in a `.zip` goes the same two ways (:func:`scan_series`): its members are inflated and decoded one at
+a time (:func:`~ctplatform.data.readers.dicom.stream_grid`), in the first pass every slice of its grid for the
+checks and the coarse sample, in the second only the chosen ones. A DICOM folder or Enhanced CT file, a multi-frame
+series and a volume whose canonical order needs an axis swap (a non-axial acquisition) are read whole, as
+:class:`HeldVolume`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from ctplatform.data.preprocess import (
     resize_slices,
     slice_positions,
 )
-from ctplatform.data.readers.chain import VolumeSource, plane_stream
+from ctplatform.data.readers.chain import VolumeSource, dicom_series, plane_stream
+from ctplatform.data.readers.dicom import DicomHeader, stream_grid
 from ctplatform.data.readers.orientation import canonical_flips
 
 CHECK_STEP = 4  # RawVolume.hu_sample's in-plane step: what the blank and chest checks look at
@@ -45,7 +49,7 @@ RESIZE_BATCH_BYTES = 32 << 20
 
 @dataclass
 class HeldVolume:
-    """A volume read whole (DICOM, non-axial): prepared by `preprocess_raw_volume`."""
+    """A volume read whole (non-axial, a DICOM folder or Enhanced CT file): prepared by `preprocess_raw_volume`."""
 
     volume: RawVolume
 
@@ -88,33 +92,66 @@ class ScannedVolume:
     def prepare(self, settings: PreprocessSettings) -> tuple[np.ndarray, np.ndarray]:
         """(K, S, S) int16 HU slices and their positions: `preprocess_raw_volume`'s result, from a second pass that
         keeps only the chosen planes."""
-        first, last = body_extent(self.body_sample, settings, step=1)
-        positions = slice_positions(first, last, settings)
-        wanted: dict[int, np.ndarray] = {}
-        needed = set(positions.tolist())
-        in_plane = _in_plane(self.flips)
-        # resized a few planes at a time: one antialiased resize per plane costs ~10x its share of a batched one
-        batch = max(1, min(RESIZE_BATCH, RESIZE_BATCH_BYTES // (4 * self.shape[1] * self.shape[2])))
-        pending: dict[int, np.ndarray] = {}
-
-        def resize_pending() -> None:
-            resized = resize_slices(np.stack(list(pending.values())), settings.image_size)
-            wanted.update(zip(pending, resized, strict=True))
-            pending.clear()
-
+        chosen = self._chosen(settings)
         with plane_stream(self.source, name=self.name, limits=self.limits) as planes:
             assert planes is not None
             for k, plane in enumerate(planes.planes):
-                index = self.shape[0] - 1 - k if self.flips[0] else k
-                if index in needed:
-                    pending[index] = rescaled_to_hu(plane[in_plane], self.slope, self.intercept)
-                    if len(pending) == batch:
-                        resize_pending()
-                    if len(wanted) + len(pending) == len(needed):
-                        break  # the rest of the stream is not needed
-        if pending:
-            resize_pending()
-        return np.stack([wanted[int(p)] for p in positions]), positions
+                if chosen.add(self._index(k), plane):
+                    break  # the rest of the stream is not needed
+        return chosen.result()
+
+    def _index(self, k: int) -> int:
+        """The canonical slice index of stored plane `k`."""
+        return self.shape[0] - 1 - k if self.flips[0] else k
+
+    def _chosen(self, settings: PreprocessSettings) -> _ChosenSlices:
+        first, last = body_extent(self.body_sample, settings, step=1)
+        return _ChosenSlices(slice_positions(first, last, settings), settings, self)
+
+
+class ScannedSeries(ScannedVolume):
+    """A zipped DICOM series' first pass (`source` is read again, one member at a time, to prepare it)."""
+
+    def prepare(self, settings: PreprocessSettings) -> tuple[np.ndarray, np.ndarray]:
+        chosen = self._chosen(settings)
+        with dicom_series(self.source, name=self.name, limits=self.limits) as series:
+            assert series is not None
+            header, label = series
+            stream_grid(header, label, lambda g, plane: chosen.add(self._index(g), plane),
+                        wanted={self._index(int(p)) for p in chosen.positions})
+        return chosen.result()
+
+
+class _ChosenSlices:
+    """The chosen slices of a volume, converted to HU and resized to the model's size a few at a time as their planes
+    arrive (in any order)."""
+
+    def __init__(self, positions: np.ndarray, settings: PreprocessSettings, volume: ScannedVolume):
+        self.positions, self.settings, self.volume = positions, settings, volume
+        self.needed = set(positions.tolist())
+        self.in_plane = _in_plane(volume.flips)
+        # one antialiased resize per plane costs ~10x its share of a batched one
+        self.batch = max(1, min(RESIZE_BATCH, RESIZE_BATCH_BYTES // (4 * volume.shape[1] * volume.shape[2])))
+        self.pending: dict[int, np.ndarray] = {}
+        self.resized: dict[int, np.ndarray] = {}
+
+    def add(self, index: int, plane: np.ndarray) -> bool:
+        """Take canonical slice `index` (stored values) if it is chosen; True once every chosen slice is in."""
+        if index in self.needed and index not in self.pending and index not in self.resized:
+            self.pending[index] = rescaled_to_hu(plane[self.in_plane], self.volume.slope, self.volume.intercept)
+            if len(self.pending) == self.batch:
+                self._resize_pending()
+        return len(self.resized) + len(self.pending) == len(self.needed)
+
+    def _resize_pending(self) -> None:
+        resized = resize_slices(np.stack(list(self.pending.values())), self.settings.image_size)
+        self.resized.update(zip(self.pending, resized, strict=True))
+        self.pending.clear()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.pending:
+            self._resize_pending()
+        return np.stack([self.resized[int(p)] for p in self.positions]), self.positions
 
 
 def open_for_preprocessing(source: VolumeSource, *, name: str | None = None,
@@ -126,6 +163,12 @@ def open_for_preprocessing(source: VolumeSource, *, name: str | None = None,
         canonical = canonical_flips(planes.header.affine) if planes is not None else None
         if planes is not None and canonical is not None:
             return scan_volume(planes, canonical, source, name, limits)
+        dicom = planes is None
+    if dicom:
+        with dicom_series(source, name=name, limits=limits) as series:
+            if series is not None and (canonical := canonical_flips(series[0].affine)) is not None \
+                    and series[0].open_member is not None and all(image.frame is None for image in series[0].images):
+                return scan_series(*series, canonical, source, name, limits)
     return HeldVolume(read_raw_volume(source, name=name, limits=limits))
 
 
@@ -179,3 +222,45 @@ def scan_volume(planes, canonical, source: VolumeSource, name: str | None, limit
 
 def _in_plane(flips: tuple[bool, bool, bool]) -> tuple[slice, slice]:
     return slice(None, None, -1 if flips[1] else 1), slice(None, None, -1 if flips[2] else 1)
+
+
+def scan_series(header: DicomHeader, label: str, canonical, source: VolumeSource, name: str | None,
+                limits: ReadLimits) -> ScannedSeries:
+    """The first pass over a DICOM series whose grid needs only flips (`canonical`): every grid slice decoded once, for
+    the checks of `read_raw_volume` and the coarse sample, and let go."""
+    flips, spacing = canonical
+    num_slices = header.plan.num_slices
+    rows, cols = header.images[0].geometry.shape
+    slope, intercept = float(header.slope or 1.0), float(header.intercept or 0.0)  # the file's own rescale
+    chest_first, chest_stop = chest_slices(num_slices)
+    body_step = max(1, min(rows, cols) // 64)  # preprocess_raw_volume's sample step
+    in_plane = _in_plane(flips)
+    # Per canonical slice (slices arrive from two decode threads, in about grid order): written once each.
+    stored = np.empty((num_slices, 2))
+    checked = np.empty((num_slices, 2))
+    counts = np.zeros((num_slices, 2), np.int64)
+    body: list[np.ndarray] = [np.empty(0)] * num_slices
+    finite = np.ones(num_slices, bool)
+
+    def emit(g: int, plane: np.ndarray) -> None:
+        index = num_slices - 1 - g if flips[0] else g
+        finite[index] = plane.dtype.kind != "f" or bool(np.isfinite(plane).all())
+        stored[index] = plane.min(), plane.max()
+        canonical_plane = plane[in_plane]
+        hu = rescaled_to_hu(canonical_plane[::CHECK_STEP, ::CHECK_STEP], slope, intercept)
+        checked[index] = hu.min(), hu.max()
+        if chest_first <= index < chest_stop:
+            counts[index] = chest_counts(hu)
+        body[index] = rescaled_to_hu(canonical_plane[::body_step, ::body_step], slope, intercept)
+
+    stream_grid(header, label, emit)
+    if not finite.all():  # the whole-volume path's checks, in its order
+        raise UnusableContentError(label, "image contains NaN or infinite values")
+    if checked[:, 0].min() == checked[:, 1].max() and stored[:, 0].min() == stored[:, 1].max():
+        raise UnusableContentError(label, "image is constant (blank)")
+    if limits.require_spacing and not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise UnusableContentError(label, f"voxel spacing {tuple(float(s) for s in spacing)} mm is not finite and "
+                                          "positive (NaN or zero pixdim in the header)")
+    notes = list(header.notes) + chest_note(*(int(c) for c in counts.sum(axis=0)))
+    return ScannedSeries(source, name, limits, (num_slices, rows, cols), spacing, "header", slope, intercept, flips,
+                         np.stack(body), notes)

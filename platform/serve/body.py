@@ -4,7 +4,8 @@ Three bounds, checked as the bytes arrive: the body cap (413); a deadline and a 
 client trickling bytes loses its request after a short grace period instead of holding an ingress slot for the
 whole request timeout; and a replica-wide budget on the bytes of bodies held in memory at once (503 with
 Retry-After), reserved from Content-Length before any byte is read, so many large uploads at once are refused
-early rather than exhausting the replica's memory.
+early rather than exhausting the replica's memory. The same :class:`MemoryBudget` bounds the memory of volume
+decoding (`ctplatform.serve.decode_memory` estimates each request's share from its header).
 """
 
 from __future__ import annotations
@@ -18,16 +19,21 @@ from ctplatform.serve.inputs import InputError, ServeLimits
 BUSY_RETRY_AFTER_S = 1
 
 
-class BodyBudget:
-    """Bytes of request bodies one ingress replica holds at once. Used from the replica's event loop only."""
+class MemoryBudget:
+    """Bytes one ingress replica holds at once for one purpose (`holding` names it in messages: request bodies,
+    volume decoding). Used from the replica's event loop only."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, holding: str = "bytes of uploads"):
         self.capacity = capacity
+        self.holding = holding
         self.held = 0
 
     def reserve(self, count: int) -> None:
+        if count > self.capacity:  # would never fit, however long the client waited: not a 503
+            raise InputError(413, f"this request needs {count:,} {self.holding}, above the service's limit of "
+                                  f"{self.capacity:,}")
         if self.held + count > self.capacity:
-            raise InputError(503, f"the service holds its limit of {self.capacity:,} bytes of uploads in memory: "
+            raise InputError(503, f"the service holds its limit of {self.capacity:,} {self.holding} in memory: "
                                   "retry in a moment")
         self.held += count
 
@@ -36,14 +42,14 @@ class BodyBudget:
 
 
 @dataclass
-class BodyReservation:
-    """What one request has reserved in the budget; a context manager that releases it when the request ends,
+class Reservation:
+    """What one request has reserved in a budget; a context manager that releases it when the request ends,
     whatever happened."""
 
-    budget: BodyBudget
+    budget: MemoryBudget
     bytes: int = 0
 
-    def __enter__(self) -> BodyReservation:
+    def __enter__(self) -> Reservation:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -59,7 +65,7 @@ class BodyReservation:
         self.bytes = 0
 
 
-async def read_body(chunks: AsyncIterable[bytes], limits: ServeLimits, reservation: BodyReservation | None = None,
+async def read_body(chunks: AsyncIterable[bytes], limits: ServeLimits, reservation: Reservation | None = None,
                     declared_length: int | None = None) -> bytes:
     """The whole body, or InputError: 413 past the cap, 408 when the client is too slow, 503 when the replica's
     body budget is spent (reserved from `declared_length` up front, grown as a chunked body arrives)."""

@@ -34,10 +34,11 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from ctplatform.data.decode_memory import decode_estimate
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.evaluation.decision import DECISION_THRESHOLD
 from ctplatform.serve.auth import bearer, key_accepted
-from ctplatform.serve.body import BUSY_RETRY_AFTER_S, BodyBudget, BodyReservation, read_body
+from ctplatform.serve.body import BUSY_RETRY_AFTER_S, MemoryBudget, Reservation, read_body
 from ctplatform.serve.inputs import (
     InputError,
     ServeLimits,
@@ -114,7 +115,8 @@ class Ingress:
         self.settings = PreprocessSettings.from_dict(preprocess)
         self.options = options or IngressOptions()
         self.pool = ThreadPoolExecutor(max(1, self.options.decode_workers), thread_name_prefix="decode")
-        self.bodies = BodyBudget(self.options.limits.max_inflight_body_bytes)
+        self.bodies = MemoryBudget(self.options.limits.max_inflight_body_bytes)
+        self.decodes = MemoryBudget(self.options.limits.max_inflight_decode_bytes, "bytes of volume decoding")
         self.responses: Counter[str] = Counter()
         self.page = load_page()
 
@@ -128,7 +130,7 @@ class Ingress:
     async def _cpu(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
 
-    async def _body(self, request: Request, reservation: BodyReservation) -> bytes:
+    async def _body(self, request: Request, reservation: Reservation) -> bytes:
         declared = check_content_length(dict(request.headers), self.options.limits)
         return await read_body(request.stream(), self.options.limits, reservation, declared)
 
@@ -241,16 +243,21 @@ class Ingress:
 
     # ------------------------------------------------------------------ work
     async def _predict_volume(self, request: Request, thumbnails: bool, filename: str | None) -> dict:
-        with BodyReservation(self.bodies) as reservation:  # the upload counts against the budget until answered
+        with Reservation(self.bodies) as reservation:  # the upload counts against the budget until answered
             started = time.perf_counter()
             limits = self.options.limits
             body = await self._body(request, reservation)
             upload = single_upload(uploads_from_body(body, request.headers.get("content-type"), filename, limits))
             del body
-            volume = await self._cpu(VolumeUpload, upload, limits)
-            decoded = time.perf_counter()
-            reply, (prepared, positions) = await self._model_call_with_settings("predict_volume", volume.prepare)
-            modelled = time.perf_counter()
+            # the decode's share of memory, from the header (microseconds; a zip's directory: milliseconds), reserved
+            # before it waits for a decode worker and held until the answer (the scanned volume is read again to
+            # prepare it); 503 when the replica's decode budget is spent
+            with Reservation(self.decodes) as decoding:
+                decoding.grow_to(decode_estimate(upload.data, upload.filename, self.settings, limits.read_limits))
+                volume = await self._cpu(VolumeUpload, upload, limits)
+                decoded = time.perf_counter()
+                reply, (prepared, positions) = await self._model_call_with_settings("predict_volume", volume.prepare)
+                modelled = time.perf_counter()
             result = volume_response(reply, volume, slices_used=len(positions))
             if thumbnails:
                 wanted = [p for positions_ in result["key_slices"].values() for p in positions_]
@@ -263,7 +270,7 @@ class Ingress:
 
     async def _predict_slices(self, request: Request, filename: str | None) -> dict:
         limits = self.options.limits
-        with BodyReservation(self.bodies) as reservation:
+        with Reservation(self.bodies) as reservation:
             body = await self._body(request, reservation)
             uploads = uploads_from_body(body, request.headers.get("content-type"), filename, limits)
             del body

@@ -61,14 +61,22 @@ class ServeLimits:
     # A client's first seconds may be slow (TCP slow start, a proxy's buffering): the minimum rate applies after them.
     body_grace_s: float = 5.0
     max_inflight_body_bytes: int = 2048 * MiB  # bodies one ingress replica holds at once (503 beyond)
+    # Volume decoding one ingress replica admits at once, as `ctplatform.data.decode_memory` reckons it from each
+    # upload's header (503 beyond; 413 for one volume that alone needs more). At least one volume of the largest
+    # declared size held whole (a non-axial one: twice its image bytes); a streamed one needs ~100 MiB at most.
+    max_inflight_decode_bytes: int = 6144 * MiB
 
     def __post_init__(self):
         if min(self.max_body_bytes, self.max_voxels, self.max_decompressed_bytes, self.max_files,
                self.max_slices, self.max_slice_side, self.min_slice_side, self.max_series_files,
-               self.body_timeout_s, self.min_body_rate, self.max_inflight_body_bytes, self.body_grace_s) <= 0:
+               self.body_timeout_s, self.min_body_rate, self.max_inflight_body_bytes, self.body_grace_s,
+               self.max_inflight_decode_bytes) <= 0:
             raise ValueError("every serve limit must be a positive number")
         if self.max_inflight_body_bytes < self.max_body_bytes:
             raise ValueError("the in-flight body budget must hold at least one body of the largest size allowed")
+        if self.max_inflight_decode_bytes < 2 * self.max_decompressed_bytes:
+            raise ValueError("the decode budget must hold at least one volume of the largest size allowed read whole "
+                             "(twice the decompression limit)")
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> ServeLimits:
@@ -77,7 +85,8 @@ class ServeLimits:
                    max_slices=config.max_slices, max_slice_side=config.max_slice_side,
                    min_slice_side=config.min_slice_side, body_timeout_s=config.body_timeout,
                    min_body_rate=config.min_body_rate_kib * 1024,
-                   max_inflight_body_bytes=int(config.max_inflight_body_mb * MiB))
+                   max_inflight_body_bytes=int(config.max_inflight_body_mb * MiB),
+                   max_inflight_decode_bytes=int(config.max_inflight_decode_mb * MiB))
 
     @property
     def read_limits(self) -> ReadLimits:
@@ -146,7 +155,9 @@ def parse_multipart(body: bytes, content_type: str, limits: ServeLimits) -> list
         state["field"], state["value"] = b"", b""
 
     def on_part_data(data, start, end):
-        parts[-1]["data"].append(data[start:end])
+        # a view of the (immutable) body, not a slice: a part's bytes are copied once, when joined; the parser's
+        # own reused buffer (a boundary look-behind) is copied
+        parts[-1]["data"].append(memoryview(data)[start:end] if isinstance(data, bytes) else bytes(data[start:end]))
 
     def on_end():
         state["ended"] = True
@@ -211,8 +222,9 @@ def single_upload(uploads: list[Upload]) -> Upload:
 # ------------------------------------------------------------------------------------------------ volumes
 def decode_volume(upload: Upload, limits: ServeLimits) -> ScannedVolume | HeldVolume:
     """Bytes of a .nii / .nii.gz / .mha / DICOM (.zip of a series, Enhanced CT .dcm) upload -> a checked volume ready
-    to prepare: NIfTI and MetaImage scanned a plane at a time (never held whole: memory bounded whatever the header
-    declares), DICOM held in its stored values. Raises InputError, never anything else."""
+    to prepare: NIfTI and MetaImage scanned a plane at a time, a DICOM series `.zip` a member at a time (never held
+    whole: memory bounded whatever the upload declares); a non-axial volume or an Enhanced CT file held in its stored
+    values. Raises InputError, never anything else."""
     name = upload.filename
     data = upload.data
     if not data:

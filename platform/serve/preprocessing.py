@@ -1,6 +1,6 @@
 """Preprocessing of uploads on the ingress's CPUs: decoded uploads become the int16 HU slices a model replica takes.
 
-A volume is checked once (`decode_volume`: NIfTI and MetaImage a plane at a time, DICOM whole in its stored values)
+A volume is checked once (`decode_volume`: NIfTI and MetaImage a plane at a time, a DICOM `.zip` a member at a time)
 and prepared as `prepare` prepares the training cache (the same slices as `preprocess_raw_volume`); .npy slices are
 resized (`resize_slices`). Preparation takes the settings of the model replica that will answer: mid-rollout, a
 replica of another bundle version may ask for other ones, and the upload is then prepared again with them.

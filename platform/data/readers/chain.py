@@ -63,12 +63,10 @@ def read_volume(
         return _dicom_volume(checked_folder_header(Path(source), label, limits), metadata, limits, label)
     with _opened(source, name) as (stream, label):
         head, reader = _detect(stream, label)
-        if isinstance(reader, DicomReader):
-            header = reader.checked_header(stream, label, limits)
-        else:
-            header, data = reader.read(stream, head, label, limits)
-            return _checked_volume(data, header, metadata, limits, label).to_volume()
-    return _dicom_volume(header, metadata, limits, label)
+        if isinstance(reader, DicomReader):  # decoded while the stream is open (a zip's members are read from it)
+            return _dicom_volume(reader.checked_header(stream, label, limits), metadata, limits, label)
+        header, data = reader.read(stream, head, label, limits)
+    return _checked_volume(data, header, metadata, limits, label).to_volume()
 
 
 def _dicom_volume(header: DicomHeader, metadata: VolumeMetadata | None, limits: ReadLimits, label: str) -> Volume:
@@ -128,6 +126,21 @@ def plane_stream(source: VolumeSource, *, name: str | None = None,
             return
         header, dims, data = reader.open_data(stream, head, label, limits)
         yield PlaneStream(header, dims, label, stored_planes(data, header.dtype, dims, label))
+
+
+@contextmanager
+def dicom_series(source: VolumeSource, *, name: str | None = None,
+                 limits: ReadLimits | None = None) -> Iterator[tuple[DicomHeader, str] | None]:
+    """The checked header of the DICOM series at `source` (a folder, a `.zip`, an Enhanced CT `.dcm`) and its label,
+    the source kept open while the caller decodes it (`decode_series`, `stream_grid`); None for any other format."""
+    limits = limits or ReadLimits()
+    if _is_folder(source):
+        label = name or str(source)
+        yield checked_folder_header(Path(source), label, limits), label  # type: ignore[arg-type]
+        return
+    with _opened(source, name) as (stream, label):
+        _head, reader = _detect(stream, label)
+        yield (reader.checked_header(stream, label, limits), label) if isinstance(reader, DicomReader) else None
 
 
 def read_header(source: VolumeSource, *, name: str | None = None) -> VolumeHeader:

@@ -13,21 +13,25 @@ ITK does, then float32) before resampling.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ctplatform.data.errors import CorruptDataError, DataNotFoundError, DataTooLargeError, UnsupportedFormatError
 from ctplatform.data.hounsfield import rescaled_to_hu
 from ctplatform.data.readers.base import ReadLimits, VolumeHeader, VolumeReader
-from ctplatform.data.readers.dicom_geometry import GridPlan, plan_grid, resample
+from ctplatform.data.readers.dicom_geometry import GridPlan, grid_slice, plan_grid, resample, shifted
 from ctplatform.data.readers.dicom_series import DicomImage, MemberSource, images_of, member_label, parse_members
-from ctplatform.data.readers.dicom_zip import is_zip, zip_members
+from ctplatform.data.readers.dicom_zip import MemberFile, is_zip, open_archive
 
 DICOM_MAGIC_OFFSET = 128
 DECODE_THREADS = 2  # 4 was slower than 2 on 2 cores (benchmarks/dicom_read.py)
@@ -41,6 +45,9 @@ class DicomHeader(VolumeHeader):
     images: list[DicomImage] = field(default_factory=list)
     plan: GridPlan | None = None
     notes: list[str] = field(default_factory=list)
+    # A zip's members are not held: this reads a member's dataset again, pixel data included, to decode it (None:
+    # the images' own datasets are decoded, their deferred pixel data read from the file or bytes they came from).
+    open_member: Callable[[str], Dataset] | None = None
 
 
 def is_dicom_file(head: bytes) -> bool:
@@ -62,11 +69,8 @@ class DicomReader(VolumeReader):
         head = stream.read(DICOM_MAGIC_OFFSET + 4)
         stream.seek(start)
         if is_zip(head):
-            members = zip_members(stream, label, limits.max_series_files, limits.max_series_bytes)
-            sources: list[tuple[str, MemberSource]] = [(m.name, m.data) for m in members]
-        else:
-            sources = [("", stream.read())]  # one Enhanced CT file: messages name it by its label
-        return series_header(sources, label)
+            return zip_series_header(stream, label, limits)
+        return series_header([("", stream.read())], label)  # one Enhanced CT file: messages name it by its label
 
     def read(self, stream: BinaryIO, head: bytes, label: str, limits: ReadLimits) -> tuple[VolumeHeader, np.ndarray]:
         header = self.checked_header(stream, label, limits)
@@ -109,6 +113,29 @@ def dicom_folder_header(folder: Path, label: str, limits: ReadLimits | None = No
         raise DataTooLargeError(label, f"the folder holds {total:,} bytes, above the limit of "
                                        f"{limits.max_series_bytes:,}")
     return series_header([(str(path.relative_to(folder)), path) for path in files], label)
+
+
+def zip_series_header(stream: BinaryIO, label: str, limits: ReadLimits) -> DicomHeader:
+    """The header of the series zipped in `stream` (which must stay open while the series is decoded): each member's
+    header parsed as it is inflated, its pixel data passed over; decoding inflates a member again."""
+    members = open_archive(stream, label, limits.max_series_files, limits.max_series_bytes)
+    try:
+        header = series_header([(member.name, member) for member in members], label)
+    finally:
+        for member in members:
+            member.release()
+    by_name = {member.name: member for member in members}
+
+    def open_member(name: str) -> Dataset:
+        member = by_name[name]
+        fresh = MemberFile(member.archive, member.info, label)  # its own stream: decode threads read in parallel
+        try:
+            return pydicom.dcmread(fresh)
+        finally:
+            fresh.release()
+
+    header.open_member = open_member
+    return header
 
 
 def series_header(sources: list[tuple[str, MemberSource]], label: str) -> DicomHeader:
@@ -166,24 +193,29 @@ def _grid_shape(header: DicomHeader) -> tuple[int, int, int]:
     return (len(header.plan.order), *header.images[header.plan.order[0]].geometry.shape)
 
 
-def _decode_each(header: DicomHeader, label: str, store) -> None:
-    """Decode every chosen image, in `header.plan.order`, and hand each to `store(k, image, pixels)`."""
+def _decode_each(header: DicomHeader, label: str, store, indices: Iterable[int] | None = None) -> None:
+    """Decode the chosen images at `indices` of `header.plan.order` (all by default) and hand each to
+    `store(k, image, pixels)`, from two threads (in about the order given)."""
     ordered = [header.images[i] for i in header.plan.order]
+    indices = range(len(ordered)) if indices is None else list(indices)
     shape = ordered[0].geometry.shape
-    multi_frame: dict[int, np.ndarray] = {}
+    multi_frame: dict[str, np.ndarray] = {}
+
+    def dataset_of(image: DicomImage) -> Dataset:
+        return image.dataset if header.open_member is None else header.open_member(image.source)
 
     def decode(k: int) -> None:
         image = ordered[k]
         try:
             if image.frame is None:
-                pixels = _native_pixels(image.dataset, shape, label, image.source)
+                dataset = dataset_of(image)
+                pixels = _native_pixels(dataset, shape, label, image.source)
                 if pixels is None:
-                    pixels = image.dataset.pixel_array
+                    pixels = dataset.pixel_array
             else:  # one decode per multi-frame file (the threads of its frames wait for it)
-                key = id(image.dataset)
-                if key not in multi_frame:
-                    multi_frame[key] = image.dataset.pixel_array.reshape(-1, *shape)
-                pixels = multi_frame[key][image.frame]
+                if image.source not in multi_frame:
+                    multi_frame[image.source] = dataset_of(image).pixel_array.reshape(-1, *shape)
+                pixels = multi_frame[image.source][image.frame]
         except CorruptDataError:
             raise
         except Exception as exc:  # truncated pixel data, a corrupt compressed stream, ...
@@ -195,11 +227,57 @@ def _decode_each(header: DicomHeader, label: str, store) -> None:
         store(k, image, pixels)
 
     if any(image.frame is not None for image in ordered):
-        for k in range(len(ordered)):  # one multi-frame file: decoded once, frames copied
+        for k in indices:  # one multi-frame file: decoded once, frames copied
             decode(k)
     else:
         with ThreadPoolExecutor(min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
-            list(pool.map(decode, range(len(ordered))))
+            list(pool.map(decode, indices))
+
+
+def stream_grid(header: DicomHeader, label: str, emit: Callable[[int, np.ndarray], None],
+                wanted: Iterable[int] | None = None) -> None:
+    """Hand each wanted slice `g` of the planned grid (all by default) to `emit(g, plane)`, where `plane` equals
+    `decode_series(header, label)[g]` (stored values, or float32 HU shifted and interpolated as `resample` does),
+    decoding only the images those slices need and holding only the decoded slices still awaited (a few, as images
+    are decoded in grid order). `emit` is called from one thread at a time, in about grid order."""
+    plan = header.plan
+    assert plan is not None
+    as_stored = header.dtype.kind in "iu"  # then the plan is not resampled (see series_header)
+    wanted = sorted(set(range(plan.num_slices) if wanted is None else wanted))
+
+    def sources(g: int) -> tuple[int, ...]:
+        if plan.lower is None:
+            return (g,)
+        below = int(plan.lower[g])
+        return (below,) if plan.weight[g] == 0.0 else (below, below + 1)
+
+    waiting = {g: sources(g) for g in wanted}
+    users: dict[int, list[int]] = {}
+    for g, needed in waiting.items():
+        for k in needed:
+            users.setdefault(k, []).append(g)
+    decoded: dict[int, np.ndarray] = {}
+    lock = threading.Lock()
+
+    def store(k: int, image: DicomImage, pixels: np.ndarray) -> None:
+        if as_stored:
+            value = pixels
+        else:  # as decode_series stores it (this slice's own rescale, in float64), then resample's in-plane shift
+            value = np.empty(pixels.shape, np.float32)
+            value[...] = pixels.astype(np.float64) * image.slope + image.intercept
+            if plan.inplane_shift is not None:
+                value = shifted(value, plan.inplane_shift[k])
+        with lock:
+            decoded[k] = value
+            for g in list(users[k]):
+                if g in waiting and all(source in decoded for source in waiting[g]):
+                    emit(g, value if as_stored else grid_slice(plan, g, decoded.__getitem__))
+                    for source in waiting.pop(g):
+                        users[source].remove(g)
+                        if not users[source]:
+                            del decoded[source]
+
+    _decode_each(header, label, store, sorted(users))
 
 
 def _native_pixels(ds, shape: tuple[int, int], label: str, source: str) -> np.ndarray | None:

@@ -146,15 +146,30 @@ def _affine(row_dir, col_dir, normal, origin, spacing_mm, pixel_row, pixel_col) 
 def resample(slices: np.ndarray, plan: GridPlan) -> np.ndarray:
     """Sorted float32 HU slices -> the plan's uniform grid (in-plane shift first, then along the normal)."""
     if plan.inplane_shift is not None:
-        from scipy import ndimage
-
         for k, shift in enumerate(plan.inplane_shift):
-            if np.abs(shift).max() > 0.01:
-                slices[k] = ndimage.shift(slices[k], shift, order=1, mode="constant", cval=float(HU_MIN),
-                                          prefilter=False)
+            slices[k] = shifted(slices[k], shift)
     if plan.lower is None:
         return slices
     out = np.empty((len(plan.lower), *slices.shape[1:]), dtype=np.float32)
-    for k, (i, w) in enumerate(zip(plan.lower, plan.weight, strict=True)):
-        out[k] = slices[i] if w == 0.0 else (1.0 - w) * slices[i] + w * slices[i + 1]
+    for k in range(len(plan.lower)):
+        out[k] = grid_slice(plan, k, slices.__getitem__)
     return out
+
+
+def shifted(plane: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """A sorted float32 slice moved by its in-plane `shift` (row, col pixels) onto the first slice's grid."""
+    if np.abs(shift).max() <= 0.01:
+        return plane
+    from scipy import ndimage
+
+    return ndimage.shift(plane, shift, order=1, mode="constant", cval=float(HU_MIN), prefilter=False)
+
+
+def grid_slice(plan: GridPlan, k: int, sorted_slice) -> np.ndarray:
+    """Output slice `k` of the grid from `sorted_slice(i)` (the i-th sorted slice, float32, shifted)."""
+    if plan.lower is None:
+        return sorted_slice(k)
+    i, w = plan.lower[k], plan.weight[k]
+    if w == 0.0:
+        return sorted_slice(i)
+    return ((1.0 - w) * sorted_slice(i) + w * sorted_slice(i + 1)).astype(np.float32, copy=False)

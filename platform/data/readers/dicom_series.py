@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -30,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage
 
-from ctplatform.data.errors import CorruptDataError, UnsupportedFormatError, UnusableContentError
+from ctplatform.data.errors import CorruptDataError, DataFormatError, UnsupportedFormatError, UnusableContentError
 from ctplatform.data.readers.dicom_geometry import SliceGeometry
 
 # pydicom's value validation warns with the offending value, which may be a patient's name or birth date: the
@@ -42,7 +43,7 @@ LOCALIZER = "LOCALIZER"
 MAX_LISTED = 6  # series named in a message (one line, however many a folder holds)
 CT_IMAGE_CLASSES = {CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
 
-MemberSource = Path | bytes
+MemberSource = Path | bytes | BinaryIO  # a file, a file's bytes, or a file object (a zip member)
 
 
 @dataclass
@@ -68,10 +69,13 @@ def parse_members(members: Sequence[tuple[str, MemberSource]], label: str) -> li
     def parse(member: tuple[str, MemberSource]) -> tuple[str, Dataset | None]:
         name, source = member
         try:
-            handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+            handle = io.BytesIO(source) if isinstance(source, bytes) else \
+                str(source) if isinstance(source, Path) else source
             return name, pydicom.dcmread(handle, defer_size=DEFER_BYTES)
         except InvalidDicomError:
             return name, None  # no DICM prefix: not a DICOM file (a readme, a .DS_Store), skipped
+        except DataFormatError:
+            raise  # a zip member refused as it was opened (a nested archive, a corrupt stream)
         except OSError as exc:
             raise CorruptDataError(member_label(label, name), f"unreadable file ({type(exc).__name__})") from None
         except Exception as exc:  # pydicom raises many types for a malformed file; its messages may quote values

@@ -1,0 +1,211 @@
+"""RSS growth of the service's processes per volume request, at its DEFAULT caps, for the largest payload of each
+format those caps accept: a `.nii.gz` and an `.mha` of 1024 x 1024 x 400 float32 voxels (1.6 GiB decompressed,
+under the 2 GiB `--max-decompressed-mb`; 400 Mi voxels, the `--max-voxels` cap) and a `.zip` of a DICOM series of
+400 slices of 1024 x 1024 int16 (800 MiB of pixels; more slices would pass `--max-voxels`).
+
+Starts an embedded Ray and the Serve application (a random-weight efficientnet_b0 bundle at 224 px, 32 slices),
+warms it with a small volume, then sends each payload once (multipart, as a client does) while sampling the RSS of
+the Serve proxy, the ingress replica and the model replica every 10 ms (psutil): the table gives each one's RSS
+before, its peak growth during the request and its growth after. The ingress holds the upload several times over
+while it arrives and is parsed (Serve's copy of the request, the body's chunks and their join, the multipart part),
+so its growth is shown beside the upload's size.
+
+Payloads are written plane by plane (never a whole volume in this process): smooth anatomy, so the 1.6 GiB volumes
+fit the 512 MiB body cap gzipped; the DICOM slices carry a fixed noise pattern of a few HU, as real CT does (a zip
+of noiseless slices would expand beyond the 100x a series zip may).
+
+    .venv/bin/python benchmarks/serve_memory.py                 # the default caps' largest payloads (minutes)
+    .venv/bin/python benchmarks/serve_memory.py --shape 256 256 64   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import os
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table
+from serve_load import free_port, make_bundle
+
+MiB = 1 << 20
+SPACING = (0.7, 0.7, 1.0)  # (x, y, z) mm
+
+
+def planes(shape, dtype, noise_hu=0, seed=0):
+    """(rows, cols) planes of a chest-like volume, z = 0 first: body and lungs in the middle 80 % of the slices, with
+    a fixed pattern of integer noise of +-`noise_hu`."""
+    slices, rows, cols = shape
+    y, x = np.ogrid[:rows, :cols]
+    body = ((y - rows / 2) / (rows * 0.42)) ** 2 + ((x - cols / 2) / (cols * 0.45)) ** 2 < 1
+    lungs = body & (np.abs(x - cols / 2) > cols * 0.05) & (np.abs(y - rows / 2) < rows * 0.22)
+    chest = np.where(lungs, -850.0, np.where(body, 40.0, -1000.0))
+    rng = np.random.default_rng(seed)
+    noise = [rng.integers(-noise_hu, noise_hu + 1, (rows, cols)).astype(np.float64) for _ in range(4)]
+    air = np.full((rows, cols), -1000.0)
+    for k in range(slices):
+        inside = 0.1 * slices <= k < 0.9 * slices
+        yield ((chest if inside else air) + noise[k % 4]).astype(dtype)
+
+
+def write_nifti_gz(path: Path, shape, dtype) -> Path:
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((shape[2], shape[1], shape[0]))
+    header.set_data_dtype(dtype)
+    header.set_zooms(SPACING)
+    header.set_qform(np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0]), code=1)
+    header.set_sform(np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0]), code=1)
+    header["vox_offset"] = 352
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        out.write(header.binaryblock + b"\0" * 4)
+        for plane in planes(shape, dtype):
+            out.write(plane.tobytes())  # (rows, cols) C order: x fastest, as NIfTI stores a z plane
+    return path
+
+
+def write_mha(path: Path, shape, dtype) -> Path:
+    element = {np.dtype(np.float32): "MET_FLOAT", np.dtype(np.int16): "MET_SHORT"}[np.dtype(dtype)]
+    compressor = zlib.compressobj(1)
+    data = path.with_suffix(".data")
+    with open(data, "wb") as out:
+        for plane in planes(shape, dtype):
+            out.write(compressor.compress(plane.tobytes()))
+        out.write(compressor.flush())
+    header = (f"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+              f"CompressedData = True\nCompressedDataSize = {data.stat().st_size}\n"
+              f"TransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = 0 0 0\nElementSpacing = {SPACING[0]} {SPACING[1]} "
+              f"{SPACING[2]}\nDimSize = {shape[2]} {shape[1]} {shape[0]}\nElementType = {element}\n"
+              f"ElementDataFile = LOCAL\n").encode()
+    with open(path, "wb") as out, open(data, "rb") as body:
+        out.write(header)
+        while chunk := body.read(64 * MiB):
+            out.write(chunk)
+    data.unlink()
+    return path
+
+
+def write_dicom_zip(path: Path, shape) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    series, study = generate_uid(), generate_uid()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for k, plane in enumerate(planes(shape, np.float64, noise_hu=6)):
+            ds = Dataset()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", series, study
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+            ds.ImagePositionPatient = [0.0, 0.0, k * SPACING[2]]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.PixelSpacing = [SPACING[1], SPACING[0]]
+            ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+            ds.set_pixel_data((plane + 1024).astype(np.int16), "MONOCHROME2", 16)
+            member = io.BytesIO()
+            ds.save_as(member, enforce_file_format=True)
+            archive.writestr(f"IM{k:05d}.dcm", member.getvalue())
+    return path
+
+
+def serve_processes() -> dict[str, psutil.Process]:
+    """The Serve proxy and the two replicas of this machine's embedded Ray, by their process titles."""
+    found = {}
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        for role, marker in (("proxy", "ProxyActor"), ("ingress", ":Ingress"), ("model", ":ModelServer")):
+            if marker in title and title.startswith("ray::"):
+                found[role] = process
+    return found
+
+
+def measure(client: httpx.Client, processes: dict[str, psutil.Process], name: str, data: bytes) -> dict:
+    before = {role: p.memory_info().rss for role, p in processes.items()}
+    peak = dict(before)
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for role, p in processes.items():
+                peak[role] = max(peak[role], p.memory_info().rss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.perf_counter()
+    response = client.post("/v1/predict/volume", files={"file": (name, data)})
+    took = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    time.sleep(1.0)
+    row = {"payload": name, "upload MiB": len(data) / MiB, "status": response.status_code, "s": took}
+    for role, p in processes.items():
+        row[f"{role} RSS MiB"] = before[role] / MiB
+        row[f"{role} peak +MiB"] = (peak[role] - before[role]) / MiB
+        row[f"{role} after +MiB"] = (p.memory_info().rss - before[role]) / MiB
+    if response.status_code != 200:
+        row["reason"] = response.text[:120]
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=3, default=(400, 1024, 1024), metavar=("SLICES", "ROWS", "COLS"))
+    parser.add_argument("--formats", nargs="+", default=["nii.gz", "mha", "zip"], choices=["nii.gz", "mha", "zip"])
+    args = parser.parse_args(argv)
+    import ray
+    from ray import serve
+
+    from ctplatform.config.serve import ServeConfig
+    from ctplatform.serve.app import build_app
+
+    shape = tuple(args.shape)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print(f"writing payloads of {shape} voxels ...", flush=True)
+        payloads = {"nii.gz": lambda: write_nifti_gz(tmp / "v.nii.gz", shape, np.float32),
+                    "mha": lambda: write_mha(tmp / "v.mha", shape, np.float32),
+                    "zip": lambda: write_dicom_zip(tmp / "s.zip", shape)}
+        paths = {fmt: payloads[fmt]() for fmt in args.formats}
+        warm = write_nifti_gz(tmp / "warm.nii.gz", (48, 128, 128), np.int16).read_bytes()
+        bundle = make_bundle(tmp / "bundle", "efficientnet_b0", 224, 32)
+        port = free_port()
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(ServeConfig(bundle=str(bundle), api_key=None, port=port)), name="memory",
+                      route_prefix="/")
+            processes = serve_processes()
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+                for _ in range(2):  # imports, torch's first forward, the allocator's first arenas
+                    assert client.post("/v1/predict/volume", files={"file": ("warm.nii.gz", warm)}).status_code == 200
+                for path in paths.values():
+                    rows.append(measure(client, processes, path.name, path.read_bytes()))
+                    print(rows[-1], flush=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    load = os.getloadavg()
+    print_table(f"RSS growth per volume request at the default caps, {shape[0]} x {shape[1]} x {shape[2]} voxels "
+                f"(load average {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f})", rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
