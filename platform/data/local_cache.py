@@ -54,11 +54,18 @@ class NodeLocalCache:
         target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        download = target.with_name(f".{target.name}.{uuid.uuid4().hex}.download.part")
         try:
             fs, path = storage.filesystem(storage.join(self.uri, relative))
-            fs.get_file(path, str(partial))
+            fs.get_file(path, str(download))
+            # Rewritten in one write (a volume file is a few MB) rather than kept as the client's 64 KiB writes:
+            # the page cache then holds it in large folios, and later epochs' memory-mapped reads fault less
+            # (measured here: 1.2x slower per slice from a file written in 64 KiB pieces; +2 ms per 3 MB file).
+            # s3fs's own whole-object read (cat_file) would avoid the rewrite but downloads at half the speed.
+            partial.write_bytes(download.read_bytes())
             os.replace(partial, target)
         finally:
+            download.unlink(missing_ok=True)
             partial.unlink(missing_ok=True)
         self._fetched += target.stat().st_size
         if self._fetched > _CHECK_EVERY * self.limit_bytes:
