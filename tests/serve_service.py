@@ -26,8 +26,9 @@ def app_config(bundle, **changes):
 
 
 @contextlib.contextmanager
-def running_service(root):
-    """Start the service with bundles `a` and `b` under `root`; yields what the tests use; shuts everything down."""
+def running_service(root, env: dict | None = None):
+    """Start the service with bundles `a` and `b` under `root`; yields what the tests use; shuts everything down.
+    `env`: environment variables of every Ray worker (e.g. the S3 test server's credentials)."""
     import ray
     from ray import serve
 
@@ -38,7 +39,8 @@ def running_service(root):
     # the other, which the service must absorb without failing the request
     bundles = {"a": make_bundle(root / "a", seed=0), "b": make_bundle(root / "b", seed=1, image_size=48)}
     port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env} if env else None)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
         serve.run(build_app(app_config(bundles["a"])), name=APP, route_prefix="/")

@@ -31,8 +31,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    with running_service(tmp_path_factory.mktemp("serve")) as running:
+def service(tmp_path_factory, s3_server):
+    with running_service(tmp_path_factory.mktemp("serve"), env=s3_server.env()) as running:
         yield running
 
 
@@ -252,10 +252,15 @@ def test_a_rolling_update_to_a_tampered_bundle_is_refused_and_the_old_version_se
     assert_good_request_works(service["client"])
 
 
-def test_rolling_update_under_load_loses_no_request(service):
+def test_rolling_update_under_load_to_a_bundle_in_a_bucket_loses_no_request(service, s3_bucket):
+    """The new version is a bundle URI on the S3-protocol test server: each node copies it once (the driver to
+    check it, the replicas to load it)."""
     from ray import serve
 
+    from ctplatform import storage
     from ctplatform.serve.app import build_app
+
+    storage.upload(service["bundles"]["b"], f"{s3_bucket}/bundles/b")
 
     old, new = service["versions"]["a"], service["versions"]["b"]
     volume, one_slice = nifti_gz(chest(seed=12)), npy(chest(seed=12)[15])
@@ -281,7 +286,7 @@ def test_rolling_update_under_load_loses_no_request(service):
         t.start()
     try:
         time.sleep(1.5)
-        serve.run(build_app(app_config(service["bundles"]["b"])), name=APP, route_prefix="/")
+        serve.run(build_app(app_config(f"{s3_bucket}/bundles/b")), name=APP, route_prefix="/")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(v == new for _, v, _ in log[-4:]):
             time.sleep(0.2)
