@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
 
 import pytest
+from local_server import free_port, server_process
 
 
 @dataclass(frozen=True)
@@ -51,42 +49,13 @@ class GCSServer:
                 return sorted(names)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_up(endpoint: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gcp-storage-emulator exited with {process.returncode}")
-        try:
-            urllib.request.urlopen(f"{endpoint}/storage/v1/b?project=ctplatform-tests", timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("gcp-storage-emulator did not start in time")
-
-
 @pytest.fixture(scope="session")
 def gcs_server():
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-                                "--port", str(port), "--in-memory"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_until_up(endpoint, process)
+    port = free_port()
+    with server_process([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port",
+                         str(port), "--in-memory"], port, "/storage/v1/b?project=ctplatform-tests",
+                        "gcp-storage-emulator") as endpoint:
         yield GCSServer(endpoint)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @pytest.fixture

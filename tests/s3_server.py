@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
 
 import pytest
+from local_server import free_port, server_process
 
 REGION = "us-east-1"
 
@@ -40,25 +38,6 @@ class S3Server:
                             aws_secret_access_key=self.secret_key, region_name=REGION)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_up(endpoint: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto server exited with {process.returncode}")
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("moto server did not start in time")
-
-
 def _create_user(endpoint: str) -> tuple[str, str]:
     """An IAM user allowed everything on S3 (made while moto still accepts any request)."""
     import boto3
@@ -74,25 +53,15 @@ def _create_user(endpoint: str) -> tuple[str, str]:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_until_up(endpoint, process)
+    port = free_port()
+    with server_process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port,
+                        "/moto-api/data.json", "moto server") as endpoint:
         access_key, secret_key = _create_user(endpoint)
         # From now on every request must be signed by a known key (moto's switch for IAM checking).
         request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
                                          headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(request, timeout=5).close()
         yield S3Server(endpoint, access_key, secret_key)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @pytest.fixture

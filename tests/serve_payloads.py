@@ -3,7 +3,6 @@ headers that lie), and random-weight bundles. Plain functions, no Ray."""
 
 import gzip
 import io
-import socket
 import zlib
 
 import nibabel as nib
@@ -124,9 +123,3 @@ def make_mil_bundle(path, seed=2, image_size=64):
                      calibration=Calibration(np.full(18, 1.0), np.linspace(-2.0, 2.0, 18)),
                      source={"run_name": "test-mil"})
     return export_bundle(path, model.eval(), spec)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

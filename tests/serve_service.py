@@ -5,7 +5,8 @@ second bundle for rolling updates) on a local Ray, over real HTTP on 127.0.0.1. 
 import contextlib
 
 import httpx
-from serve_payloads import MiB, chest, free_port, make_bundle, nifti_gz
+from local_server import free_port
+from serve_payloads import MiB, chest, make_bundle, nifti_gz
 
 KEY = "test-key-5f1c"
 AUTH = {"Authorization": f"Bearer {KEY}"}

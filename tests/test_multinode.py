@@ -141,9 +141,10 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(tiny_cache, tmp_path, 
 
 # ----------------------------------------------------------------------------------------------- serve
 def test_serve_replica_killed_under_load_costs_under_one_percent(tmp_path):
+    from local_server import free_port
     from ray import serve
     from ray.util.state import list_actors
-    from serve_payloads import chest, free_port, make_bundle, npy
+    from serve_payloads import chest, make_bundle, npy
     from serve_service import AUTH, app_config
 
     from ctplatform.serve.app import build_app

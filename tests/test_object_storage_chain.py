@@ -11,7 +11,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from local_server import free_port
 
 from ctplatform import storage
 
@@ -33,12 +33,6 @@ def _cli(*args, env, cwd, timeout=600):
                          timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_chain_with_every_path_in_a_bucket(s3_bucket, tmp_path):
@@ -69,7 +63,7 @@ def test_chain_with_every_path_in_a_bucket(s3_bucket, tmp_path):
     predicted = pd.read_csv(io.BytesIO(storage.read_bytes(f"{s3_bucket}/preds/p.csv")))
     assert len(predicted) == 1 and storage.is_file(f"{s3_bucket}/preds/p.json")
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([str(EXE), "serve", "--bundle", f"{runs}/r1/bundle", "--port", str(port)], env=env,
                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -74,6 +74,11 @@ def test_scanned_volume_prepares_what_the_whole_volume_path_prepares(case, tmp_p
     raw, (slices, positions) = whole(data, name)
     volume = open_for_preprocessing(data, name=name)
     assert isinstance(volume, ScannedVolume)
+    assert_prepares_as_whole(volume, raw)
+
+
+def assert_prepares_as_whole(volume, raw):
+    """A streamed volume has the whole-volume path's geometry, HU source and notes, and prepares its slices."""
     assert volume.shape == raw.shape and volume.spacing == pytest.approx(raw.spacing)
     assert (volume.hu_source, volume.notes) == (raw.hu_source, raw.notes)
     for settings in (SETTINGS, PreprocessSettings(image_size=16, selection="stride", stride=3)):

@@ -13,7 +13,7 @@ import pytest
 from dicom_series import write_scout, write_series
 from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless, generate_uid
-from test_preprocess_stream import chest
+from test_preprocess_stream import assert_prepares_as_whole, chest
 
 from ctplatform.data import read_raw_volume
 from ctplatform.data.errors import DataFormatError
@@ -105,14 +105,7 @@ def test_a_zipped_series_prepares_what_the_whole_volume_path_prepares(case, tmp_
     raw = read_raw_volume(data, name="s.zip")
     volume = open_for_preprocessing(data, name="s.zip")
     assert isinstance(volume, ScannedSeries)
-    assert volume.shape == raw.shape and volume.spacing == pytest.approx(raw.spacing)
-    assert (volume.hu_source, volume.notes) == (raw.hu_source, raw.notes)
-    for settings in (SETTINGS, PreprocessSettings(image_size=16, selection="stride", stride=3)):
-        got_slices, got_positions = volume.prepare(settings)
-        want_slices, want_positions = preprocess_raw_volume(raw, settings)
-        np.testing.assert_array_equal(got_positions, want_positions)
-        np.testing.assert_array_equal(got_slices, want_slices)
-        assert got_slices.dtype == np.int16
+    assert_prepares_as_whole(volume, raw)
 
 
 def test_a_non_axial_series_is_held_whole_and_prepares_the_same(tmp_path):

@@ -2,7 +2,6 @@
 place of DINOv2, LoRA, attention-MIL pooling) trains on Ray Train, exports a bundle with the adapters merged, and
 that bundle is served over HTTP by Ray Serve with the probabilities the offline predictor gives."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +9,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from local_server import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(420)
