@@ -71,7 +71,9 @@ def fill_up(root: Path, total: int) -> None:
         extra = [rows.loc[source].rename(name) for name, source in made.items() if source in rows.index]
         if extra:
             grown = pd.concat([rows, pd.DataFrame(extra)]).rename_axis("VolumeName").reset_index()
-            grown.to_csv(csv, index=False)
+            temporary = csv.with_suffix(".tmp")  # a new file, not written through: `csv` may be a hard link too
+            grown.to_csv(temporary, index=False)
+            os.replace(temporary, csv)
 
 
 def floor_rates(files: list[Path]) -> dict[str, float]:
