@@ -36,6 +36,7 @@ import pandas as pd
 from _common import print_table, save
 from isal import igzip
 
+from ctplatform.data import prepare_ray
 from ctplatform.data.prepare import run_prepare
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.data.synthetic import generate_dataset, parse_size
@@ -94,12 +95,18 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", default="1,2", help="Ray worker counts, comma-separated (default 1,2)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of every row; the table shows the median")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="volumes per Ray task at most (default: prepare_ray.MAX_BATCH; 1 = a task per volume)")
     parser.add_argument("--data", default=None, help="folder to draw the data set in, or reuse it from")
     parser.add_argument("--json", "--out", dest="json", default=None, help="folder for a JSON copy of the results")
     args = parser.parse_args()
     if args.distinct < 3 or args.volumes < args.distinct or args.repeat < 1:
         parser.error("need --distinct >= 3, --volumes >= --distinct and --repeat >= 1")
     ray_workers = [int(w) for w in args.workers.split(",") if w]
+    if args.max_batch is not None:
+        if args.max_batch < 1:
+            parser.error("--max-batch must be >= 1")
+        prepare_ray.MAX_BATCH = args.max_batch  # read by prepare_ray.batch_size at each run
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     data = Path(args.data) if args.data else work / "data"
     try:
@@ -145,8 +152,8 @@ def main() -> None:
             row["per repeat"] = " ".join(f"{r:.2f}" for r in ratios)
             rows.append(row)
         print_table(f"prepare: {len(files)} volumes ({args.distinct} distinct) of {args.size}, {compressed_mb:.0f} MB "
-                    f"gzipped, to {args.image_size}² x 32 slices; median of {args.repeat}; load average "
-                    f"{os.getloadavg()[0]:.2f}", rows)
+                    f"gzipped, to {args.image_size}² x 32 slices; Ray tasks of up to {prepare_ray.MAX_BATCH} "
+                    f"volumes; median of {args.repeat}; load average {os.getloadavg()[0]:.2f}", rows)
         save(args.json, "prepare", rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)

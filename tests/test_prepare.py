@@ -170,9 +170,14 @@ def test_prepare_path_equals_the_predict_path(tiny_dataset):
 def test_ray_batches_keep_every_cpu_busy():
     from ctplatform.data.prepare_ray import MAX_BATCH, batch_size
 
-    assert batch_size(24, 2) == 3  # 8 batches: four per CPU
-    assert batch_size(5, 2) == 1  # too few volumes to batch
+    assert batch_size(24, 2) == 3  # a quarter of each CPU's share
+    assert batch_size(5, 2) == 1  # the last volumes go one by one
     assert batch_size(50_188, 64) == MAX_BATCH
+    sizes, remaining = [], 192
+    while remaining:  # the sizes a 192-volume job on 2 CPUs is handed out in: large first, single at the end
+        sizes.append(batch_size(remaining, 2))
+        remaining -= sizes[-1]
+    assert sizes[0] == MAX_BATCH and sizes[-8:] == [1] * 8 and sizes == sorted(sizes, reverse=True)
 
 
 @pytest.mark.ray

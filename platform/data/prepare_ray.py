@@ -4,8 +4,8 @@ Each task writes its volumes' files itself (to the cache folder or the object st
 only the small per-volume records travel back to the driver.
 
 Why batches: one volume takes ~50-100 ms to decode and resample; a task per volume pays Ray's per-task cost
-(scheduling, argument and result transfer, ~1-5 ms on a busy 2-core machine) on every one. A batch amortises it,
-while enough batches stay queued that every CPU of every node has work and the last ones finish close together.
+(scheduling, argument and result transfer, the driver's round trip) on every one. A batch amortises it,
+while the batches shrink towards the end of the job, so every CPU of every node has work until the last volumes.
 The tasks in flight stay bounded, so a 50,000-volume job never queues every volume's arguments at once.
 """
 
@@ -24,9 +24,11 @@ from ctplatform.ray_session import connect, shutdown_if
 MAX_BATCH = 8  # volumes per task at most: a batch's results (and its progress) arrive together
 
 
-def batch_size(num_tasks: int, cpus: int) -> int:
-    """Volumes per task: about four batches per CPU (so CPUs that finish early take more), 1 to MAX_BATCH."""
-    return max(1, min(MAX_BATCH, num_tasks // (4 * max(1, cpus))))
+def batch_size(remaining: int, cpus: int) -> int:
+    """Volumes in the next task: a quarter of each CPU's share of the volumes still to hand out, 1 to MAX_BATCH.
+    The batches shrink as the job runs out of work, so the last ones are single volumes and no CPU sits idle
+    while another finishes a long batch."""
+    return max(1, min(MAX_BATCH, remaining // (4 * max(1, cpus))))
 
 
 def prepare_batch(tasks: list[VolumeTask], out_dir: str, settings: PreprocessSettings,
@@ -52,15 +54,16 @@ def prepare_with_ray(
         begin = time.perf_counter()
         remote = ray.remote(num_cpus=1, max_retries=1)(prepare_batch)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        size = batch_size(len(tasks), cpus)
-        batches = [tasks[i : i + size] for i in range(0, len(tasks), size)]
-        batches.reverse()  # pop() from the end hands them out in order
         limit = 2 * cpus  # one running and one queued per CPU: no CPU waits for the driver between batches
         pending: list = []
+        handed_out = 0
         with tqdm(total=len(tasks), unit="vol", disable=not progress, desc="prepare") as bar:
-            while batches or pending:
-                while batches and len(pending) < limit:
-                    pending.append(remote.remote(batches.pop(), out_dir, settings, keep_non_chest))
+            while handed_out < len(tasks) or pending:
+                while handed_out < len(tasks) and len(pending) < limit:
+                    size = batch_size(len(tasks) - handed_out, cpus)
+                    batch = tasks[handed_out : handed_out + size]
+                    handed_out += size
+                    pending.append(remote.remote(batch, out_dir, settings, keep_non_chest))
                 done, pending = ray.wait(pending, num_returns=1)
                 for result in ray.get(done[0]):
                     bar.update(1)
