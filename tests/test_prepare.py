@@ -165,3 +165,48 @@ def test_prepare_path_equals_the_predict_path(tiny_dataset):
         full, full_positions = preprocess_volume(read_volume(path).hu, settings)
         np.testing.assert_array_equal(lazy_positions, full_positions)
         np.testing.assert_array_equal(lazy, full)
+
+
+def test_ray_batches_keep_every_cpu_busy():
+    from ctplatform.data.prepare_ray import MAX_BATCH, batch_size
+
+    assert batch_size(24, 2) == 3  # a quarter of each CPU's share
+    assert batch_size(5, 2) == 1  # the last volumes go one by one
+    assert batch_size(50_188, 64) == MAX_BATCH
+    sizes, remaining = [], 192
+    while remaining:  # the sizes a 192-volume job on 2 CPUs is handed out in: large first, single at the end
+        sizes.append(batch_size(remaining, 2))
+        remaining -= sizes[-1]
+    assert sizes[0] == MAX_BATCH and sizes[-8:] == [1] * 8 and sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ray_prepare_spreads_over_the_nodes_of_a_cluster(tiny_dataset, tiny_cache, tmp_path):
+    """Two raylets on one machine (one CPU each): both nodes run prepare's tasks, and the cache is the
+    single-process one."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_tasks
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    try:
+        worker = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        out = tmp_path / "cache"
+        summary = run_prepare(tiny_dataset, out, SETTINGS, executor="ray", address=cluster.address, progress=False)
+        assert summary["cached"] == 24
+        assert cache_digest(out) == cache_digest(tiny_cache)
+        nodes: set[str] = set()
+        deadline = time.monotonic() + 30
+        while len(nodes) < 2 and time.monotonic() < deadline:  # task events reach the state API within seconds
+            tasks = list_tasks(filters=[("name", "=", "prepare_batch"), ("state", "=", "FINISHED")], limit=1000)
+            nodes = {t.node_id for t in tasks}
+            time.sleep(0.5)
+        assert nodes == {cluster.head_node.node_id, worker.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

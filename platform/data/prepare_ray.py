@@ -1,7 +1,12 @@
-"""Ray adapter for `prepare`: one task per volume on the local machine or a cluster (`--address`).
+"""Ray adapter for `prepare`: batches of volumes as Ray tasks on the local machine or a cluster (`--address`).
 
-On a cluster the cache folder must be storage every node can write (a shared file system): each task writes its
-volume's files itself, so only small records travel back to the driver.
+Each task writes its volumes' files itself (to the cache folder or the object store every node can reach), so
+only the small per-volume records travel back to the driver.
+
+Why batches: one volume takes ~50-100 ms to decode and resample; a task per volume pays Ray's per-task cost
+(scheduling, argument and result transfer, the driver's round trip) on every one. A batch amortises it,
+while the batches shrink towards the end of the job, so every CPU of every node has work until the last volumes.
+The tasks in flight stay bounded, so a 50,000-volume job never queues every volume's arguments at once.
 """
 
 from __future__ import annotations
@@ -16,6 +21,20 @@ from ctplatform.data.prepare import VolumeTask, prepare_volume
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.ray_session import connect, shutdown_if
 
+MAX_BATCH = 8  # volumes per task at most: a batch's results (and its progress) arrive together
+
+
+def batch_size(remaining: int, cpus: int) -> int:
+    """Volumes in the next task: a quarter of each CPU's share of the volumes still to hand out, 1 to MAX_BATCH.
+    The batches shrink as the job runs out of work, so the last ones are single volumes and no CPU sits idle
+    while another finishes a long batch."""
+    return max(1, min(MAX_BATCH, remaining // (4 * max(1, cpus))))
+
+
+def prepare_batch(tasks: list[VolumeTask], out_dir: str, settings: PreprocessSettings,
+                  keep_non_chest: bool) -> list[dict]:
+    return [prepare_volume(task, out_dir, settings, keep_non_chest) for task in tasks]
+
 
 def prepare_with_ray(
     tasks: list[VolumeTask],
@@ -28,21 +47,25 @@ def prepare_with_ray(
     progress: bool = True,
     on_result: Callable[[dict], None] | None = None,
 ) -> float:
-    """Prepare `tasks` as Ray tasks; returns the seconds spent processing (Ray's start-up excluded)."""
+    """Prepare `tasks` as Ray tasks; returns the seconds spent processing, from the first task's submission to
+    the last result: the workers' start (their imports) is included, Ray's own start-up (`ray.init`) is not."""
     started_here = connect(address, num_cpus=workers, quiet=not progress)
     try:
         begin = time.perf_counter()
-        remote = ray.remote(num_cpus=1, max_retries=1)(prepare_volume)
-        # Bound the tasks in flight so a 50,000-volume job does not queue 50,000 tasks' arguments at once.
-        limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        remote = ray.remote(num_cpus=1, max_retries=1)(prepare_batch)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        limit = 2 * cpus  # one running and one queued per CPU: no CPU waits for the driver between batches
         pending: list = []
-        queue = list(tasks)
+        handed_out = 0
         with tqdm(total=len(tasks), unit="vol", disable=not progress, desc="prepare") as bar:
-            while queue or pending:
-                while queue and len(pending) < limit:
-                    pending.append(remote.remote(queue.pop(0), out_dir, settings, keep_non_chest))
+            while handed_out < len(tasks) or pending:
+                while handed_out < len(tasks) and len(pending) < limit:
+                    size = batch_size(len(tasks) - handed_out, cpus)
+                    batch = tasks[handed_out : handed_out + size]
+                    handed_out += size
+                    pending.append(remote.remote(batch, out_dir, settings, keep_non_chest))
                 done, pending = ray.wait(pending, num_returns=1)
-                for result in ray.get(done):
+                for result in ray.get(done[0]):
                     bar.update(1)
                     if on_result is not None:
                         on_result(result)
