@@ -171,7 +171,9 @@ def test_attention_mil_bundle_serves_attention_weights(service):
         for name, weights in attention.items():
             assert len(weights) == len(served["slice_positions"]) == 8
             assert sum(weights) == pytest.approx(1.0, abs=1e-4)
-            np.testing.assert_allclose(weights, expected["slice_attention"][name], atol=1e-5)
+            # the replica runs the forward in its own process and thread count: float32 sums in another order move
+            # a softmax weight by up to a few 1e-5 (2.4e-5 seen once in CI), far below any meaningful difference
+            np.testing.assert_allclose(weights, expected["slice_attention"][name], atol=1e-4)
         assert served["findings"], "the calibration makes some classes positive"
         for finding in served["findings"]:  # the key slices are the most attended ones, with their weights
             weights = attention[finding["class"]]
