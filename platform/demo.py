@@ -73,10 +73,10 @@ def run_demo(workdir: str | Path, *, volumes: int = 1200, size: str = "64x64x16"
             from ctplatform.serve.demo_request import serve_and_ask_once
 
             step("4/4 serve the best bundle with Ray Serve and ask once over HTTP")
-            volume = example_volume(data)
+            volume, labels = example_volume(data)
             # Ray started here stops Serve with it (see stop_serve)
             answer = serve_and_ask_once(summary["best_bundle"], volume, quiet=not verbose, stop_serve=not started)
-            answer["volume"], answer["labels"] = volume.name, true_labels(data, volume.name)
+            answer["volume"], answer["labels"] = volume.name, labels
         step("done")
         lines = summary_lines(summary, answer, tensorboard_dir=Path(summary["sweep_dir"]) / "trials")
         print("\n".join(lines), flush=True)
@@ -85,22 +85,24 @@ def run_demo(workdir: str | Path, *, volumes: int = 1200, size: str = "64x64x16"
         shutdown_if(started)
 
 
-def example_volume(data_dir: Path) -> Path:
-    """The validation volume the demo sends: the first (by name) whose label row lists a finding, so the served
-    answer can be read against something; the first of all when none has one."""
+def example_volume(data_dir: Path) -> tuple[Path, list[str]]:
+    """The validation volume the demo sends and its labels: the first (by name) whose label row lists a finding, so
+    the served answer can be read against something; the first of all when none has one."""
+    labels = validation_labels(data_dir)
     volumes = sorted((data_dir / "dataset").glob("valid*/*/*/*.nii.gz"))
-    return next((v for v in volumes if true_labels(data_dir, v.name)), volumes[0])
+    volume = next((v for v in volumes if labels.get(v.name)), volumes[0])
+    return volume, labels.get(volume.name, [])
 
 
-def true_labels(data_dir: Path, volume_name: str) -> list[str]:
-    """The findings a validation volume's label row lists (the synthetic data set's ground truth)."""
+def validation_labels(data_dir: Path) -> dict[str, list[str]]:
+    """Each validation volume's findings as its label row lists them (the synthetic data set's ground truth)."""
     import pandas as pd
 
     from ctplatform.labels import CLASS_NAMES
 
     table = pd.read_csv(data_dir / "dataset" / "multi_abnormality_labels" / "valid_predicted_labels.csv")
-    row = table.loc[table["VolumeName"] == volume_name]
-    return [name for name in CLASS_NAMES if not row.empty and int(row.iloc[0][name]) == 1]
+    return {row["VolumeName"]: [name for name in CLASS_NAMES if int(row[name]) == 1]
+            for row in table.to_dict("records")}
 
 
 def summary_lines(summary: dict, answer: dict | None, *, tensorboard_dir: Path, top: int = 3) -> list[str]:
