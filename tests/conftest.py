@@ -24,6 +24,11 @@ pytest_plugins = ["s3_server", "gcs_server"]
 if "RAY_TMPDIR" not in os.environ:
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
 RAY_TEST_TMPDIR = os.environ["RAY_TMPDIR"]
+# Whatever else the session writes to temporary or cache folders (pytest's tmp_path, Ray Train's per-worker
+# checkpoint folders, node-local copies of bucket objects) lands under the same folder, in this process and in every
+# process it starts, and goes with it when the session ends: runs on one machine do not fill its disk.
+os.environ["TMPDIR"] = tempfile.tempdir = RAY_TEST_TMPDIR
+os.environ.setdefault("CTPLATFORM_CACHE_DIR", os.path.join(RAY_TEST_TMPDIR, "ctplatform-cache"))
 _EXIT_STATUS = pytest.StashKey[int]()
 
 

@@ -248,10 +248,13 @@ def export_best_bundle(checkpoint_dir: str, slice_dir: str, workspace: str) -> d
     report)."""
     from ctplatform.evaluation.evaluate import evaluate
 
-    local = checkpoint_dir
-    if storage.is_uri(checkpoint_dir):  # a URI with its scheme (Ray's checkpoint_path metric has none: see run_sweep)
-        local = ray.train.Checkpoint(checkpoint_dir).to_directory()
     best_dir = Path(workspace) / "best"
-    metrics = evaluate(os.path.join(local, "checkpoint.ckpt"), slice_dir, best_dir / "report", bundle_dir=best_dir)
+    with contextlib.ExitStack() as stack:
+        local = checkpoint_dir
+        if storage.is_uri(checkpoint_dir):  # a URI with its scheme (Ray's checkpoint_path metric has none: run_sweep)
+            # as_directory removes its download afterwards (to_directory would leave the checkpoint in /tmp)
+            local = stack.enter_context(ray.train.Checkpoint(checkpoint_dir).as_directory())
+        metrics = evaluate(os.path.join(local, "checkpoint.ckpt"), slice_dir, best_dir / "report",
+                           bundle_dir=best_dir)
     return {"best_bundle": str(best_dir), "best_report": str(best_dir / "report" / "report.html"),
             "best_validation_macro_auroc": metrics["macro"]["auroc"]}
