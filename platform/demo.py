@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from ctplatform.config.prepare import DemoConfig
+
 # The easy preset's findings run through every slice, so one slice of a volume carries its labels; what teaches a
 # network from random weights is many volumes (measured, resnet50 from random weights: 96 volumes x 8 slices stay
 # near macro AUROC 0.65; many more volumes with fewer slices each, in the same time, learn). 16 slices a volume are
@@ -20,10 +22,14 @@ DEMO_SLICES = 1
 # timm's ResNet-10-T: from random weights it learns the easy preset in a few CPU minutes (validation macro AUROC
 # 0.88 after 6 epochs; resnet50 reached 0.76 in the same budget: BENCHMARKS.md, "The demo's easy preset").
 DEMO_MODEL = "resnet10t"
+# The synthetic volumes' size (x, y, slices): small enough for the CPU budget, with room for the findings.
+DEMO_SIZE = "64x64x16"
+_CLI = DemoConfig()  # `ctplatform demo`'s defaults are this function's: one place for both
 
 
-def run_demo(workdir: str | Path, *, volumes: int = 1200, size: str = "64x64x16", preset: str = "easy",
-             trials: int = 2, epochs: int = 6, serve: bool = True, verbose: bool = False) -> dict:
+def run_demo(workdir: str | Path, *, volumes: int = _CLI.volumes, size: str = DEMO_SIZE, preset: str = _CLI.preset,
+             trials: int = _CLI.trials, epochs: int = _CLI.epochs, serve: bool = not _CLI.no_serve,
+             verbose: bool = _CLI.verbose) -> dict:
     """`verbose=False` keeps Ray's worker logs and Tune's status tables off the terminal (errors still come back
     as each failed trial's line and the sweep summary); `verbose=True` shows everything. Progress bars show only
     on a terminal."""

@@ -25,7 +25,9 @@ def test_the_recipe_learns_from_the_labels_and_not_from_shuffled_ones():
     """A third of the demo's volumes and 4 epochs (about a minute on 2 cores): the true labels are learned well
     above chance, the shuffled ones are not (about 60 validation volumes: chance wanders +-0.1 around 0.5). The
     validation labels are the true ones in both runs."""
-    rows = learnability().run([0], volumes=400, size="64x64x16", epochs=4, realistic=False)
+    from ctplatform.demo import DEMO_SIZE
+
+    rows = learnability().run([0], volumes=400, size=DEMO_SIZE, epochs=4, realistic=False)
     true, shuffled = (next(r for r in rows if r["labels"] == kind) for kind in ("true", "shuffled"))
     print({"true": true["curve"], "shuffled": shuffled["curve"]})
     assert true["best_auroc"] >= 0.70, rows
