@@ -135,6 +135,8 @@ def test_one_budget_mechanism_bounds_decoding_too_with_413_for_what_could_never_
 def test_serve_limits_refuse_a_decode_budget_below_one_volume_read_whole():
     with pytest.raises(ValueError, match="decode budget"):
         ServeLimits(max_decompressed_bytes=100 << 20, max_inflight_decode_bytes=150 << 20)
+    with pytest.raises(ValueError, match="spool budget"):
+        ServeLimits(max_body_bytes=100 << 20, max_inflight_spool_bytes=50 << 20)
 
 
 # ----------------------------------------------------------------------------------------------- spooling to disk
