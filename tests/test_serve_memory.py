@@ -25,5 +25,5 @@ def test_each_format_s_largest_payload_grows_the_ingress_by_serve_s_copy_and_a_b
         assert row["own read peak MiB"] <= 16, row
         # what the ingress holds of the upload is Serve's copy of the request (its replica queues the request's
         # messages as they come), at most the upload once; the decode's share no longer grows with the volume
-        # (1.6 GiB decompressed here): under the 256 MB. Before bodies were spooled: +1,065 MiB for the zip.
+        # (1.6 GiB decompressed here): under the 256 MB. Before bodies were spooled: +992 MiB for the zip.
         assert row["ingress peak +MiB"] <= row["upload MiB"] + 256, row
