@@ -3,12 +3,18 @@ format those caps accept: a `.nii.gz` and an `.mha` of 1024 x 1024 x 400 float32
 under the 2 GiB `--max-decompressed-mb`; 400 Mi voxels, the `--max-voxels` cap) and a `.zip` of a DICOM series of
 400 slices of 1024 x 1024 int16 (800 MiB of pixels; more slices would pass `--max-voxels`).
 
-Starts an embedded Ray and the Serve application (a random-weight efficientnet_b0 bundle at 224 px, 32 slices),
-warms it with a small volume, then sends each payload once (multipart, as a client does) while sampling the RSS of
-the Serve proxy, the ingress replica and the model replica every 10 ms (psutil): the table gives each one's RSS
-before, its peak growth during the request and its growth after. The ingress holds the upload several times over
-while it arrives and is parsed (Serve's copy of the request, the body's chunks and their join, the multipart part),
-so its growth is shown beside the upload's size.
+Starts an embedded Ray and, for each payload, a fresh Serve application (a random-weight efficientnet_b0 bundle
+at 224 px, 32 slices), warms it with a small volume, then sends the payload once (multipart, as a client does)
+while sampling the RSS of the Serve proxy, the ingress replica and the model replica every 10 ms (psutil): the
+table gives each one's RSS before, its peak growth during the request and its growth after.
+
+A body above the spool threshold (4 MiB) is written to a temporary file as it arrives and the readers take the
+file, so what the ingress holds of the upload itself is Serve's copy of the request: Serve's replica fetches the
+request's messages from the proxy as fast as they come and queues them, however fast the handler reads. Two
+figures separate that from the service's own share: `noise`, an upload of incompressible bytes the size of the zip
+that is received, spooled and parsed in full and then refused (415, not a volume), so its growth is the transport's
+and the reading's, no decode; and, for each payload, the peak that the ingress's own reading (`read_body` with its
+spool, the multipart parse, the decode estimate) holds, traced in this process with tracemalloc.
 
 Payloads are written plane by plane (never a whole volume in this process): smooth anatomy, so the 1.6 GiB volumes
 fit the 512 MiB body cap gzipped; the DICOM slices carry a fixed noise pattern of a few HU, as real CT does (a zip
@@ -123,6 +129,48 @@ def write_dicom_zip(path: Path, shape) -> Path:
     return path
 
 
+def write_noise(path: Path, size_mib: int) -> Path:
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as out:
+        for _ in range(-(-size_mib // 16)):
+            out.write(rng.bytes(16 * MiB))
+    return path
+
+
+def own_read_peak(path: Path) -> float:
+    """MiB the ingress's own reading of `path` sent as a multipart body holds at its peak (tracemalloc): the body
+    read and spooled as Serve hands it over (64 KiB messages), its file part found, the decode estimated."""
+    import asyncio
+    import tracemalloc
+
+    from ctplatform.data.decode_memory import decode_estimate
+    from ctplatform.data.preprocess import PreprocessSettings
+    from ctplatform.serve.body import Spool, read_body
+    from ctplatform.serve.inputs import ServeLimits, single_upload, uploads_from_body
+
+    limits = ServeLimits()
+    head = (f'--B\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+    async def messages():
+        yield head
+        with open(path, "rb") as source:
+            while chunk := source.read(64 << 10):
+                yield chunk
+        yield b"\r\n--B--\r\n"
+
+    spool = Spool(limits)
+    tracemalloc.start()
+    try:
+        with asyncio.run(read_body(messages(), limits, spool=spool)) as body:
+            upload = single_upload(uploads_from_body(body.content, "multipart/form-data; boundary=B", None, limits))
+            decode_estimate(upload.content, upload.filename, PreprocessSettings(), limits.read_limits)
+        return tracemalloc.get_traced_memory()[1] / MiB
+    finally:
+        tracemalloc.stop()
+        spool.remove()
+
+
 def serve_processes() -> dict[str, psutil.Process]:
     """The Serve proxy and the two replicas of this machine's embedded Ray, by their process titles."""
     found = {}
@@ -166,7 +214,10 @@ def measure(client: httpx.Client, processes: dict[str, psutil.Process], name: st
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=3, default=(400, 1024, 1024), metavar=("SLICES", "ROWS", "COLS"))
-    parser.add_argument("--formats", nargs="+", default=["nii.gz", "mha", "zip"], choices=["nii.gz", "mha", "zip"])
+    parser.add_argument("--formats", nargs="+", default=["nii.gz", "mha", "zip", "noise"],
+                        choices=["nii.gz", "mha", "zip", "noise"])
+    parser.add_argument("--noise-mib", type=int, default=280, help="size of the `noise` upload (the zip's at the "
+                                                                   "default shape)")
     args = parser.parse_args(argv)
     import ray
     from ray import serve
@@ -181,23 +232,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"writing payloads of {shape} voxels ...", flush=True)
         payloads = {"nii.gz": lambda: write_nifti_gz(tmp / "v.nii.gz", shape, np.float32),
                     "mha": lambda: write_mha(tmp / "v.mha", shape, np.float32),
-                    "zip": lambda: write_dicom_zip(tmp / "s.zip", shape)}
+                    "zip": lambda: write_dicom_zip(tmp / "s.zip", shape),
+                    "noise": lambda: write_noise(tmp / "noise.bin", args.noise_mib)}
         paths = {fmt: payloads[fmt]() for fmt in args.formats}
+        own = {fmt: own_read_peak(path) for fmt, path in paths.items()}
         warm = write_nifti_gz(tmp / "warm.nii.gz", (48, 128, 128), np.int16).read_bytes()
         bundle = make_bundle(tmp / "bundle", "efficientnet_b0", 224, 32)
         port = free_port()
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app(ServeConfig(bundle=str(bundle), api_key=None, port=port)), name="memory",
-                      route_prefix="/")
-            processes = serve_processes()
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-                for _ in range(2):  # imports, torch's first forward, the allocator's first arenas
-                    assert client.post("/v1/predict/volume", files={"file": ("warm.nii.gz", warm)}).status_code == 200
-                for path in paths.values():
+                for fmt, path in paths.items():
+                    # a fresh application per payload: what an earlier request left in the allocator's arenas would
+                    # otherwise hide part of this one's growth
+                    serve.run(build_app(ServeConfig(bundle=str(bundle), api_key=None, port=port)), name="memory",
+                              route_prefix="/")
+                    processes = serve_processes()
+                    for _ in range(2):  # imports, torch's first forward, the allocator's first arenas
+                        response = client.post("/v1/predict/volume", files={"file": ("warm.nii.gz", warm)})
+                        assert response.status_code == 200
                     rows.append(measure(client, processes, path.name, path.read_bytes()))
+                    rows[-1]["own read peak MiB"] = own[fmt]
                     print(rows[-1], flush=True)
+                    serve.delete("memory")
         finally:
             serve.shutdown()
             ray.shutdown()

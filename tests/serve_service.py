@@ -14,10 +14,11 @@ APP = "ctplatform"
 
 
 def app_options():
-    """ServeConfig fields of the test service (a float32 128 x 128 x 96 volume is the most it decompresses)."""
+    """ServeConfig fields of the test service (a float32 128 x 128 x 96 volume is the most it decompresses; a body
+    above 1 MiB is spooled to disk)."""
     return dict(api_key=KEY, model_cpus=0.5, ingress_cpus=0.5, max_batch_slices=32, batch_wait_ms=50.0,
                 request_timeout=30.0, max_ongoing=16, max_queued=4, max_body_mb=8, max_voxels=128 * 128 * 96,
-                max_decompressed_mb=128 * 128 * 96 * 4 / MiB, max_slices=64)
+                max_decompressed_mb=128 * 128 * 96 * 4 / MiB, max_slices=64, spool_threshold_mb=1)
 
 
 def app_config(bundle, **changes):
@@ -44,10 +45,11 @@ def running_service(root, env: dict | None = None):
              runtime_env={"env_vars": env} if env else None)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-        serve.run(build_app(app_config(bundles["a"])), name=APP, route_prefix="/")
+        serve.run(build_app(app_config(bundles["a"], spool_dir=str(root / "spool"))), name=APP, route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             yield {"client": client, "port": port, "url": f"http://127.0.0.1:{port}", "bundles": bundles,
-                   "versions": {k: bundle_version(v) for k, v in bundles.items()}, "root": root}
+                   "versions": {k: bundle_version(v) for k, v in bundles.items()}, "root": root,
+                   "spool": root / "spool"}
     finally:
         serve.shutdown()
         ray.shutdown()

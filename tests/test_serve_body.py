@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ctplatform.serve.body import MemoryBudget, Reservation, read_body
+from ctplatform.serve.body import MemoryBudget, Reservation, Spool, read_body
 from ctplatform.serve.inputs import (
     InputError,
     ServeLimits,
@@ -16,6 +16,11 @@ from ctplatform.serve.inputs import (
 
 LIMITS = ServeLimits(max_body_bytes=1 << 20, max_voxels=64 * 64 * 64, max_decompressed_bytes=64 * 64 * 64 * 2,
                      max_files=4, max_slices=8)
+
+
+def received(reading) -> bytes:
+    """The bytes of the body `reading` (a read_body coroutine) returns."""
+    return asyncio.run(reading).content.read_bytes()
 
 
 def status_of(fn, *args):
@@ -49,7 +54,7 @@ def test_streamed_body_stops_at_the_cap():
         yield b"ab"
         yield b"cd"
 
-    assert asyncio.run(read_body(small(), LIMITS)) == b"abcd"
+    assert received(read_body(small(), LIMITS)) == b"abcd"
 
 
 def trickle(pieces, pause_s):
@@ -91,7 +96,7 @@ def test_a_body_that_never_ends_gets_408_at_the_body_timeout():
 def test_the_body_budget_refuses_with_503_before_reading_and_is_given_back():
     budget = MemoryBudget(1000)
     first = Reservation(budget)
-    assert asyncio.run(read_body(trickle([b"a" * 600], 0), LIMITS, first, declared_length=600)) == b"a" * 600
+    assert received(read_body(trickle([b"a" * 600], 0), LIMITS, first, declared_length=600)) == b"a" * 600
     pulled = []
 
     async def chunks():
@@ -108,7 +113,7 @@ def test_the_body_budget_refuses_with_503_before_reading_and_is_given_back():
     assert budget.held == 600
     first.release()
     assert budget.held == 0
-    assert asyncio.run(read_body(trickle([b"d" * 900], 0), LIMITS, Reservation(budget), 900)) == b"d" * 900
+    assert received(read_body(trickle([b"d" * 900], 0), LIMITS, Reservation(budget), 900)) == b"d" * 900
 
 
 
@@ -130,3 +135,83 @@ def test_one_budget_mechanism_bounds_decoding_too_with_413_for_what_could_never_
 def test_serve_limits_refuse_a_decode_budget_below_one_volume_read_whole():
     with pytest.raises(ValueError, match="decode budget"):
         ServeLimits(max_decompressed_bytes=100 << 20, max_inflight_decode_bytes=150 << 20)
+    with pytest.raises(ValueError, match="spool budget"):
+        ServeLimits(max_body_bytes=100 << 20, max_inflight_spool_bytes=50 << 20)
+
+
+# ----------------------------------------------------------------------------------------------- spooling to disk
+SPOOLED = dataclasses.replace(LIMITS, spool_threshold_bytes=1000, max_inflight_body_bytes=4000,
+                              max_inflight_spool_bytes=LIMITS.max_body_bytes)
+
+
+def spool_files(spool):
+    return sorted(p.name for p in spool.directory.iterdir())
+
+
+def test_a_body_above_the_threshold_is_spooled_to_a_private_file_deleted_when_closed(tmp_path):
+    spool = Spool(SPOOLED, tmp_path / "spool")
+    assert spool.directory.parent == tmp_path / "spool" and spool.directory.stat().st_mode & 0o777 == 0o700
+    memory = MemoryBudget(SPOOLED.max_inflight_body_bytes)
+    pieces = [bytes([k]) * 300 for k in range(7)]  # 2,100 bytes: in memory for 3 chunks, then moved to a file
+    with Reservation(memory) as reservation:
+        with asyncio.run(read_body(trickle(pieces, 0), SPOOLED, reservation, spool=spool)) as body:
+            assert body.path is not None and spool_files(spool) == [body.path.name]
+            assert body.content.read_bytes() == b"".join(pieces) and body.content.size == 2100
+            assert memory.held == 0 and spool.budget.held == 2100  # on disk only: nothing counted in memory
+        assert spool_files(spool) == [] and spool.budget.held == 0
+        # a body at the threshold stays in memory, counted there
+        with asyncio.run(read_body(trickle([b"m" * 1000], 0), SPOOLED, reservation, spool=spool)) as body:
+            assert body.path is None and spool_files(spool) == [] and memory.held == 1000
+            assert body.content.read_bytes() == b"m" * 1000
+    assert memory.held == 0
+    spool.remove()
+    assert not spool.directory.exists()
+
+
+def test_a_spooled_body_s_file_is_deleted_on_413_408_and_cancellation(tmp_path):
+    spool = Spool(SPOOLED, tmp_path)
+
+    async def too_big():
+        for _ in range(100):
+            yield b"x" * (256 * 1024)
+
+    assert timed_status(read_body(too_big(), SPOOLED, spool=spool))[0] == 413
+    assert spool_files(spool) == [] and spool.budget.held == 0
+    slow = dataclasses.replace(SPOOLED, body_grace_s=0.3, min_body_rate=1e6)
+    assert timed_status(read_body(trickle([b"y" * 2000, b"y"], 1.0), slow, spool=spool))[0] == 408
+    assert spool_files(spool) == []
+
+    async def cancelled_mid_body():
+        seen = []
+
+        async def chunks():
+            yield b"z" * 5000
+            seen.append(spool_files(spool))
+            await asyncio.sleep(30)  # a client that stalls, then goes away: the request is cancelled
+            yield b"z"
+
+        task = asyncio.create_task(read_body(chunks(), SPOOLED, spool=spool))
+        while not seen:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return seen[0]
+
+    assert len(asyncio.run(cancelled_mid_body())) == 1  # the file existed while the body arrived
+    assert spool_files(spool) == [] and spool.budget.held == 0
+
+
+def test_the_spool_budget_refuses_from_content_length_with_503():
+    limits = dataclasses.replace(SPOOLED, max_inflight_spool_bytes=LIMITS.max_body_bytes)
+    spool = Spool(limits)
+    try:
+        first = asyncio.run(read_body(trickle([b"a" * 600_000], 0), limits, declared_length=600_000, spool=spool))
+        with first:
+            status, _, reason = timed_status(read_body(trickle([b"b"], 0), limits, declared_length=600_000,
+                                                       spool=spool))
+            assert status == 503 and "spooled to disk" in reason
+            assert spool.budget.held == 600_000 and len(spool_files(spool)) == 1
+        assert spool.budget.held == 0 and spool_files(spool) == []
+    finally:
+        spool.remove()

@@ -292,6 +292,48 @@ def test_slow_uploads_get_408_and_do_not_slow_down_other_requests(service):
 
 
 
+def spooled_files(service) -> list[str]:
+    """The files in the ingress replica's private spool folder (the service spools bodies above 1 MiB)."""
+    return [p.name for folder in service["spool"].iterdir() for p in folder.iterdir()]
+
+
+def test_a_spooled_upload_gives_the_same_answer_and_its_file_is_gone_after_success_refusal_and_disconnect(service):
+    """A body above the spool threshold (a 2 MiB form field beside the same volume) is answered as the same volume in
+    a body held in memory; its temporary file is gone once the request ends: answered, refused (415), or dropped by
+    a client that disconnected halfway through the body."""
+    client = service["client"]
+    data = nifti_gz(chest(seed=16))
+    assert len(data) < MiB
+    padding = {"note": "x" * (2 * MiB)}
+    in_memory = client.post("/v1/predict/volume", files={"file": ("scan.nii.gz", data)}, headers=AUTH)
+    spooled = client.post("/v1/predict/volume", files={"file": ("scan.nii.gz", data)}, data=padding, headers=AUTH)
+    assert in_memory.status_code == 200 and spooled.status_code == 200, spooled.text
+    assert spooled.json()["volume"] == in_memory.json()["volume"]
+    np.testing.assert_allclose(list(spooled.json()["probabilities"].values()),
+                               list(in_memory.json()["probabilities"].values()), atol=1e-5, rtol=0)
+    assert spooled_files(service) == []
+    refused = client.post("/v1/predict/volume", files={"file": ("notes.nii.gz", b"not a CT volume\n" * 200_000)},
+                          headers=AUTH)
+    assert refused.status_code == 415 and spooled_files(service) == [], refused.text
+
+    with socket.create_connection(("127.0.0.1", service["port"])) as sock:
+        sock.sendall(f"POST /v1/predict/volume?filename=scan.nii.gz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Authorization: Bearer {KEY}\r\nContent-Type: application/octet-stream\r\n"
+                     f"Content-Length: {6 * MiB}\r\n\r\n".encode() + bytes(2 * MiB))
+        deadline = time.monotonic() + 10
+        while not spooled_files(service) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        during = spooled_files(service)
+    deadline = time.monotonic() + 15
+    while spooled_files(service) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = spooled_files(service)
+    print(f"spooled upload: {len(during)} file while its body arrived, {len(left)} within "
+          f"{15 - (deadline - time.monotonic()):.1f} s of the client disconnecting")
+    assert len(during) == 1 and left == [], (during, left)
+    assert_good_request_works(client)
+
+
 def test_the_decode_budget_answers_503_with_retry_after_and_413_for_a_volume_beyond_it(service):
     """An application whose decode budget holds one volume request of the flood's size (estimated from its header)
     and not two: concurrent requests beyond it get 503 with Retry-After at once, a volume that alone needs more than

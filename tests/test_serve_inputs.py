@@ -1,6 +1,7 @@
 """The service's upload parsing and validation, without Ray: multipart, volumes and their caps, .npy slices,
 thumbnails."""
 
+import dataclasses
 import gzip
 import io
 import pickle
@@ -13,6 +14,8 @@ import pytest
 import SimpleITK as sitk
 from serve_payloads import MiB, gzip_bomb, npy
 
+from ctplatform.data.readers.file_range import FileRange
+from ctplatform.serve import inputs
 from ctplatform.serve.inputs import (
     InputError,
     ServeLimits,
@@ -69,7 +72,7 @@ def multipart(parts, boundary="XyZ"):
 def test_multipart_files_in_order_fields_skipped_names_cleaned():
     body, ctype = multipart([("files", "../../etc/a.npy", b"A" * 10), ("note", None, b"hi"), ("files", "b.npy", b"BB")])
     uploads = uploads_from_body(body, ctype, None, LIMITS)
-    assert [(u.filename, u.data) for u in uploads] == [("a.npy", b"A" * 10), ("b.npy", b"BB")]
+    assert [(u.filename, u.content.read_bytes()) for u in uploads] == [("a.npy", b"A" * 10), ("b.npy", b"BB")]
 
 
 @pytest.mark.parametrize("mutate, status", [
@@ -92,7 +95,26 @@ def test_multipart_part_count_cap_and_no_file_part():
 
 def test_raw_body_is_one_file():
     (only,) = uploads_from_body(b"data", "application/octet-stream", "dir/scan.nii.gz", LIMITS)
-    assert only.filename == "scan.nii.gz" and only.data == b"data"
+    assert only.filename == "scan.nii.gz" and only.content.read_bytes() == b"data"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 61, 1 << 20])
+def test_multipart_parts_of_a_spooled_body_are_windows_with_the_bytes_sent(tmp_path, monkeypatch, chunk):
+    """Parts read back from a body on disk, parsed a chunk at a time, hold exactly what was sent, whatever falls on a
+    chunk's edge: data that starts or ends like the boundary, a one-byte part, an empty one."""
+    monkeypatch.setattr(inputs, "MULTIPART_CHUNK", chunk)
+    rng = np.random.default_rng(chunk)
+    tricky = [b"\r\n--XyZ" + rng.bytes(50) + b"\r\n--Xy", b"\r", b"", b"\r\n-", rng.bytes(3000) + b"\r\n--XyZ-",
+              b"--XyZ\r\n" + rng.bytes(20), b"-", b"\r\n--Xy"]
+    body, ctype = multipart([("files", f"{k}.bin", data) for k, data in enumerate(tricky)])
+    (tmp_path / "body").write_bytes(body)
+    spooled = FileRange(tmp_path / "body")
+    limits = dataclasses.replace(LIMITS, max_files=16)
+    uploads = uploads_from_body(spooled, ctype, None, limits)
+    assert [u.content.read_bytes() for u in uploads] == tricky
+    assert [u.content.read_bytes() for u in uploads_from_body(body, ctype, None, limits)] == tricky
+    long_part = uploads[4].content
+    assert long_part.backing == tmp_path / "body" and long_part.size == 3008  # a window of the file, not a copy
 
 
 # ----------------------------------------------------------------------------------------------- volumes
@@ -106,6 +128,23 @@ def test_good_volumes_nii_gz_nii_mha(tmp_path):
     sitk.WriteImage(image, str(tmp_path / "a.mha"), useCompression=True)
     volume = decode_volume(upload((tmp_path / "a.mha").read_bytes(), "a.mha"), LIMITS)
     assert volume.shape == hu.shape
+
+
+def test_a_volume_in_a_spooled_multipart_body_prepares_what_its_bytes_prepare(tmp_path):
+    from ctplatform.data.preprocess import PreprocessSettings
+
+    settings = PreprocessSettings(image_size=32, num_slices=8)
+    data = gzip.compress(nifti(chest(seed=4)))
+    body, ctype = multipart([("note", None, b"\r\n" * 5000), ("file", "v.nii.gz", data)])
+    (tmp_path / "body").write_bytes(body)
+    (spooled,) = uploads_from_body(FileRange(tmp_path / "body"), ctype, None, LIMITS)
+    assert isinstance(spooled.content.backing, type(tmp_path)) and spooled.content.start > 10_000
+    from_file = decode_volume(spooled, LIMITS)
+    from_bytes = decode_volume(upload(data), LIMITS)
+    assert (from_file.shape, from_file.spacing, from_file.notes) == (from_bytes.shape, from_bytes.spacing,
+                                                                     from_bytes.notes)
+    for got, want in zip(from_file.prepare(settings), from_bytes.prepare(settings), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_header_is_read_without_inflating_the_image():

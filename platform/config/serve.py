@@ -104,8 +104,15 @@ class UploadLimitsConfig:
     body_timeout: float = option(60.0, "seconds a client has to send its whole request body; 408 after (default 60)")
     min_body_rate_kib: float = option(64, "slowest average upload rate accepted after the first 5 s, KiB/s; a "
                                           "slower client gets 408 (default 64)")
-    max_inflight_body_mb: float = option(2048, "MiB of request bodies one ingress replica holds at once; beyond, "
-                                               "503 with Retry-After (default 2048)")
+    max_inflight_body_mb: float = option(2048, "MiB of request bodies one ingress replica holds in memory at once; "
+                                               "beyond, 503 with Retry-After (default 2048)")
+    spool_threshold_mb: float = option(4, "a request body above this many MiB is written to a temporary file as it "
+                                          "arrives and read from there, not held in memory (default 4)")
+    spool_dir: str | None = option(None, "node-local directory for those files (each ingress replica makes a "
+                                         "private folder in it; not a RAM-backed tmpfs); default: the system's "
+                                         "temporary directory")
+    max_inflight_spool_mb: float = option(8192, "MiB of request bodies one ingress replica writes to disk at once; "
+                                                "beyond, 503 with Retry-After (default 8192)")
     max_inflight_decode_mb: float = option(6144, "MiB of volume decoding one ingress replica admits at once, each "
                                                  "request's share estimated from its header and decode path; "
                                                  "beyond, 503 with Retry-After; at least twice "

@@ -13,17 +13,17 @@ It counts neither the upload itself (the body budget holds it) nor the interpret
 
 from __future__ import annotations
 
-import io
 import math
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ctplatform.data.preprocess import PreprocessSettings
-from ctplatform.data.preprocess_stream import CHECK_STEP, RESIZE_BATCH, RESIZE_BATCH_BYTES
+from ctplatform.data.preprocess_stream import CHECK_STEP, RESIZE_BATCH, RESIZE_BATCH_BYTES, streams_series
 from ctplatform.data.readers.base import ReadLimits
-from ctplatform.data.readers.chain import read_header
+from ctplatform.data.readers.chain import HEAD_BYTES, VolumeSource, opened, read_header
 from ctplatform.data.readers.dicom import DECODE_THREADS, is_dicom_file
 from ctplatform.data.readers.dicom_zip import MemberFile, is_zip, open_archive
 from ctplatform.data.readers.orientation import canonical_flips
@@ -37,16 +37,21 @@ HELD_COPIES = 2  # a whole read: the inflated bytes and, transiently, the stream
 ENHANCED_COPIES = 8
 
 
-def decode_estimate(data: bytes, name: str, settings: PreprocessSettings, limits: ReadLimits | None = None) -> int:
-    """Upper estimate of the bytes decoding and preparing the upload `data` (named `name`) holds at its peak. Never
-    raises: an upload whose header cannot be read gets FLOOR_BYTES (its decode is refused within them)."""
+def decode_estimate(source: VolumeSource, name: str, settings: PreprocessSettings,
+                    limits: ReadLimits | None = None) -> int:
+    """Upper estimate of the bytes decoding and preparing the upload at `source` (named `name`: its bytes, or a
+    :class:`~ctplatform.data.readers.file_range.FileRange` of a spooled body) holds at its peak. Never raises: an
+    upload whose header cannot be read gets FLOOR_BYTES (its decode is refused within them)."""
     try:
-        head = data[:4096]
-        if is_zip(head):
-            return _zip_estimate(data, name, settings, limits or ReadLimits())
-        if is_dicom_file(head):
-            return FLOOR_BYTES + ENHANCED_COPIES * len(data) + _chosen_bytes(settings, 0, 0, held=True)
-        header = read_header(data, name=name)
+        with opened(source, name) as (stream, label):
+            head = stream.read(HEAD_BYTES)
+            size = stream.seek(0, 2)
+            stream.seek(0)
+            if is_zip(head):
+                return _zip_estimate(stream, label, settings, limits or ReadLimits())
+            if is_dicom_file(head):
+                return FLOOR_BYTES + ENHANCED_COPIES * size + _chosen_bytes(settings, 0, 0, held=True)
+            header = read_header(stream, name=label)
     except Exception:  # the decode reports what is wrong; the estimate only needs to be safe
         return FLOOR_BYTES
     dims = [int(d) for d in header.shape[:3]] + [1] * (3 - len(header.shape[:3]))
@@ -61,8 +66,8 @@ def decode_estimate(data: bytes, name: str, settings: PreprocessSettings, limits
         + _chosen_bytes(settings, slices, plane, held=False)
 
 
-def _zip_estimate(data: bytes, name: str, settings: PreprocessSettings, limits: ReadLimits) -> int:
-    members = open_archive(io.BytesIO(data), name, limits.max_series_files, limits.max_series_bytes)
+def _zip_estimate(stream: BinaryIO, name: str, settings: PreprocessSettings, limits: ReadLimits) -> int:
+    members = open_archive(stream, name, limits.max_series_files, limits.max_series_bytes)
     if not members:
         return FLOOR_BYTES
     largest = max(member.info.file_size for member in members)  # a slice's stored pixels and its header
@@ -80,8 +85,8 @@ def _zip_estimate(data: bytes, name: str, settings: PreprocessSettings, limits: 
 
 
 def _streamed_series(members: list[MemberFile]) -> bool:
-    """Whether the series is scanned member by member: its first DICOM member is a single-frame axial image (the
-    slices then need only flips); else it is held whole."""
+    """Whether the series is scanned member by member, decided as the decode decides (`streams_series`) from its
+    first DICOM member's frames and orientation (the series' affine has the same axes: rows, columns, their normal)."""
     for member in members:
         try:
             ds = pydicom.dcmread(member, stop_before_pixels=True)
@@ -90,11 +95,12 @@ def _streamed_series(members: list[MemberFile]) -> bool:
         finally:
             member.release()
         orientation = np.array([float(v) for v in ds.get("ImageOrientationPatient", [])] or [0.0] * 6)
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1 or orientation.shape != (6,):
+        if orientation.shape != (6,):
             return False
-        row, col = np.abs(orientation[:3]), np.abs(orientation[3:])
-        normal = np.abs(np.cross(orientation[:3], orientation[3:]))
-        return int(row.argmax()) == 0 and int(col.argmax()) == 1 and int(normal.argmax()) == 2
+        affine = np.eye(4)  # LPS (DICOM) -> RAS, as the series' affine
+        affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ np.column_stack(
+            [orientation[:3], orientation[3:], np.cross(orientation[:3], orientation[3:])])
+        return streams_series(affine, int(ds.get("NumberOfFrames", 1) or 1) == 1)
     return False
 
 

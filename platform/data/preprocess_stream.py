@@ -166,10 +166,17 @@ def open_for_preprocessing(source: VolumeSource, *, name: str | None = None,
         dicom = planes is None
     if dicom:
         with dicom_series(source, name=name, limits=limits) as series:
-            if series is not None and (canonical := canonical_flips(series[0].affine)) is not None \
-                    and series[0].open_member is not None and all(image.frame is None for image in series[0].images):
-                return scan_series(*series, canonical, source, name, limits)
+            if series is not None and series[0].open_member is not None \
+                    and streams_series(series[0].affine, all(image.frame is None for image in series[0].images)):
+                return scan_series(*series, canonical_flips(series[0].affine), source, name, limits)
     return HeldVolume(read_raw_volume(source, name=name, limits=limits))
+
+
+def streams_series(affine: np.ndarray | None, single_frame: bool) -> bool:
+    """Whether a zipped DICOM series is scanned member by member: single-frame images on a grid whose canonical order
+    needs only flips (an axial series); else it is held whole. `open_for_preprocessing` decides with it, and
+    `ctplatform.data.decode_memory` reckons a series' memory with it, so the estimate follows the path taken."""
+    return single_frame and canonical_flips(affine) is not None
 
 
 def scan_volume(planes, canonical, source: VolumeSource, name: str | None, limits: ReadLimits) -> ScannedVolume:

@@ -1,19 +1,31 @@
-"""Reading a request body so that slow or greedy clients cannot starve others.
+"""Reading a request body so that slow or greedy clients cannot starve others, and large ones do not sit in memory.
 
 Three bounds, checked as the bytes arrive: the body cap (413); a deadline and a minimum average rate (408), so a
 client trickling bytes loses its request after a short grace period instead of holding an ingress slot for the
-whole request timeout; and a replica-wide budget on the bytes of bodies held in memory at once (503 with
-Retry-After), reserved from Content-Length before any byte is read, so many large uploads at once are refused
-early rather than exhausting the replica's memory. The same :class:`MemoryBudget` bounds the memory of volume
-decoding (`ctplatform.serve.decode_memory` estimates each request's share from its header).
+whole request timeout; and replica-wide budgets on the bodies in flight (503 with Retry-After), reserved from
+Content-Length before any byte is read, so many large uploads at once are refused early.
+
+A body up to `ServeLimits.spool_threshold_bytes` is held in memory; a larger one is written to a temporary file as
+it arrives (:class:`Spool`: a private directory per ingress replica) and deleted when the request ends, whatever
+ended it (answer, refusal, a client that went away). Either way the readers get a
+:class:`~ctplatform.data.readers.file_range.FileRange` of it, and a multipart file part is a window of that range,
+so an upload of hundreds of MB is never loaded whole. The memory budget counts only the bodies held in memory; the
+spool's own budget (`max_inflight_spool_bytes`) bounds the disk the bodies in flight take. The same
+:class:`MemoryBudget` bounds the memory of volume decoding (`ctplatform.data.decode_memory` estimates each
+request's share from its header).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
+from pathlib import Path
 
+from ctplatform.data.readers.file_range import FileRange
 from ctplatform.serve.inputs import InputError, ServeLimits
 
 BUSY_RETRY_AFTER_S = 1
@@ -65,36 +77,138 @@ class Reservation:
         self.bytes = 0
 
 
+class Spool:
+    """Where one ingress replica writes request bodies above the spool threshold: a private directory (mode 0700)
+    made inside `parent` (default: the system's temporary directory; it should be node-local disk, not a RAM-backed
+    tmpfs, or the spooled bytes take memory again), and the budget of bytes spooled at once."""
+
+    def __init__(self, limits: ServeLimits, parent: str | os.PathLike | None = None):
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        self.directory = Path(tempfile.mkdtemp(prefix="ctplatform-uploads-", dir=parent))
+        self.budget = MemoryBudget(limits.max_inflight_spool_bytes, "bytes of uploads spooled to disk")
+
+    def remove(self) -> None:
+        """Delete the directory and whatever is left in it (the replica is shutting down)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class Body:
+    """A request body as it arrives: in memory up to `threshold` bytes, beyond that in a file of `spool` (the bytes
+    held so far are moved there). A context manager: on exit its reservations are given back and its file deleted.
+    `content` is the whole body as a FileRange, once it is complete."""
+
+    def __init__(self, threshold: int, spool: Spool | None = None, memory: Reservation | None = None):
+        self.threshold, self.spool, self.memory = threshold, spool, memory
+        self.disk = Reservation(spool.budget) if spool is not None else None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.path: Path | None = None
+        self.file = None
+        self.content: FileRange | None = None
+
+    def __enter__(self) -> Body:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def expect(self, declared: int | None) -> None:
+        """Reserve for a declared Content-Length up front: disk for a body that will be spooled, else memory."""
+        if not declared:
+            return
+        if declared > self.threshold and self.spool is not None:
+            self._spill()
+            self.disk.grow_to(declared)
+        elif self.memory is not None:
+            self.memory.grow_to(declared)
+
+    def append(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.file is None and self.size > self.threshold and self.spool is not None:
+            self._spill()
+        if self.file is not None:
+            self.disk.grow_to(self.size)
+            self.file.write(chunk)
+        else:
+            if self.memory is not None:
+                self.memory.grow_to(self.size)
+            self.chunks.append(chunk)
+
+    def finish(self) -> FileRange:
+        """The complete body as a FileRange (its file closed for writing)."""
+        if self.file is not None:
+            self.file.close()
+            self.content = FileRange(self.path, 0, self.size, name="<request body>")
+        else:
+            self.content = FileRange(b"".join(self.chunks), name="<request body>")
+            self.chunks = []
+        return self.content
+
+    def _spill(self) -> None:
+        """Move to a file in the spool: what was held in memory is written there, its memory given back."""
+        if self.file is not None:
+            return
+        handle, name = tempfile.mkstemp(prefix="body-", dir=self.spool.directory)
+        self.path = Path(name)
+        self.file = os.fdopen(handle, "wb")
+        self.disk.grow_to(self.size)
+        for chunk in self.chunks:
+            self.file.write(chunk)
+        self.chunks = []
+        if self.memory is not None:
+            self.memory.release()
+
+    def close(self) -> None:
+        self.chunks, self.content = [], None
+        if self.file is not None:
+            self.file.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)  # a decode still reading it keeps its open handle until done
+            self.path = None
+        if self.disk is not None:
+            self.disk.release()
+        if self.memory is not None:
+            self.memory.release()
+
+
 async def read_body(chunks: AsyncIterable[bytes], limits: ServeLimits, reservation: Reservation | None = None,
-                    declared_length: int | None = None) -> bytes:
+                    declared_length: int | None = None, spool: Spool | None = None) -> Body:
     """The whole body, or InputError: 413 past the cap, 408 when the client is too slow, 503 when the replica's
-    body budget is spent (reserved from `declared_length` up front, grown as a chunked body arrives)."""
-    if reservation is not None and declared_length:
-        reservation.grow_to(declared_length)
+    body budgets are spent (reserved from `declared_length` up front, grown as a chunked body arrives). A body above
+    `limits.spool_threshold_bytes` goes to a file of `spool` (without a spool, every body is held in memory). The
+    caller closes the Body returned (`with`); on any error it is closed here."""
+    body = Body(limits.spool_threshold_bytes, spool, reservation)
+    try:
+        body.expect(declared_length)
+        await _receive(chunks, limits, body)
+        body.finish()
+    except BaseException:
+        body.close()
+        raise
+    return body
+
+
+async def _receive(chunks: AsyncIterable[bytes], limits: ServeLimits, body: Body) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     iterator = aiter(chunks)
-    parts: list[bytes] = []
-    total = 0
     while True:
         # the latest moment more bytes may come: the body's deadline, or where the average rate since the grace
         # period would fall below the minimum
-        due = min(limits.body_timeout_s, limits.body_grace_s + total / limits.min_body_rate)
+        due = min(limits.body_timeout_s, limits.body_grace_s + body.size / limits.min_body_rate)
         waited = loop.time() - started
         try:
             async with asyncio.timeout(max(0.0, due - waited)):
                 chunk = await anext(iterator)
         except StopAsyncIteration:
-            break
+            return
         except TimeoutError:
             waited = loop.time() - started
-            raise InputError(408, f"request body too slow: {total:,} bytes in {waited:.0f} s (the service needs "
-                                  f"{limits.min_body_rate / 1024:g} KiB/s after the first {limits.body_grace_s:g} "
-                                  f"s, and the whole body within {limits.body_timeout_s:g} s)") from None
-        total += len(chunk)
-        if total > limits.max_body_bytes:
+            raise InputError(408, f"request body too slow: {body.size:,} bytes in {waited:.0f} s (the service "
+                                  f"needs {limits.min_body_rate / 1024:g} KiB/s after the first "
+                                  f"{limits.body_grace_s:g} s, and the whole body within {limits.body_timeout_s:g} "
+                                  "s)") from None
+        if body.size + len(chunk) > limits.max_body_bytes:
             raise InputError(413, f"request body is above the limit of {limits.max_body_bytes:,} bytes")
-        if reservation is not None:
-            reservation.grow_to(total)
-        parts.append(chunk)
-    return b"".join(parts)
+        body.append(chunk)

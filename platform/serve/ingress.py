@@ -38,10 +38,11 @@ from ctplatform.data.decode_memory import decode_estimate
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.evaluation.decision import DECISION_THRESHOLD
 from ctplatform.serve.auth import bearer, key_accepted
-from ctplatform.serve.body import BUSY_RETRY_AFTER_S, MemoryBudget, Reservation, read_body
+from ctplatform.serve.body import BUSY_RETRY_AFTER_S, Body, MemoryBudget, Reservation, Spool, read_body
 from ctplatform.serve.inputs import (
     InputError,
     ServeLimits,
+    Upload,
     check_content_length,
     decode_slices,
     single_upload,
@@ -65,6 +66,7 @@ class IngressOptions:
     request_timeout_s: float = 60.0  # the ingress's own deadline (504); the proxy's request_timeout_s backs it up
     decode_workers: int = 2  # volumes decoded at once per ingress replica (each may hold ~GB while decoding)
     thumbnail_size: int = 128
+    spool_dir: str | None = None  # where bodies above the spool threshold are written (default: the temp directory)
 
 
 api = FastAPI(
@@ -116,9 +118,15 @@ class Ingress:
         self.options = options or IngressOptions()
         self.pool = ThreadPoolExecutor(max(1, self.options.decode_workers), thread_name_prefix="decode")
         self.bodies = MemoryBudget(self.options.limits.max_inflight_body_bytes)
+        self.spool = Spool(self.options.limits, self.options.spool_dir)
         self.decodes = MemoryBudget(self.options.limits.max_inflight_decode_bytes, "bytes of volume decoding")
         self.responses: Counter[str] = Counter()
         self.page = load_page()
+
+    def __del__(self):  # Serve's graceful shutdown of the replica
+        spool = getattr(self, "spool", None)
+        if spool is not None:
+            spool.remove()
 
     # ------------------------------------------------------------------ helpers
     def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
@@ -130,9 +138,16 @@ class Ingress:
     async def _cpu(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
 
-    async def _body(self, request: Request, reservation: Reservation) -> bytes:
+    async def _body(self, request: Request, reservation: Reservation) -> Body:
+        """The request's body (in memory, or spooled to disk above the threshold): close it when done (`with`)."""
         declared = check_content_length(dict(request.headers), self.options.limits)
-        return await read_body(request.stream(), self.options.limits, reservation, declared)
+        return await read_body(request.stream(), self.options.limits, reservation, declared, self.spool)
+
+    async def _uploads(self, request: Request, body: Body, filename: str | None) -> list[Upload]:
+        """The files of a complete body, windows of it (a multipart body is parsed off the event loop: reading a
+        spooled body of hundreds of MB takes a while)."""
+        return await asyncio.to_thread(uploads_from_body, body.content, request.headers.get("content-type"),
+                                       filename, self.options.limits)
 
     async def _call(self, method: str, *args) -> dict:
         try:
@@ -243,38 +258,40 @@ class Ingress:
 
     # ------------------------------------------------------------------ work
     async def _predict_volume(self, request: Request, thumbnails: bool, filename: str | None) -> dict:
-        with Reservation(self.bodies) as reservation:  # the upload counts against the budget until answered
+        # the upload counts against the budgets until answered; a spooled body's file goes when the request does
+        with Reservation(self.bodies) as reservation:
             started = time.perf_counter()
-            limits = self.options.limits
-            body = await self._body(request, reservation)
-            upload = single_upload(uploads_from_body(body, request.headers.get("content-type"), filename, limits))
-            del body
-            # the decode's share of memory, from the header (microseconds; a zip's directory: milliseconds), reserved
-            # before it waits for a decode worker and held until the answer (the scanned volume is read again to
-            # prepare it); 503 when the replica's decode budget is spent
-            with Reservation(self.decodes) as decoding:
-                decoding.grow_to(decode_estimate(upload.data, upload.filename, self.settings, limits.read_limits))
-                volume = await self._cpu(VolumeUpload, upload, limits)
-                decoded = time.perf_counter()
-                reply, (prepared, positions) = await self._model_call_with_settings("predict_volume", volume.prepare)
-                modelled = time.perf_counter()
-            result = volume_response(reply, volume, slices_used=len(positions))
-            if thumbnails:
-                wanted = [p for positions_ in result["key_slices"].values() for p in positions_]
-                result["thumbnails"] = await self._cpu(key_slice_thumbnails, prepared, positions, wanted,
-                                                       self.options.thumbnail_size)
-            result["timing_ms"] = {"read": round(1000 * (decoded - started), 1),
-                                   "preprocess_and_model": round(1000 * (modelled - decoded), 1),
-                                   "total": round(1000 * (time.perf_counter() - started), 1)}
-            return result
+            with await self._body(request, reservation) as body:
+                upload = single_upload(await self._uploads(request, body, filename))
+                return await self._volume(upload, thumbnails, started)
+
+    async def _volume(self, upload: Upload, thumbnails: bool, started: float) -> dict:
+        limits = self.options.limits
+        # the decode's share of memory, from the header (microseconds; a zip's directory: milliseconds), reserved
+        # before it waits for a decode worker and held until the answer (the scanned volume is read again to
+        # prepare it); 503 when the replica's decode budget is spent
+        with Reservation(self.decodes) as decoding:
+            decoding.grow_to(decode_estimate(upload.content, upload.filename, self.settings, limits.read_limits))
+            volume = await self._cpu(VolumeUpload, upload, limits)
+            decoded = time.perf_counter()
+            reply, (prepared, positions) = await self._model_call_with_settings("predict_volume", volume.prepare)
+            modelled = time.perf_counter()
+        result = volume_response(reply, volume, slices_used=len(positions))
+        if thumbnails:
+            wanted = [p for positions_ in result["key_slices"].values() for p in positions_]
+            result["thumbnails"] = await self._cpu(key_slice_thumbnails, prepared, positions, wanted,
+                                                   self.options.thumbnail_size)
+        result["timing_ms"] = {"read": round(1000 * (decoded - started), 1),
+                               "preprocess_and_model": round(1000 * (modelled - decoded), 1),
+                               "total": round(1000 * (time.perf_counter() - started), 1)}
+        return result
 
     async def _predict_slices(self, request: Request, filename: str | None) -> dict:
         limits = self.options.limits
         with Reservation(self.bodies) as reservation:
-            body = await self._body(request, reservation)
-            uploads = uploads_from_body(body, request.headers.get("content-type"), filename, limits)
-            del body
-            slices = await self._cpu(decode_slices, uploads, limits)
+            with await self._body(request, reservation) as body:
+                uploads = await self._uploads(request, body, filename)
+                slices = await self._cpu(decode_slices, uploads, limits)
             reply, _ = await self._model_call_with_settings("predict_slices",
                                                             functools.partial(prepare_slices, slices))
             return slices_response(reply, slices)

@@ -19,9 +19,9 @@ content (truncated, wrong dimensionality or dtype, NaN values or spacing, blank 
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import asdict, dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 
@@ -29,9 +29,11 @@ from ctplatform.config.serve import ServeConfig
 from ctplatform.data import ReadLimits
 from ctplatform.data.errors import DataFormatError, http_status
 from ctplatform.data.preprocess_stream import HeldVolume, ScannedVolume, open_for_preprocessing
+from ctplatform.data.readers.file_range import FileRange
 
 MiB = 1 << 20
 NPY_MAGIC = b"\x93NUMPY"
+MULTIPART_CHUNK = 1 << 20  # bytes of a body the multipart parser is given at a time
 
 
 class InputError(Exception):
@@ -60,7 +62,11 @@ class ServeLimits:
     min_body_rate: float = 64 * 1024  # bytes/s on average after the grace period (408 below)
     # A client's first seconds may be slow (TCP slow start, a proxy's buffering): the minimum rate applies after them.
     body_grace_s: float = 5.0
-    max_inflight_body_bytes: int = 2048 * MiB  # bodies one ingress replica holds at once (503 beyond)
+    # A body above this is written to a temporary file as it arrives (node-local disk) and read from there, a
+    # multipart part as a window of that file: only this much of one upload is ever held in memory.
+    spool_threshold_bytes: int = 4 * MiB
+    max_inflight_body_bytes: int = 2048 * MiB  # bodies (up to the spool threshold) held in memory at once (503 beyond)
+    max_inflight_spool_bytes: int = 8192 * MiB  # bodies spooled to disk at once by one ingress replica (503 beyond)
     # Volume decoding one ingress replica admits at once, as `ctplatform.data.decode_memory` reckons it from each
     # upload's header (503 beyond; 413 for one volume that alone needs more). At least one volume of the largest
     # declared size held whole (a non-axial one: twice its image bytes); a streamed one needs ~100 MiB at most.
@@ -70,10 +76,12 @@ class ServeLimits:
         if min(self.max_body_bytes, self.max_voxels, self.max_decompressed_bytes, self.max_files,
                self.max_slices, self.max_slice_side, self.min_slice_side, self.max_series_files,
                self.body_timeout_s, self.min_body_rate, self.max_inflight_body_bytes, self.body_grace_s,
-               self.max_inflight_decode_bytes) <= 0:
+               self.max_inflight_decode_bytes, self.spool_threshold_bytes, self.max_inflight_spool_bytes) <= 0:
             raise ValueError("every serve limit must be a positive number")
-        if self.max_inflight_body_bytes < self.max_body_bytes:
-            raise ValueError("the in-flight body budget must hold at least one body of the largest size allowed")
+        if self.max_inflight_body_bytes < min(self.max_body_bytes, self.spool_threshold_bytes):
+            raise ValueError("the in-flight body budget must hold at least one body of the spool threshold's size")
+        if self.max_inflight_spool_bytes < self.max_body_bytes:
+            raise ValueError("the spool budget must hold at least one body of the largest size allowed")
         if self.max_inflight_decode_bytes < 2 * self.max_decompressed_bytes:
             raise ValueError("the decode budget must hold at least one volume of the largest size allowed read whole "
                              "(twice the decompression limit)")
@@ -86,7 +94,9 @@ class ServeLimits:
                    min_slice_side=config.min_slice_side, body_timeout_s=config.body_timeout,
                    min_body_rate=config.min_body_rate_kib * 1024,
                    max_inflight_body_bytes=int(config.max_inflight_body_mb * MiB),
-                   max_inflight_decode_bytes=int(config.max_inflight_decode_mb * MiB))
+                   max_inflight_decode_bytes=int(config.max_inflight_decode_mb * MiB),
+                   spool_threshold_bytes=int(config.spool_threshold_mb * MiB),
+                   max_inflight_spool_bytes=int(config.max_inflight_spool_mb * MiB))
 
     @property
     def read_limits(self) -> ReadLimits:
@@ -101,12 +111,17 @@ class ServeLimits:
 
 @dataclass
 class Upload:
-    """One uploaded file: multipart part or the raw request body."""
+    """One uploaded file: multipart part or the raw request body, as a FileRange of the body (in memory or spooled
+    to disk; bytes given here are wrapped in one)."""
 
     filename: str
-    data: bytes
+    content: FileRange
     field: str = "file"
     content_type: str = "application/octet-stream"
+
+    def __post_init__(self):
+        if not isinstance(self.content, FileRange):
+            self.content = FileRange(self.content, name=self.filename)
 
 
 # ------------------------------------------------------------------------------------------------ body
@@ -127,22 +142,24 @@ def check_content_length(headers: dict[str, str] | None, limits: ServeLimits) ->
     return length
 
 
-def parse_multipart(body: bytes, content_type: str, limits: ServeLimits) -> list[Upload]:
-    """Parse a complete multipart/form-data body; returns the file parts (parts with a filename) in order."""
+def parse_multipart(body: FileRange | bytes, content_type: str, limits: ServeLimits) -> list[Upload]:
+    """Parse a complete multipart/form-data body; returns the file parts (parts with a filename) in order, each a
+    window of the body (the body is read a chunk at a time, never held whole)."""
     from python_multipart.exceptions import MultipartParseError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
+    body = body if isinstance(body, FileRange) else FileRange(body)
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
         raise InputError(400, "multipart/form-data without a boundary parameter")
-    parts: list[dict] = []
-    state: dict = {"field": b"", "value": b"", "ended": False}
+    parts: list[_Part] = []
+    state: dict = {"field": b"", "value": b"", "ended": False, "chunk": b"", "at": 0}
 
     def on_part_begin():
         if len(parts) >= limits.max_files:
             raise InputError(413, f"more than {limits.max_files} parts in one request")
-        parts.append({"headers": {}, "data": []})
+        parts.append(_Part())
 
     def on_header_field(data, start, end):
         state["field"] += data[start:end]
@@ -151,13 +168,11 @@ def parse_multipart(body: bytes, content_type: str, limits: ServeLimits) -> list
         state["value"] += data[start:end]
 
     def on_header_end():
-        parts[-1]["headers"][state["field"].strip().lower()] = state["value"].strip()
+        parts[-1].headers[state["field"].strip().lower()] = state["value"].strip()
         state["field"], state["value"] = b"", b""
 
     def on_part_data(data, start, end):
-        # a view of the (immutable) body, not a slice: a part's bytes are copied once, when joined; the parser's
-        # own reused buffer (a boundary look-behind) is copied
-        parts[-1]["data"].append(memoryview(data)[start:end] if isinstance(data, bytes) else bytes(data[start:end]))
+        parts[-1].add(data, start, end, state["chunk"], state["at"])
 
     def on_end():
         state["ended"] = True
@@ -167,7 +182,11 @@ def parse_multipart(body: bytes, content_type: str, limits: ServeLimits) -> list
                  "on_part_data": on_part_data, "on_end": on_end}
     try:
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-        parser.write(body)
+        with body.open() as stream:
+            while chunk := stream.read(MULTIPART_CHUNK):
+                state["chunk"] = chunk
+                parser.write(chunk)
+                state["at"] += len(chunk)
         parser.finalize()
     except InputError:
         raise
@@ -177,17 +196,46 @@ def parse_multipart(body: bytes, content_type: str, limits: ServeLimits) -> list
         raise InputError(400, "malformed multipart body (truncated: no closing boundary)")
     uploads = []
     for part in parts:
-        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        _, disposition = parse_options_header(part.headers.get(b"content-disposition", b""))
         filename = disposition.get(b"filename")
         if filename is None:
             continue  # a plain form field (e.g. a submit button): not a file
+        name = _clean_name(filename.decode("utf-8", "replace"))
         uploads.append(Upload(
-            filename=_clean_name(filename.decode("utf-8", "replace")),
-            data=b"".join(part["data"]),
+            filename=name,
+            content=part.content(body, name),
             field=disposition.get(b"name", b"").decode("utf-8", "replace"),
-            content_type=part["headers"].get(b"content-type", b"application/octet-stream").decode("latin-1"),
+            content_type=part.headers.get(b"content-type", b"application/octet-stream").decode("latin-1"),
         ))
     return uploads
+
+
+class _Part:
+    """Where one multipart part's data lies in the body. A part's data is one contiguous run of the body; the parser
+    hands it over in pieces, each a slice of the chunk it was given, except a few bytes it held back as a possible
+    boundary and then gives from its own buffer. The first piece from a chunk fixes the run's start; the run's
+    length is the sum of the pieces. A part whose every piece came from the parser's buffer is shorter than a
+    boundary: its bytes are kept."""
+
+    def __init__(self):
+        self.headers: dict[bytes, bytes] = {}
+        self.start: int | None = None
+        self.length = 0
+        self.held = bytearray()
+
+    def add(self, data, start: int, end: int, chunk: bytes, chunk_at: int) -> None:
+        if self.start is None:
+            if data is chunk:
+                self.start = chunk_at + start - self.length
+                self.held.clear()
+            else:
+                self.held += data[start:end]
+        self.length += end - start
+
+    def content(self, body: FileRange, name: str) -> FileRange:
+        if self.start is None:
+            return FileRange(bytes(self.held), name=name)
+        return body.window(self.start, self.length, name)
 
 
 def _clean_name(name: str) -> str:
@@ -197,9 +245,12 @@ def _clean_name(name: str) -> str:
     return name[:200] or "upload"
 
 
-def uploads_from_body(body: bytes, content_type: str | None, filename: str | None, limits: ServeLimits) -> list[Upload]:
-    """The files of a request: multipart parts, or the raw body as one file named by `filename`."""
-    if not body:
+def uploads_from_body(body: FileRange | bytes, content_type: str | None, filename: str | None,
+                      limits: ServeLimits) -> list[Upload]:
+    """The files of a request: multipart parts (windows of the body), or the raw body as one file named by
+    `filename`."""
+    body = body if isinstance(body, FileRange) else FileRange(body)
+    if not body.size:
         raise InputError(400, "empty request body: upload a file (multipart field 'file' or the raw bytes)")
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media == "multipart/form-data":
@@ -210,7 +261,8 @@ def uploads_from_body(body: bytes, content_type: str | None, filename: str | Non
     if media in ("application/x-www-form-urlencoded", "text/plain", "application/json"):
         raise InputError(415, f"unsupported Content-Type {media!r}: send multipart/form-data or the raw file bytes "
                               "as application/octet-stream")
-    return [Upload(filename=_clean_name(filename or "upload"), data=body, content_type=media or "")]
+    name = _clean_name(filename or "upload")
+    return [Upload(filename=name, content=body.window(0, body.size, name), content_type=media or "")]
 
 
 def single_upload(uploads: list[Upload]) -> Upload:
@@ -226,13 +278,13 @@ def decode_volume(upload: Upload, limits: ServeLimits) -> ScannedVolume | HeldVo
     whole: memory bounded whatever the upload declares); a non-axial volume or an Enhanced CT file held in its stored
     values. Raises InputError, never anything else."""
     name = upload.filename
-    data = upload.data
-    if not data:
+    content = upload.content
+    if not content.size:
         raise InputError(400, f"{name}: empty file")
-    if data.startswith(NPY_MAGIC):
+    if content.head(len(NPY_MAGIC)) == NPY_MAGIC:
         raise InputError(415, f"{name}: a .npy array is not a volume: send .npy slices to /v1/predict/slices, or "
                               "the volume as .nii, .nii.gz, .mha or a .zip of a DICOM series")
-    return as_input_errors(name, open_for_preprocessing, data, name=name, limits=limits.read_limits)
+    return as_input_errors(name, open_for_preprocessing, content, name=name, limits=limits.read_limits)
 
 
 def as_input_errors(label: str, read, *args, **kwargs):
@@ -255,14 +307,13 @@ class SliceInput:
     notes: list[str] = field(default_factory=list)
 
 
-def _npy_header(data: bytes, name: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    if not data:
-        raise InputError(400, f"{name}: empty file")
-    if not data.startswith(NPY_MAGIC):
-        if data[:1] == b"\x80":
+def _npy_header(stream: BinaryIO, name: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    head = stream.read(len(NPY_MAGIC))
+    stream.seek(0)
+    if not head.startswith(NPY_MAGIC):
+        if head[:1] == b"\x80":
             raise InputError(415, f"{name}: a Python pickle, not a .npy array: pickles are refused")
         raise InputError(415, f"{name}: not a .npy file (no NumPy magic bytes)")
-    stream = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(stream)
         if version == (1, 0):
@@ -276,26 +327,32 @@ def _npy_header(data: bytes, name: str) -> tuple[tuple[int, ...], bool, np.dtype
     return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype), stream.tell()
 
 
-def read_npy(data: bytes, name: str, limits: ServeLimits) -> np.ndarray:
+def read_npy(content: FileRange | bytes, name: str, limits: ServeLimits) -> np.ndarray:
     """A .npy upload -> ndarray, after checking its header: no object (pickled) arrays, numeric dtype, size."""
-    shape, _fortran, dtype, offset = _npy_header(data, name)
-    if dtype.hasobject:
-        raise InputError(422, f"{name}: object arrays need pickle to load, which this service refuses "
-                              "(allow_pickle=False): save a numeric array")
-    if dtype.fields is not None or dtype.kind not in "iuf":
-        raise InputError(422, f"{name}: unsupported dtype {dtype}: a slice holds integer or floating HU values")
-    if len(shape) not in (2, 3):
-        raise InputError(422, f"{name}: expected a 2-D slice (H, W) or a stack of slices (N, H, W), got shape {shape}")
-    count = math.prod(shape)
-    if count == 0:
-        raise InputError(422, f"{name}: empty array (shape {shape})")
-    if count * dtype.itemsize != len(data) - offset:
-        raise InputError(422, f"{name}: truncated or padded .npy: the header declares {count * dtype.itemsize:,} "
-                              f"bytes of data, the file holds {len(data) - offset:,}")
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # ValueError for pickles, anything else for a corrupt file
-        raise InputError(422, f"{name}: unreadable .npy ({exc})") from None
+    content = content if isinstance(content, FileRange) else FileRange(content, name=name)
+    if not content.size:
+        raise InputError(400, f"{name}: empty file")
+    with content.open() as stream:
+        shape, _fortran, dtype, offset = _npy_header(stream, name)
+        if dtype.hasobject:
+            raise InputError(422, f"{name}: object arrays need pickle to load, which this service refuses "
+                                  "(allow_pickle=False): save a numeric array")
+        if dtype.fields is not None or dtype.kind not in "iuf":
+            raise InputError(422, f"{name}: unsupported dtype {dtype}: a slice holds integer or floating HU values")
+        if len(shape) not in (2, 3):
+            raise InputError(422, f"{name}: expected a 2-D slice (H, W) or a stack of slices (N, H, W), got shape "
+                                  f"{shape}")
+        count = math.prod(shape)
+        if count == 0:
+            raise InputError(422, f"{name}: empty array (shape {shape})")
+        if count * dtype.itemsize != content.size - offset:
+            raise InputError(422, f"{name}: truncated or padded .npy: the header declares {count * dtype.itemsize:,} "
+                                  f"bytes of data, the file holds {content.size - offset:,}")
+        stream.seek(0)
+        try:
+            array = np.load(stream, allow_pickle=False)
+        except Exception as exc:  # ValueError for pickles, anything else for a corrupt file
+            raise InputError(422, f"{name}: unreadable .npy ({exc})") from None
     return array
 
 
@@ -303,7 +360,7 @@ def decode_slices(uploads: list[Upload], limits: ServeLimits) -> list[SliceInput
     """.npy uploads (each a 2-D slice or an (N, H, W) stack of HU) -> checked 2-D float32 slices."""
     slices: list[SliceInput] = []
     for upload in uploads:
-        array = read_npy(upload.data, upload.filename, limits)
+        array = read_npy(upload.content, upload.filename, limits)
         stack = array[None] if array.ndim == 2 else array
         if len(slices) + len(stack) > limits.max_slices:
             raise InputError(413, f"more than {limits.max_slices} slices in one request")

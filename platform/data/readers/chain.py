@@ -1,9 +1,10 @@
 """The one way to read a CT volume: pick the reader by what the file is, read within limits, convert to HU.
 
-`read_volume` serves `prepare` (trusted files on disk), `predict` and the HTTP service (untrusted uploads held in
-memory), so it is written for the last: the format is chosen from the leading bytes (the name only where a format
-has no magic bytes), the header is read and checked against :class:`ReadLimits` before any image data, exactly
-the declared bytes are then read or inflated, and the result is checked (finite values, not blank, lung field).
+`read_volume` serves `prepare` (trusted files on disk), `predict` and the HTTP service (untrusted uploads, small
+ones in memory and large ones spooled to disk, each a :class:`~.file_range.FileRange`), so it is written for the
+last: the format is chosen from the leading bytes (the name only where a format has no magic bytes), the header
+is read and checked against :class:`ReadLimits` before any image data, exactly the declared bytes are then read or
+inflated, and the result is checked (finite values, not blank, lung field).
 A DICOM series is a folder (read by :func:`~.dicom.read_dicom_folder`) or a `.zip` (a stream like any file).
 """
 
@@ -33,6 +34,7 @@ from ctplatform.data.readers.dicom import (
     dicom_folder_header,
     read_dicom_folder,
 )
+from ctplatform.data.readers.file_range import FileRange
 from ctplatform.data.readers.mha import MetaImageReader
 from ctplatform.data.readers.nifti import NiftiReader
 from ctplatform.data.readers.orientation import canonical_flips, to_canonical
@@ -40,7 +42,7 @@ from ctplatform.data.readers.volume import RawVolume, Volume
 
 READERS: tuple[VolumeReader, ...] = (NiftiReader(), MetaImageReader(), DicomReader())
 HEAD_BYTES = 4096  # what format detection looks at
-VolumeSource = str | os.PathLike | bytes | BinaryIO
+VolumeSource = str | os.PathLike | bytes | BinaryIO | FileRange
 
 
 def read_volume(
@@ -52,8 +54,9 @@ def read_volume(
 ) -> Volume:
     """Read a volume in HU: float32 (slices, rows, cols), inferior to superior, spacing (z, y, x) mm.
 
-    `source` is a path (a file, or a folder holding a DICOM series), the bytes of a file, or a seekable binary
-    stream; `name` names bytes and streams (in error messages, and to recognise a format by its suffix).
+    `source` is a path (a file, or a folder holding a DICOM series), the bytes of a file, a seekable binary
+    stream, or a :class:`~.file_range.FileRange` (an upload: opened afresh for each pass); `name` names bytes and
+    streams (in error messages, and to recognise a format by its suffix).
     `metadata` (CT-RATE's metadata CSV row) gives the rescale of original-format volumes; `limits` caps what the
     header may declare (default: :class:`ReadLimits`()).
     Raises a :class:`~ctplatform.data.errors.DataFormatError` subclass for each kind of problem."""
@@ -61,7 +64,7 @@ def read_volume(
     if _is_folder(source):
         label = name or str(source)
         return _dicom_volume(checked_folder_header(Path(source), label, limits), metadata, limits, label)
-    with _opened(source, name) as (stream, label):
+    with opened(source, name) as (stream, label):
         head, reader = _detect(stream, label)
         if isinstance(reader, DicomReader):  # decoded while the stream is open (a zip's members are read from it)
             return _dicom_volume(reader.checked_header(stream, label, limits), metadata, limits, label)
@@ -94,7 +97,7 @@ def read_raw_volume(
         label = name or str(source)
         header, data = read_dicom_folder(Path(source), label, limits)  # type: ignore[arg-type]
         return _checked_volume(data, header, metadata, limits, label)
-    with _opened(source, name) as (stream, label):
+    with opened(source, name) as (stream, label):
         head, reader = _detect(stream, label)
         header, data = reader.read(stream, head, label, limits)
     return _checked_volume(data, header, metadata, limits, label)
@@ -119,7 +122,7 @@ def plane_stream(source: VolumeSource, *, name: str | None = None,
     if _is_folder(source):
         yield None
         return
-    with _opened(source, name) as (stream, label):
+    with opened(source, name) as (stream, label):
         head, reader = _detect(stream, label)
         if isinstance(reader, DicomReader):
             yield None
@@ -138,7 +141,7 @@ def dicom_series(source: VolumeSource, *, name: str | None = None,
         label = name or str(source)
         yield checked_folder_header(Path(source), label, limits), label  # type: ignore[arg-type]
         return
-    with _opened(source, name) as (stream, label):
+    with opened(source, name) as (stream, label):
         _head, reader = _detect(stream, label)
         yield (reader.checked_header(stream, label, limits), label) if isinstance(reader, DicomReader) else None
 
@@ -148,7 +151,7 @@ def read_header(source: VolumeSource, *, name: str | None = None) -> VolumeHeade
     header): no limits, no image data."""
     if _is_folder(source):
         return dicom_folder_header(Path(source), name or str(source))  # type: ignore[arg-type]
-    with _opened(source, name) as (stream, label):
+    with opened(source, name) as (stream, label):
         head, reader = _detect(stream, label)
         return reader.read_header(reader.decoded(stream, head), label)
 
@@ -163,8 +166,15 @@ def reader_for(head: bytes, name: str) -> VolumeReader:
 
 
 @contextmanager
-def _opened(source: VolumeSource, name: str | None) -> Iterator[tuple[BinaryIO, str]]:
-    if isinstance(source, bytes | bytearray | memoryview):
+def opened(source: VolumeSource, name: str | None = None) -> Iterator[tuple[BinaryIO, str]]:
+    """`source` (not a folder) as a seekable binary stream from its first byte, and its label; closed after."""
+    if isinstance(source, FileRange):  # an upload: spooled to disk, or small and in memory, or a part of either
+        label = name or source.name
+        if not source.size:
+            raise CorruptDataError(label, "empty file")
+        with source.open() as stream:
+            yield stream, label
+    elif isinstance(source, bytes | bytearray | memoryview):
         label = name or "<upload>"
         if not len(source):
             raise CorruptDataError(label, "empty file")
