@@ -34,7 +34,9 @@ import io
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +51,7 @@ from ctplatform.data.hounsfield import NON_CHEST_NOTE
 from ctplatform.data.labels_csv import read_labels_csv
 from ctplatform.data.metadata import VolumeMetadata, read_metadata_csv
 from ctplatform.data.paths import VolumeFinder, dataset_root, find_label_files, find_metadata_files, parse_volume_name
-from ctplatform.data.preprocess import PreprocessSettings, preprocess_raw_volume
+from ctplatform.data.preprocess import PreprocessSettings, preprocess_raw_volume, torch_threads
 from ctplatform.data.remote_input import local_volume, mirror_listing, rename_error, to_uri
 from ctplatform.data.splits import patient_of, patient_split
 from ctplatform.labels import CLASS_NAMES, volume_stem
@@ -134,13 +136,59 @@ def _discover_local(data_dir: str | Path) -> list[VolumeTask]:
     return tasks
 
 
+def _json_bytes(value) -> bytes:
+    return (json.dumps(value, indent=2, allow_nan=False) + "\n").encode()
+
+
 def _write_json(location: str, value) -> None:
-    storage.write_bytes(location, (json.dumps(value, indent=2, allow_nan=False) + "\n").encode())
+    storage.write_bytes(location, _json_bytes(value))
+
+
+# A volume's writes, in order: (location, bytes) writes the file or object whole; (location, None) removes it.
+Writes = list[tuple[str, bytes | None]]
 
 
 def prepare_volume(task: VolumeTask, out_dir: str, settings: PreprocessSettings, keep_non_chest: bool) -> dict:
     """Prepare one volume; returns its record ("ok") or its failure ("failed"). Never raises for bad input."""
+    result, writes = _prepared(task, str(out_dir), settings, keep_non_chest)
+    _write(writes)
+    return result
+
+
+def prepare_volumes(tasks: Iterable[VolumeTask], out_dir: str, settings: PreprocessSettings,
+                    keep_non_chest: bool) -> Iterator[dict]:
+    """`prepare_volume` of each task, in order; each result is yielded once its files are written.
+
+    A volume's files are written (each fsync'd, or uploaded, before it appears; its record last) in one background
+    thread while this one decodes the next volume: the wait for the disk or the object store overlaps the next
+    decode instead of adding to it. At most one volume's writes wait behind the one being written, so the memory
+    held stays two volumes' outputs."""
     out = str(out_dir)
+    pending: deque[tuple[dict, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-writes") as writer:
+        for task in tasks:
+            result, writes = _prepared(task, out, settings, keep_non_chest)
+            pending.append((result, writer.submit(_write, writes)))
+            while len(pending) > 2 or (pending and pending[0][1].done()):
+                done, future = pending.popleft()
+                future.result()  # a failed write (disk full, store refused) raises here, as prepare_volume would
+                yield done
+        while pending:
+            done, future = pending.popleft()
+            future.result()
+            yield done
+
+
+def _write(writes: Writes) -> None:
+    for location, data in writes:
+        if data is None:
+            storage.remove(location)
+        else:
+            storage.write_bytes(location, data)
+
+
+def _prepared(task: VolumeTask, out: str, settings: PreprocessSettings, keep_non_chest: bool) -> tuple[dict, Writes]:
+    """One volume's result and the writes that store it (its .npy, then its record; or its failure)."""
     try:
         if task.path is None:
             raise DataNotFoundError(task.volume_name, "volume file not found under the data directory")
@@ -154,12 +202,10 @@ def prepare_volume(task: VolumeTask, out_dir: str, settings: PreprocessSettings,
         slices, positions = preprocess_raw_volume(volume, settings)
     except (DataFormatError, OSError, ValueError, MemoryError) as exc:
         failure = {"VolumeName": task.volume_name, "path": task.path or "", "reason": str(exc), "status": "failed"}
-        _write_json(storage.join(out, "failed", f"{task.stem}.json"), failure)
-        return failure
+        return failure, [(storage.join(out, "failed", f"{task.stem}.json"), _json_bytes(failure))]
     relative = f"volumes/{task.split}/{task.stem}.npy"
     buffer = io.BytesIO()
     np.save(buffer, slices, allow_pickle=False)
-    storage.write_bytes(storage.join(out, relative), buffer.getvalue())
     record = {
         "VolumeName": task.volume_name,
         "stem": task.stem,
@@ -175,9 +221,11 @@ def prepare_volume(task: VolumeTask, out_dir: str, settings: PreprocessSettings,
         "labels": list(task.labels),
         "status": "ok",
     }
-    _write_json(storage.join(out, "records", f"{task.stem}.json"), record)  # written last: the volume is done
-    storage.remove(storage.join(out, "failed", f"{task.stem}.json"))
-    return record
+    return record, [
+        (storage.join(out, relative), buffer.getvalue()),
+        (storage.join(out, "records", f"{task.stem}.json"), _json_bytes(record)),  # written last: the volume is done
+        (storage.join(out, "failed", f"{task.stem}.json"), None),
+    ]
 
 
 def open_cache(out_dir: str | Path, settings: PreprocessSettings) -> str:
@@ -292,10 +340,11 @@ def run_prepare(
     elif executor == "local":
         from tqdm import tqdm
 
-        for task in tqdm(todo, unit="vol", disable=not progress, desc="prepare"):
-            result = prepare_volume(task, out, settings, keep_non_chest)
-            if on_result is not None:
-                on_result(result)
+        with tqdm(total=len(todo), unit="vol", disable=not progress, desc="prepare") as bar, torch_threads(1):
+            for result in prepare_volumes(todo, out, settings, keep_non_chest):
+                bar.update(1)
+                if on_result is not None:
+                    on_result(result)
         elapsed = time.perf_counter() - started
     else:
         raise ValueError(f"invalid executor {executor!r}: choose ray or local")
