@@ -1,5 +1,8 @@
 """`prepare`'s per-volume work: the writes overlapped with the next decode, and the HU conversions it shares."""
 
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +67,24 @@ def test_hu_sample_is_converted_once_and_shared(tiny_dataset):
     assert list(volume._samples) == [4]
     assert np.array_equal(volume.hu_sample(2), rescaled_to_hu(volume.data[:, ::2, ::2], volume.slope,
                                                               volume.intercept))
+
+
+WORKER_SCRIPT = """
+import pickle, sys
+from ctplatform.data.prepare_ray import prepare_batch  # what a Ray worker imports to run a task
+from ctplatform.data.preprocess import PreprocessSettings
+tasks = pickle.loads(sys.stdin.buffer.read())
+results = prepare_batch(tasks, sys.argv[1], PreprocessSettings(image_size=32, num_slices=8), False)
+print([r["status"] for r in results], "pandas" in sys.modules)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_ray_worker_prepares_without_importing_pandas(tiny_dataset, tmp_path):
+    """pandas is ~1 s of each Ray worker's cold start before its first volume, and decoding never needs it."""
+    tasks = discover_tasks(tiny_dataset)[:2]
+    assert all(t.metadata is not None for t in tasks)  # VolumeMetadata travels with the task, and unpickles
+    out = open_cache(tmp_path / "cache", SETTINGS)
+    done = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, out], input=pickle.dumps(tasks), capture_output=True,
+                          timeout=100, check=True)
+    assert done.stdout.decode().split() == ["['ok',", "'ok']", "False"]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import ray
 from tqdm import tqdm
 
-from ctplatform.data.prepare import VolumeTask, prepare_volumes
+from ctplatform.data.prepare_worker import VolumeTask, prepare_volumes
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.ray_session import connect, shutdown_if
 
