@@ -65,13 +65,22 @@ def rescaled_to_hu(data: np.ndarray, slope: float, intercept: float, out: np.nda
     values as whole-array passes, with fewer trips through memory on a large volume."""
     hu = np.empty(data.shape, dtype=np.float32) if out is None else out
     blocks = [slice(k, k + HU_BLOCK_SLICES) for k in range(0, len(data), HU_BLOCK_SLICES)] if data.ndim == 3 else [...]
+    # Stored types that float32 holds exactly (CT's int16 and uint16, float32) are cast inside the first operation
+    # (one pass less, the same float32 arithmetic); others (float64, int32) are first rounded to float32 as before.
+    exact = np.can_cast(data.dtype, np.float32, "safe")
     for block in blocks:
         part = hu[block]
-        np.copyto(part, data[block], casting="unsafe")
+        if exact:
+            source = data[block]
+        else:
+            np.copyto(part, data[block], casting="unsafe")
+            source = part
         if slope != 1.0:
-            np.multiply(part, np.float32(slope), out=part)
+            source = np.multiply(source, np.float32(slope), out=part, casting="unsafe")
         if intercept != 0.0:
-            np.add(part, np.float32(intercept), out=part)
+            source = np.add(source, np.float32(intercept), out=part, casting="unsafe")
+        if source is not part:
+            np.copyto(part, source, casting="unsafe")
         np.clip(part, HU_MIN, HU_MAX, out=part)
     return hu
 

@@ -13,8 +13,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from ctplatform.data.errors import DataFormatError
 from ctplatform.labels import volume_stem
 
@@ -62,6 +60,8 @@ def read_metadata_csv(path: str | Path) -> dict[str, VolumeMetadata]:
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(path, "metadata file not found")
+    import pandas as pd  # here, not at the top: a Ray worker unpickling VolumeMetadata needs no pandas
+
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     for column in NEEDED_COLUMNS:
         if column not in frame.columns:

@@ -22,6 +22,9 @@ rebuilt from the records at the end, sorted by name, so a run killed at any poin
 identical to an uninterrupted one. A volume file without its record (a run killed between the two, or a partial
 file left by a store that shows uploads in progress) is not in the index and is written again by the rerun.
 
+The per-volume work (decode, preprocess, write) is `prepare_worker`'s, so a Ray worker imports neither pandas nor
+this module; `prepare_volume` and `VolumeTask` stay importable from here.
+
 `--data-dir` and `--out` may be object-store URIs (`ctplatform.storage`): volumes are then copied to the node
 that decodes them (`ctplatform.data.remote_input`) and the cache's files are written to the store by the task
 that made them.
@@ -35,7 +38,6 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,32 +45,17 @@ import pandas as pd
 
 from ctplatform import storage
 from ctplatform.atomic import write_atomic, write_bytes_atomic
-from ctplatform.data import read_raw_volume
-from ctplatform.data.errors import DataFormatError, DataNotFoundError, UnusableContentError
-from ctplatform.data.hounsfield import NON_CHEST_NOTE
+from ctplatform.data.errors import DataFormatError
 from ctplatform.data.labels_csv import read_labels_csv
 from ctplatform.data.metadata import VolumeMetadata, read_metadata_csv
 from ctplatform.data.paths import VolumeFinder, dataset_root, find_label_files, find_metadata_files, parse_volume_name
-from ctplatform.data.preprocess import PreprocessSettings, preprocess_raw_volume
-from ctplatform.data.remote_input import local_volume, mirror_listing, rename_error, to_uri
+from ctplatform.data.prepare_worker import VolumeTask, json_bytes, prepare_volume, prepare_volumes  # noqa: F401 re-export
+from ctplatform.data.preprocess import PreprocessSettings, torch_threads
+from ctplatform.data.remote_input import mirror_listing, rename_error, to_uri
 from ctplatform.data.splits import patient_of, patient_split
 from ctplatform.labels import CLASS_NAMES, volume_stem
 
 CACHE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class VolumeTask:
-    volume_name: str  # as in the labels CSV, e.g. "train_1_a_1.nii.gz"
-    split: str
-    patient: str
-    path: str | None  # None: the file was not found
-    labels: tuple[int, ...]
-    metadata: VolumeMetadata | None
-
-    @property
-    def stem(self) -> str:
-        return volume_stem(self.volume_name)
 
 
 def discover_tasks(data_dir: str | Path) -> list[VolumeTask]:
@@ -135,49 +122,7 @@ def _discover_local(data_dir: str | Path) -> list[VolumeTask]:
 
 
 def _write_json(location: str, value) -> None:
-    storage.write_bytes(location, (json.dumps(value, indent=2, allow_nan=False) + "\n").encode())
-
-
-def prepare_volume(task: VolumeTask, out_dir: str, settings: PreprocessSettings, keep_non_chest: bool) -> dict:
-    """Prepare one volume; returns its record ("ok") or its failure ("failed"). Never raises for bad input."""
-    out = str(out_dir)
-    try:
-        if task.path is None:
-            raise DataNotFoundError(task.volume_name, "volume file not found under the data directory")
-        with local_volume(task.path) as path:
-            try:
-                volume = read_raw_volume(path, metadata=task.metadata)
-            except DataFormatError as exc:  # name the volume as the user knows it, not the temporary copy
-                raise type(exc)(task.path, exc.problem, column=exc.column, row=exc.row) from None
-        if not keep_non_chest and any(note.startswith(NON_CHEST_NOTE) for note in volume.notes):
-            raise UnusableContentError(task.path, "skipped: no lung field found (head CT?); --keep-non-chest keeps it")
-        slices, positions = preprocess_raw_volume(volume, settings)
-    except (DataFormatError, OSError, ValueError, MemoryError) as exc:
-        failure = {"VolumeName": task.volume_name, "path": task.path or "", "reason": str(exc), "status": "failed"}
-        _write_json(storage.join(out, "failed", f"{task.stem}.json"), failure)
-        return failure
-    relative = f"volumes/{task.split}/{task.stem}.npy"
-    buffer = io.BytesIO()
-    np.save(buffer, slices, allow_pickle=False)
-    storage.write_bytes(storage.join(out, relative), buffer.getvalue())
-    record = {
-        "VolumeName": task.volume_name,
-        "stem": task.stem,
-        "patient": task.patient,
-        "split": task.split,
-        "file": relative,
-        "num_slices": int(slices.shape[0]),
-        "slice_positions": [int(p) for p in positions],
-        "source_slices": int(volume.shape[0]),
-        "spacing": [float(s) for s in volume.spacing],
-        "hu_source": volume.hu_source,
-        "notes": "; ".join(volume.notes),
-        "labels": list(task.labels),
-        "status": "ok",
-    }
-    _write_json(storage.join(out, "records", f"{task.stem}.json"), record)  # written last: the volume is done
-    storage.remove(storage.join(out, "failed", f"{task.stem}.json"))
-    return record
+    storage.write_bytes(location, json_bytes(value))
 
 
 def open_cache(out_dir: str | Path, settings: PreprocessSettings) -> str:
@@ -292,10 +237,11 @@ def run_prepare(
     elif executor == "local":
         from tqdm import tqdm
 
-        for task in tqdm(todo, unit="vol", disable=not progress, desc="prepare"):
-            result = prepare_volume(task, out, settings, keep_non_chest)
-            if on_result is not None:
-                on_result(result)
+        with tqdm(total=len(todo), unit="vol", disable=not progress, desc="prepare") as bar, torch_threads(1):
+            for result in prepare_volumes(todo, out, settings, keep_non_chest):
+                bar.update(1)
+                if on_result is not None:
+                    on_result(result)
         elapsed = time.perf_counter() - started
     else:
         raise ValueError(f"invalid executor {executor!r}: choose ray or local")

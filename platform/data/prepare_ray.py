@@ -17,7 +17,7 @@ from collections.abc import Callable
 import ray
 from tqdm import tqdm
 
-from ctplatform.data.prepare import VolumeTask, prepare_volume
+from ctplatform.data.prepare_worker import VolumeTask, prepare_volumes
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.ray_session import connect, shutdown_if
 
@@ -33,7 +33,8 @@ def batch_size(remaining: int, cpus: int) -> int:
 
 def prepare_batch(tasks: list[VolumeTask], out_dir: str, settings: PreprocessSettings,
                   keep_non_chest: bool) -> list[dict]:
-    return [prepare_volume(task, out_dir, settings, keep_non_chest) for task in tasks]
+    """One task's volumes; its writes overlap the decoding of the next volume (`prepare_volumes`)."""
+    return list(prepare_volumes(tasks, out_dir, settings, keep_non_chest))
 
 
 def prepare_with_ray(

@@ -33,6 +33,8 @@ class RawVolume:
     spacing: tuple[float, float, float]
     hu_source: str
     notes: list[str] = field(default_factory=list)
+    # HU samples already converted, by in-plane step: the reader's checks and the slice choice share one
+    _samples: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -43,8 +45,13 @@ class RawVolume:
         return rescaled_to_hu(self.data[index], self.slope, self.intercept)
 
     def hu_sample(self, step: int = 4) -> np.ndarray:
-        """HU of every slice on a coarse in-plane grid: enough for body extents and lung checks."""
-        return self.hu((slice(None), slice(None, None, step), slice(None, None, step)))
+        """HU of every slice on a coarse in-plane grid: enough for body extents and lung checks. Converted once: a
+        later call for the same step, or a multiple of a step already converted, takes its (strided) view of that."""
+        for have, sample in self._samples.items():
+            if step % have == 0:
+                return sample[:, :: step // have, :: step // have]
+        sample = self._samples[step] = self.hu((slice(None), slice(None, None, step), slice(None, None, step)))
+        return sample
 
     def to_volume(self) -> Volume:
         """The whole volume in HU."""
