@@ -45,7 +45,8 @@ def _fmt(value) -> str:
 def save(path: str | None, name: str, rows: list[dict]) -> None:
     if path:
         Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / f"{name}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+        text = json.dumps({"machine": machine(), "rows": rows}, indent=2, default=_plain)
+        (Path(path) / f"{name}.json").write_text(text)
 
 
 def random_cache(root: Path, train_volumes: int, valid_volumes: int, slices: int, size: int, seed: int = 0) -> Path:
@@ -75,3 +76,10 @@ def random_cache(root: Path, train_volumes: int, valid_volumes: int, slices: int
     settings = PreprocessSettings(image_size=size, num_slices=slices)
     write_json_atomic(root / "cache.json", {"format": CACHE_FORMAT, "preprocess": settings.to_dict()})
     return root
+
+
+def _plain(value):
+    """numpy scalars (a row's int64 counts, float32 figures) as the Python numbers json writes."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to try")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--json", "--out", dest="json", default=None, help="folder for a JSON copy of the results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
@@ -72,7 +72,7 @@ def main() -> None:
                              "workers": workers, "slices/s": rate, "ratio": rate / floor})
         print_table(f"loader: {len(dataset)} cached {args.image_size}² slices, batch {args.batch_size}, shuffled",
                     rows)
-        save(args.out, "loader", rows)
+        save(args.json, "loader", rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

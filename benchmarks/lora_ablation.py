@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import print_table
+from _common import print_table, save
 from mil_vs_slice import auroc_of, make_data, predictor_for, pretrain_encoder, train, volume_predictions
 
 from ctplatform.config import TrainConfig
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--mil-pooling", default="per-class")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--out", default=None, help="write the rows as JSON to this file")
+    parser.add_argument("--json", "--out", dest="json", default=None, help="folder for a JSON copy of the results")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print_table(f"LoRA + attention pooling vs frozen + mean pooling: {args.model}, {args.volumes} volumes "
                 f"({args.pretrain_volumes} others pretrained on slice labels), {args.epochs} epochs, macro AUROC",
                 [*rows, mean])
-    if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "mean": mean, "args": vars(args)}, indent=2))
+    save(args.json, "lora_ablation", [*rows, mean])
     return [*rows, mean]
 
 

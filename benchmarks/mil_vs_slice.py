@@ -325,7 +325,7 @@ def main() -> None:
                         "a GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--out", default=None, help="folder for the JSON results")
+    parser.add_argument("--json", "--out", dest="json", default=None, help="folder for a JSON copy of the results")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_mil_"))
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -347,7 +347,7 @@ def main() -> None:
 
     def report(rows: list[dict]) -> None:
         print_table(title, rows)
-        save(args.out, f"mil_vs_slice_seed{args.seed}", rows)
+        save(args.json, f"mil_vs_slice_seed{args.seed}", rows)
 
     compare(data, workdir, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
             learning_rate=args.learning_rate, seed=args.seed, loss_type=args.loss_type,

@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 import nibabel as nib
 import numpy as np
+from _common import save
 
 
 def free_port() -> int:
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                              "machine; use the core count on a dedicated one)")
     parser.add_argument("--workloads", default="slices,volumes")
     parser.add_argument("--modes", default="on,off", help="batching modes to run")
+    parser.add_argument("--json", default=None, help="folder for a JSON copy of the results")
     args = parser.parse_args(argv)
 
     import torch
@@ -298,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['cpu_ms_per_slice']:.0f} | "
               f"{r['cpu_ratio']:.2f}x | "
               f"{r['mean_batch']:.1f} | {r['max_requests']} | {r['errors'] or 0} |")
+    save(args.json, "serve_load", [{"workload": "in-process baseline", **baseline}, *rows])
     return 0
 
 

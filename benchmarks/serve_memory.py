@@ -43,7 +43,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table
+from _common import print_table, save
 from serve_load import free_port, make_bundle
 
 MiB = 1 << 20
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         choices=["nii.gz", "mha", "zip", "noise"])
     parser.add_argument("--noise-mib", type=int, default=280, help="size of the `noise` upload (the zip's at the "
                                                                    "default shape)")
+    parser.add_argument("--json", default=None, help="folder for a JSON copy of the results")
     args = parser.parse_args(argv)
     import ray
     from ray import serve
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load = os.getloadavg()
     print_table(f"RSS growth per volume request at the default caps, {shape[0]} x {shape[1]} x {shape[2]} voxels "
                 f"(load average {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f})", rows)
+    save(args.json, "serve_memory", rows)
     return rows
 
 

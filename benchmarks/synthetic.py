@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=240)
     parser.add_argument("--size", default="64x64x48")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", default=None, help="folder for a JSON copy of the results")
+    parser.add_argument("--json", "--out", dest="json", default=None, help="folder for a JSON copy of the results")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_synthetic_"))
     try:
@@ -40,7 +40,7 @@ def main() -> None:
             rate = args.volumes / (time.perf_counter() - start)
             rows.append({"workers": workers, "volumes/s": rate, "ratio": rate / rows[0]["volumes/s"] if rows else 1.0})
         print_table(f"synthetic data: {args.volumes} volumes of {args.size}", rows)
-        save(args.out, "synthetic", rows)
+        save(args.json, "synthetic", rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

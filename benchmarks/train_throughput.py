@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, default=8 if torch.cuda.is_available() else 1)
     parser.add_argument("--cpus-per-worker", type=float, default=8 if torch.cuda.is_available() else 2)
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (alpha 2r) on both paths")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--json", "--out", dest="json", default=None, help="folder for a JSON copy of the results")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="write a torch.profiler summary of a few warm-up steps of each path to DIR")
     args = parser.parse_args()
@@ -245,7 +245,7 @@ def main() -> None:
         ]
         print_table(f"train throughput: {args.model} {args.image_size}², batch {args.batch_size}, {args.precision}, "
                     f"{args.steps} steps x {args.epochs - 1} timed epochs", rows)
-        save(args.out, "train_throughput", rows)
+        save(args.json, "train_throughput", rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--volumes", type=int, default=64)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--json", "--out", dest="json", default=None, help="folder for a JSON copy of the results")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_tune_"))
     started = connect(quiet=True)
@@ -89,7 +89,7 @@ def main() -> None:
             row["epochs vs random"] = row["epochs trained"] / rows[0]["epochs trained"]
         print_table(f"tune efficiency: {args.trials} trials x up to {args.epochs} epochs, resnet50 64², "
                     f"{args.volumes} synthetic volumes", rows)
-        save(args.out, "tune_efficiency", rows)
+        save(args.json, "tune_efficiency", rows)
     finally:
         shutdown_if(started)
         shutil.rmtree(work, ignore_errors=True)
