@@ -25,6 +25,7 @@ from ctplatform.data.preprocess_stream import CHECK_STEP, RESIZE_BATCH, RESIZE_B
 from ctplatform.data.readers.base import ReadLimits
 from ctplatform.data.readers.chain import HEAD_BYTES, VolumeSource, opened, read_header
 from ctplatform.data.readers.dicom import DECODE_THREADS, is_dicom_file
+from ctplatform.data.readers.dicom_geometry import LPS_TO_RAS
 from ctplatform.data.readers.dicom_zip import MemberFile, is_zip, open_archive
 from ctplatform.data.readers.orientation import canonical_flips
 
@@ -98,7 +99,7 @@ def _streamed_series(members: list[MemberFile]) -> bool:
         if orientation.shape != (6,):
             return False
         affine = np.eye(4)  # LPS (DICOM) -> RAS, as the series' affine
-        affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ np.column_stack(
+        affine[:3, :3] = LPS_TO_RAS @ np.column_stack(
             [orientation[:3], orientation[3:], np.cross(orientation[:3], orientation[3:])])
         return streams_series(affine, int(ds.get("NumberOfFrames", 1) or 1) == 1)
     return False
