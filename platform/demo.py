@@ -113,6 +113,8 @@ def validation_labels(data_dir: Path) -> dict[str, list[str]]:
 
 def summary_lines(summary: dict, answer: dict | None, *, tensorboard_dir: Path, top: int = 3) -> list[str]:
     """What the demo made and where it is, a few lines; every path printed exists."""
+    from ctplatform.tune.layout import STUDY_FILE
+
     config = ", ".join(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in sorted(summary.get("best_config", {}).items()))
     bundle = summary["best_bundle"]
@@ -122,7 +124,7 @@ def summary_lines(summary: dict, answer: dict | None, *, tensorboard_dir: Path, 
         f"(best epoch {summary.get('best_epoch')})",
         f"  report         {summary['best_report']}",
         f"  TensorBoard    tensorboard --logdir {tensorboard_dir}",
-        f"  Optuna study   optuna-dashboard sqlite:///{Path(summary['workspace']) / 'optuna.db'}",
+        f"  Optuna study   optuna-dashboard sqlite:///{Path(summary['workspace']) / STUDY_FILE}",
         f"  trials table   {Path(summary['workspace']) / 'trials.csv'}",
         f"  bundle         {bundle}",
     ]

@@ -131,7 +131,7 @@ def test_sweep_on_a_bucket_driver_killed_then_resumed_elsewhere_runs_each_trial_
     written to the working directory."""
     from ctplatform import storage
     from ctplatform.serve.bundles import chosen_bundle
-    from ctplatform.tune.sweep import HISTORY_FILE, workspace_folder
+    from ctplatform.tune.layout import HISTORY_FILE, workspace_folder
 
     cwd, home = tmp_path / "cwd", tmp_path / "home"
     cwd.mkdir()

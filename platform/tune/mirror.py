@@ -1,23 +1,24 @@
 """The driver's results next to Ray's checkpoints when a sweep's storage is an object-store URI.
 
 With a bucket as storage the driver writes its study, trials table, summary and best bundle in a node-local
-workspace (`sweep.workspace_folder`). The study and the trials table are copied to `<uri>/<name>` each time a
+workspace (`layout.workspace_folder`). The study and the trials table are copied to `<uri>/<name>` each time a
 trial ends, so a driver killed mid-sweep can be resumed on another machine (`--resume` fetches them when its own
 workspace lacks them); everything is copied when the sweep ends.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import tempfile
 from pathlib import Path
 
 from ray.tune import Callback
 
 from ctplatform import storage
+from ctplatform.tune.layout import STUDY_FILE
+from ctplatform.tune.study import copy_database
 
-MIRRORED = ("optuna.db", "trials.csv", "summary", "best")
-STUDY_FILES = ("optuna.db", "trials.csv")
+MIRRORED = (STUDY_FILE, "trials.csv", "summary", "best")
+STUDY_FILES = (STUDY_FILE, "trials.csv")
 
 
 def mirror_to_uri(workspace: str, uri: str, names: tuple[str, ...] = MIRRORED) -> list[str]:
@@ -27,23 +28,13 @@ def mirror_to_uri(workspace: str, uri: str, names: tuple[str, ...] = MIRRORED) -
         source = Path(workspace) / name
         if not source.exists():
             continue
-        if name == "optuna.db":  # Optuna may be writing it: copy a consistent snapshot, never a torn file
+        if name == STUDY_FILE:  # Optuna may be writing it: copy a consistent snapshot, never a torn file
             with tempfile.TemporaryDirectory() as tmp:
-                storage.upload(_snapshot(source, Path(tmp) / name), storage.join(uri, name))
+                storage.upload(copy_database(source, Path(tmp) / name), storage.join(uri, name))
         else:
             storage.upload(source, storage.join(uri, name))
         copied.append(storage.join(uri, name))
     return copied
-
-
-def _snapshot(database: Path, target: Path) -> Path:
-    source, copy = sqlite3.connect(database), sqlite3.connect(target)
-    try:
-        source.backup(copy)
-    finally:
-        copy.close()
-        source.close()
-    return target
 
 
 class StudyMirror(Callback):

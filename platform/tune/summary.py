@@ -18,6 +18,7 @@ import pandas as pd
 from ray.tune import Callback
 
 from ctplatform.atomic import write_text_atomic
+from ctplatform.tune.layout import STUDY_FILE
 from ctplatform.tune.space import SearchSpace
 
 
@@ -199,7 +200,7 @@ def _optuna_plots(sweep_dir: str, name: str, out: Path) -> list[str]:
     import optuna
     from optuna.visualization import matplotlib as ovm
 
-    db = Path(sweep_dir) / "optuna.db"
+    db = Path(sweep_dir) / STUDY_FILE
     if not db.is_file():
         return []
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")

@@ -1,14 +1,8 @@
-"""Ray Tune adapter: Optuna (seeded TPE: multivariate, group, constant liar) + ASHA over Ray Train trials.
+"""Ray Tune adapter: Optuna (`tune/study.py`) + ASHA over Ray Train trials.
 
 Each trial is a function that builds and fits a `TorchTrainer` named after the trial id, with Tune's
 `TuneReportCallback` in the Train run config (Ray 2.60's pattern for Tune over Train V2), so one trial may itself
-use several GPUs. Layout of a sweep folder (`<storage>/<name>`):
-
-    optuna.db            the Optuna study (SQLite; `optuna-dashboard sqlite:///.../optuna.db` opens it)
-    trials/trial_<id>/   each trial's Train run: Ray checkpoints, TensorBoard logs
-    trials.csv           all trials (config, metric, epochs, state), rewritten as results arrive
-    summary/             trials.csv + optimisation history, parameter importances, parallel coordinates (PNG)
-    best/                the best trial's best epoch as a model bundle, with its evaluation report
+use several GPUs. Where a sweep writes what: `tune/layout.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +11,6 @@ import contextlib
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 
 import optuna
@@ -26,8 +19,6 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from ctplatform import storage
 from ctplatform.config import TrainConfig
@@ -35,30 +26,12 @@ from ctplatform.config.tune import TuneConfig
 from ctplatform.model.backbones import check_weights
 from ctplatform.ray_session import cluster_has_gpus, connect, shutdown_if
 from ctplatform.train.ray_launcher import build_torch_trainer, resolved
-from ctplatform.tune.mirror import StudyMirror, mirror_to_uri
+from ctplatform.tune.layout import COMPLETE_FILE, HISTORY_FILE, STUDY_FILE, sweep_folder, workspace_folder
+from ctplatform.tune.mirror import STUDY_FILES, StudyMirror, mirror_to_uri
 from ctplatform.tune.resources import concurrent_trials, resources_note, trial_demand
 from ctplatform.tune.space import SearchSpace
+from ctplatform.tune.study import build_searcher
 from ctplatform.tune.summary import LiveTrialsTable, write_summary
-
-
-def sweep_folder(settings: TuneConfig) -> str:
-    location = settings.storage_path
-    if storage.is_uri(location):
-        return location.rstrip("/") + "/" + settings.name
-    return str(Path(location).resolve() / settings.name)
-
-
-def workspace_folder(settings: TuneConfig) -> str:
-    """Where the driver writes the study, the trials table, the summary and the best bundle: the sweep folder,
-    or a node-local folder when storage is an object-store URI (mirrored to `<uri>/<name>` when the sweep ends,
-    and fetched back from there by `--resume` on a driver that lacks it)."""
-    if storage.is_uri(settings.storage_path):
-        return str(storage.local_work_dir("sweeps", settings.storage_path, settings.name))
-    return sweep_folder(settings)
-
-
-HISTORY_FILE = "tune_reports.jsonl"
-COMPLETE_FILE = "trial_complete"
 
 
 class RecordingTuneReportCallback(TuneReportCallback):
@@ -109,35 +82,6 @@ def run_trial(config: dict, base: dict, trials_dir: str, metric: str, mode: str,
     storage.write_bytes(storage.join(run_dir, COMPLETE_FILE), b"complete\n")
 
 
-class ResumableOptunaSearch(OptunaSearch):
-    """OptunaSearch that accepts replayed results of trials its SQLite study already finished.
-
-    A driver killed right after a trial finished leaves Optuna's study (written at once) ahead of Tune's experiment
-    snapshot (written every few seconds): the resumed sweep restarts that trial, which replays its recorded reports
-    (see `run_trial`). Those intermediate values are already in the study; Optuna refuses to update a finished
-    trial, which must not fail the sweep."""
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            super().on_trial_result(trial_id, result)
-
-
-def _searcher(space: SearchSpace, settings: TuneConfig, workspace: str, max_concurrent: int):
-    if settings.searcher == "optuna":
-        with warnings.catch_warnings():  # `group` and `constant_liar` are experimental in Optuna: used knowingly
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True,
-                                                 constant_liar=True)
-    elif settings.searcher == "random":
-        sampler = optuna.samplers.RandomSampler(seed=settings.seed)
-    else:
-        raise ValueError(f"invalid searcher {settings.searcher!r}: choose optuna or random")
-    study_storage = optuna.storages.RDBStorage(f"sqlite:///{workspace}/optuna.db")
-    searcher = ResumableOptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode, sampler=sampler,
-                            study_name=settings.name, storage=study_storage)
-    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
-
-
 def _scheduler(space: SearchSpace, settings: TuneConfig, max_epochs: int):
     if settings.scheduler == "asha":
         return ASHAScheduler(time_attr="training_iteration", metric=space.metric, mode=space.mode, max_t=max_epochs,
@@ -157,8 +101,8 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
             check_weights(model, base.weights)
     sweep_dir, workspace = sweep_folder(settings), workspace_folder(settings)
     Path(workspace).mkdir(parents=True, exist_ok=True)
-    if resume and storage.is_uri(sweep_dir) and not Path(workspace, "optuna.db").is_file():
-        for name in ("optuna.db", "trials.csv"):  # a driver on another machine: the study as last mirrored
+    if resume and storage.is_uri(sweep_dir) and not Path(workspace, STUDY_FILE).is_file():
+        for name in STUDY_FILES:  # a driver on another machine: the study as last mirrored (`study` mends its age)
             if storage.is_file(storage.join(sweep_dir, name)):
                 storage.download(storage.join(sweep_dir, name), Path(workspace, name))
     base = base.replace(ray_workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_trial,
@@ -189,7 +133,7 @@ def run_sweep(base: TrainConfig, space: SearchSpace, settings: TuneConfig, *, re
                                      "continue it, or choose another --name")
                 tuner = tune.Tuner(
                     trainable,
-                    tune_config=tune.TuneConfig(search_alg=_searcher(space, settings, workspace, max_concurrent),
+                    tune_config=tune.TuneConfig(search_alg=build_searcher(space, settings, max_concurrent),
                                                 scheduler=_scheduler(space, settings, base.epochs),
                                                 num_samples=settings.num_samples, reuse_actors=False),
                     run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(sweep_dir).parent)
