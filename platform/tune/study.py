@@ -79,7 +79,10 @@ class ResumableOptunaSearch(OptunaSearch):
         return Path(workspace_folder(self._sweep_settings)) / STUDY_FILE
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError), warnings.catch_warnings():
+            # a replayed report of a step the study holds: expected after a resume, not worth a warning
+            warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step=\d+` is "
+                                                      "already reported", category=UserWarning)
             super().on_trial_result(trial_id, result)
 
     def __getstate__(self) -> dict:
