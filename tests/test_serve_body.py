@@ -3,6 +3,7 @@ budget of body bytes held at once (503)."""
 
 import asyncio
 import dataclasses
+import os
 import time
 
 import pytest
@@ -215,3 +216,25 @@ def test_the_spool_budget_refuses_from_content_length_with_503():
         assert spool.budget.held == 0 and spool_files(spool) == []
     finally:
         spool.remove()
+
+
+def test_a_new_spool_deletes_what_crashed_replicas_left_and_nothing_else(tmp_path):
+    """A replica killed mid-upload leaves its spool directory; the next one on the node deletes it, not the
+    directories of replicas that still run."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f"ctplatform-uploads-{dead.pid}-abc123"
+    orphan.mkdir()
+    (orphan / "body-xyz").write_bytes(b"half an upload")
+    running = Spool(LIMITS, tmp_path)  # this process: still running
+    unrelated = tmp_path / "ctplatform-uploads-notapid-x"
+    unrelated.mkdir()
+    replacement = Spool(LIMITS, tmp_path)
+    assert not orphan.exists()
+    assert running.directory.is_dir() and unrelated.is_dir() and replacement.directory.is_dir()
+    assert running.directory.name.startswith(f"ctplatform-uploads-{os.getpid()}-")
+    running.remove()
+    replacement.remove()

@@ -77,20 +77,53 @@ class Reservation:
         self.bytes = 0
 
 
+SPOOL_PREFIX = "ctplatform-uploads-"
+
+
 class Spool:
     """Where one ingress replica writes request bodies above the spool threshold: a private directory (mode 0700)
     made inside `parent` (default: the system's temporary directory; it should be node-local disk, not a RAM-backed
-    tmpfs, or the spooled bytes take memory again), and the budget of bytes spooled at once."""
+    tmpfs, or the spooled bytes take memory again), and the budget of bytes spooled at once.
+
+    The directory is named after the replica's process id. A replica that crashed could not delete its own, so a
+    new one deletes the spool directories of this user's processes that no longer run (on the same node: the
+    replacement Serve starts)."""
 
     def __init__(self, limits: ServeLimits, parent: str | os.PathLike | None = None):
         if parent is not None:
             Path(parent).mkdir(parents=True, exist_ok=True)
-        self.directory = Path(tempfile.mkdtemp(prefix="ctplatform-uploads-", dir=parent))
+        remove_orphaned_spools(Path(parent) if parent is not None else Path(tempfile.gettempdir()))
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", dir=parent))
         self.budget = MemoryBudget(limits.max_inflight_spool_bytes, "bytes of uploads spooled to disk")
 
     def remove(self) -> None:
         """Delete the directory and whatever is left in it (the replica is shutting down)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def remove_orphaned_spools(parent: Path) -> list[Path]:
+    """Delete the spool directories in `parent` that this user's dead processes left; returns those deleted."""
+    removed = []
+    for folder in parent.glob(f"{SPOOL_PREFIX}*-*"):
+        pid = folder.name[len(SPOOL_PREFIX):].split("-", 1)[0]
+        try:
+            owned = folder.is_dir() and folder.stat().st_uid == os.getuid()
+        except OSError:  # removed meanwhile by another replica starting
+            continue
+        if owned and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class Body:
