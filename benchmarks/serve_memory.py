@@ -16,20 +16,26 @@ that is received, spooled and parsed in full and then refused (415, not a volume
 and the reading's, no decode; and, for each payload, the peak that the ingress's own reading (`read_body` with its
 spool, the multipart parse, the decode estimate) holds, traced in this process with tracemalloc.
 
+`--by-uri` also sends each payload as the URI of an object on a moto S3 server on 127.0.0.1 (`POST
+/v1/predict/object`): the ingress streams the object into its spool itself, so Serve holds no copy of it.
+
 Payloads are written plane by plane (never a whole volume in this process): smooth anatomy, so the 1.6 GiB volumes
 fit the 512 MiB body cap gzipped; the DICOM slices carry a fixed noise pattern of a few HU, as real CT does (a zip
 of noiseless slices would expand beyond the 100x a series zip may).
 
     .venv/bin/python benchmarks/serve_memory.py                 # the default caps' largest payloads (minutes)
     .venv/bin/python benchmarks/serve_memory.py --shape 256 256 64   # a quick look
+    .venv/bin/python benchmarks/serve_memory.py --by-uri --formats zip   # the zip uploaded and read by URI
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import io
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -182,7 +188,41 @@ def serve_processes() -> dict[str, psutil.Process]:
     return found
 
 
-def measure(client: httpx.Client, processes: dict[str, psutil.Process], name: str, data: bytes) -> dict:
+@contextlib.contextmanager
+def object_store(paths: dict[str, Path]):
+    """A moto S3 server on 127.0.0.1 holding the payloads under s3://payloads/incoming/ (`--by-uri`); yields the
+    environment that reaches it (this process and the Ray workers)."""
+    import boto3
+
+    port = free_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                httpx.get(f"{env['AWS_ENDPOINT_URL']}/moto-api/data.json", timeout=2)
+                break
+            except httpx.TransportError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("the moto server did not start") from None
+                time.sleep(0.2)
+        store = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="bench",
+                             aws_secret_access_key="bench", region_name="us-east-1")
+        store.create_bucket(Bucket="payloads")
+        for path in paths.values():
+            store.upload_file(str(path), "payloads", f"incoming/{path.name}")
+        os.environ.update(env)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def measure(client: httpx.Client, processes: dict[str, psutil.Process], name: str, data: bytes | None) -> dict:
+    """One request's RSS growth per process: `data` uploaded, or (None) the object `name` read by URI."""
     before = {role: p.memory_info().rss for role, p in processes.items()}
     peak = dict(before)
     done = threading.Event()
@@ -196,12 +236,15 @@ def measure(client: httpx.Client, processes: dict[str, psutil.Process], name: st
     sampler = threading.Thread(target=sample)
     sampler.start()
     started = time.perf_counter()
-    response = client.post("/v1/predict/volume", files={"file": (name, data)})
+    if data is None:
+        response = client.post("/v1/predict/object", json={"uri": f"s3://payloads/incoming/{name}"})
+    else:
+        response = client.post("/v1/predict/volume", files={"file": (name, data)})
     took = time.perf_counter() - started
     done.set()
     sampler.join()
     time.sleep(1.0)
-    row = {"payload": name, "upload MiB": len(data) / MiB, "status": response.status_code, "s": took}
+    row = {"payload": name, "via": "URI" if data is None else "upload", "status": response.status_code, "s": took}
     for role, p in processes.items():
         row[f"{role} RSS MiB"] = before[role] / MiB
         row[f"{role} peak +MiB"] = (peak[role] - before[role]) / MiB
@@ -218,6 +261,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         choices=["nii.gz", "mha", "zip", "noise"])
     parser.add_argument("--noise-mib", type=int, default=280, help="size of the `noise` upload (the zip's at the "
                                                                    "default shape)")
+    parser.add_argument("--by-uri", action="store_true", help="also send each payload as an object URI "
+                        "(POST /v1/predict/object, the payloads on a moto S3 server on 127.0.0.1)")
     parser.add_argument("--json", default=None, help="folder for a JSON copy of the results")
     args = parser.parse_args(argv)
     import ray
@@ -228,7 +273,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     shape = tuple(args.shape)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
         print(f"writing payloads of {shape} voxels ...", flush=True)
         payloads = {"nii.gz": lambda: write_nifti_gz(tmp / "v.nii.gz", shape, np.float32),
@@ -240,23 +285,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
         warm = write_nifti_gz(tmp / "warm.nii.gz", (48, 128, 128), np.int16).read_bytes()
         bundle = make_bundle(tmp / "bundle", "efficientnet_b0", 224, 32)
         port = free_port()
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        env = stack.enter_context(object_store(paths)) if args.by_uri else {}
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env} if env else None)
+        config = ServeConfig(bundle=str(bundle), api_key=None, port=port,
+                             object_prefixes=["s3://payloads/incoming"] if env else [])
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
                 for fmt, path in paths.items():
-                    # a fresh application per payload: what an earlier request left in the allocator's arenas would
-                    # otherwise hide part of this one's growth
-                    serve.run(build_app(ServeConfig(bundle=str(bundle), api_key=None, port=port)), name="memory",
-                              route_prefix="/")
-                    processes = serve_processes()
-                    for _ in range(2):  # imports, torch's first forward, the allocator's first arenas
-                        response = client.post("/v1/predict/volume", files={"file": ("warm.nii.gz", warm)})
-                        assert response.status_code == 200
-                    rows.append(measure(client, processes, path.name, path.read_bytes()))
-                    rows[-1]["own read peak MiB"] = own[fmt]
-                    print(rows[-1], flush=True)
-                    serve.delete("memory")
+                    for via in ("upload", "URI") if env else ("upload",):
+                        # a fresh application per request measured: what an earlier request left in the allocator's
+                        # arenas would otherwise hide part of this one's growth
+                        serve.run(build_app(config), name="memory", route_prefix="/")
+                        processes = serve_processes()
+                        for _ in range(2):  # imports, torch's first forward, the allocator's first arenas
+                            response = client.post("/v1/predict/volume", files={"file": ("warm.nii.gz", warm)})
+                            assert response.status_code == 200
+                        rows.append(measure(client, processes, path.name,
+                                            path.read_bytes() if via == "upload" else None))
+                        rows[-1]["MiB"] = path.stat().st_size / MiB
+                        rows[-1]["own read peak MiB"] = own[fmt]
+                        print(rows[-1], flush=True)
+                        serve.delete("memory")
         finally:
             serve.shutdown()
             ray.shutdown()

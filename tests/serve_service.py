@@ -28,9 +28,10 @@ def app_config(bundle, **changes):
 
 
 @contextlib.contextmanager
-def running_service(root, env: dict | None = None):
+def running_service(root, env: dict | None = None, **changes):
     """Start the service with bundles `a` and `b` under `root`; yields what the tests use; shuts everything down.
-    `env`: environment variables of every Ray worker (e.g. the S3 test server's credentials)."""
+    `env`: environment variables of every Ray worker (e.g. the S3 test server's credentials); `changes`: ServeConfig
+    fields besides `app_options()`."""
     import ray
     from ray import serve
 
@@ -45,7 +46,8 @@ def running_service(root, env: dict | None = None):
              runtime_env={"env_vars": env} if env else None)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-        serve.run(build_app(app_config(bundles["a"], spool_dir=str(root / "spool"))), name=APP, route_prefix="/")
+        serve.run(build_app(app_config(bundles["a"], spool_dir=str(root / "spool"), **changes)), name=APP,
+                  route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             yield {"client": client, "port": port, "url": f"http://127.0.0.1:{port}", "bundles": bundles,
                    "versions": {k: bundle_version(v) for k, v in bundles.items()}, "root": root,

@@ -30,9 +30,14 @@ from serve_service import APP, AUTH, app_config, assert_good_request_works, post
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
+INCOMING = "scans-in-serve-tests"  # the service reads volumes by URI under s3://<this>/incoming/
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, s3_server):
-    with running_service(tmp_path_factory.mktemp("serve"), env=s3_server.env()) as running:
+    s3_server.client().create_bucket(Bucket=INCOMING)
+    with running_service(tmp_path_factory.mktemp("serve"), env=s3_server.env(),
+                         object_prefixes=[f"s3://{INCOMING}/incoming"]) as running:
         yield running
 
 
@@ -89,6 +94,42 @@ def test_volume_probabilities_equal_offline_predictor(service, offline, tmp_path
     raw = service["client"].post("/v1/predict/volume", content=nifti_gz(hu), params={"filename": "x.nii.gz"},
                                  headers={**AUTH, "Content-Type": "application/octet-stream"})
     assert raw.status_code == 200 and "thumbnails" not in raw.json()
+
+
+def test_a_volume_read_by_uri_gets_the_uploads_answer_and_refusals_keep_their_reason(service, s3_server):
+    """POST /v1/predict/object: the ingress reads the object from the S3-protocol server with its own credentials
+    (given to the Ray workers), under the one prefix it was started with."""
+    client, store = service["client"], s3_server.client()
+    data = nifti_gz(chest(seed=1))
+    store.put_object(Bucket=INCOMING, Key="incoming/ward-3/scan.nii.gz", Body=data)
+    store.put_object(Bucket=INCOMING, Key="private/scan.nii.gz", Body=data)
+    store.put_object(Bucket=INCOMING, Key="incoming/large.nii.gz", Body=bytes(8 * MiB + 1))  # the cap is 8 MiB
+
+    def by_uri(uri, **params):
+        return client.post("/v1/predict/object", json={"uri": uri}, headers=AUTH, params=params)
+
+    uploaded = post_volume(client, data, thumbnails="true")
+    served = by_uri(f"s3://{INCOMING}/incoming/ward-3/scan.nii.gz", thumbnails="true")
+    assert served.status_code == 200 and uploaded.status_code == 200, served.text
+    for key in ("probabilities", "raw_probabilities", "decisions", "key_slices", "slice_positions", "findings",
+                "thumbnails", "volume", "model_version"):
+        assert served.json()[key] == uploaded.json()[key], key
+    refusals = {
+        f"s3://{INCOMING}/private/scan.nii.gz": (403, "outside the prefixes"),
+        f"s3://{INCOMING}/incoming/none.nii.gz": (404, "no such object"),
+        f"s3://{INCOMING}/incoming/large.nii.gz": (413, "above the limit"),
+        f"s3://{INCOMING}/incoming/../private/scan.nii.gz": (422, "'..'"),
+        "file:///etc/passwd": (422, "not an object-store URI"),
+    }
+    for uri, (status, reason) in refusals.items():
+        response = by_uri(uri)
+        print(f"{uri}: {response.status_code} {response.json()['detail']}")
+        assert response.status_code == status and reason in response.json()["detail"], (uri, response.text)
+    no_key = client.post("/v1/predict/object", json={"uri": f"s3://{INCOMING}/incoming/ward-3/scan.nii.gz"})
+    assert no_key.status_code == 401
+    long = client.post("/v1/predict/object", content=b"{" + b" " * 20_000 + b"}", headers=AUTH)
+    assert long.status_code == 413
+    assert [p for p in service["spool"].rglob("*") if p.is_file()] == []  # every fetched object's file is gone
 
 
 def test_dicom_series_zip_is_served_as_its_nifti_and_bad_series_get_4xx(service, tmp_path):
@@ -210,7 +251,8 @@ def test_fuzzed_requests_to_every_route_get_no_5xx_and_declared_answers(service)
     schema = schemathesis.openapi.from_url(f"{service['url']}/openapi.json")
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.label for op in operations} >= {"POST /v1/predict/volume", "POST /v1/predict/slices", "GET /v1/model",
+    assert {op.label for op in operations} >= {"POST /v1/predict/volume", "POST /v1/predict/slices",
+                                               "POST /v1/predict/object", "GET /v1/model",
                                                "GET /v1/stats", "GET /healthz", "GET /readyz"}
     calls: list[tuple[str, int]] = []
     for operation in operations:

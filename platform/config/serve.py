@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctplatform.config.options import option
+from ctplatform.storage import is_uri, scheme, user_paths
 
 API_KEY_ENV = "CTPLATFORM_API_KEY"
+OBJECT_SCHEMES = ("s3", "s3a", "gs", "gcs")  # what /v1/predict/object may read: object stores only
 
 
 def _api_key_from_environment() -> str | None:
@@ -56,6 +58,9 @@ class ServeTargetConfig:
     name: str = option("ctplatform", "Serve application name (default ctplatform); serving again under the same "
                                      "name is a rolling update")
     detach: bool = option(False, "with --address: deploy and return (the application keeps running on the cluster)")
+    object_prefixes: list[str] = option(default_factory=list, help="object-store prefixes (s3://bucket/incoming/) "
+                                        "whose volumes POST /v1/predict/object may read by URI; none (default): "
+                                        "that route answers 403", metavar="URI", path="uri", parse=user_paths)
 
 
 @dataclass(repr=False)
@@ -141,6 +146,10 @@ class ServeConfig(UploadLimitsConfig, ServeLoadConfig, ServeResourcesConfig, Ser
                 low, high = (replicas, replicas) if isinstance(replicas, int) else replicas
                 if not 1 <= low <= high:
                     raise ValueError(f"{name} must satisfy 1 <= min <= max, got {replicas}")
+        for prefix in self.object_prefixes:
+            if not is_uri(prefix) or scheme(prefix) not in OBJECT_SCHEMES or not prefix.split("://", 1)[1].strip("/"):
+                raise ValueError(f"--object-prefixes: {prefix!r} is not an object-store URI "
+                                 f"({', '.join(OBJECT_SCHEMES)})")
         if self.api_key is not None and self.api_key_sha256 is not None:
             raise ValueError("pass api_key or api_key_sha256, not both")
         if self.api_key is not None and not self.api_key.strip():

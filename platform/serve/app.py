@@ -51,7 +51,8 @@ def build_app(config: ServeConfig, checked: BundleSummary | None = None) -> serv
     options = IngressOptions(limits=ServeLimits.from_config(config),
                              api_key_sha256=expected_key_hash(config.api_key, config.api_key_sha256),
                              request_timeout_s=config.request_timeout, decode_workers=config.decode_workers,
-                             thumbnail_size=config.thumbnail_size, spool_dir=config.spool_dir)
+                             thumbnail_size=config.thumbnail_size, spool_dir=config.spool_dir,
+                             object_prefixes=tuple(config.object_prefixes))
     model_options = _replicas(
         {"ray_actor_options": {"num_cpus": config.model_cpus, "num_gpus": config.num_gpus or 0.0},
          "max_ongoing_requests": config.model_max_ongoing_requests,

@@ -20,10 +20,11 @@ Every refusal is a 4xx/5xx with a reason; nothing a request sends can kill a rep
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -49,6 +50,7 @@ from ctplatform.serve.inputs import (
     uploads_from_body,
 )
 from ctplatform.serve.model_deployment import replica_id
+from ctplatform.serve.objects import MAX_REQUEST_BYTES, fetch_object, requested_uri, stat_object
 from ctplatform.serve.page import load_page
 from ctplatform.serve.preprocessing import VolumeUpload, prepare_slices
 from ctplatform.serve.responses import slices_response, volume_response
@@ -67,6 +69,7 @@ class IngressOptions:
     decode_workers: int = 2  # volumes decoded at once per ingress replica (each may hold ~GB while decoding)
     thumbnail_size: int = 128
     spool_dir: str | None = None  # where bodies above the spool threshold are written (default: the temp directory)
+    object_prefixes: tuple[str, ...] = ()  # what /v1/predict/object may read (none: it answers 403)
 
 
 api = FastAPI(
@@ -92,6 +95,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
                           "Retry-After)"},
     504: {"description": "the request took longer than the service's timeout"},
 }
+_OBJECT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    403: {"description": "the URI is outside the prefixes this service reads (or it reads none)"},
+    404: {"description": "no object at the URI"},
+    409: {"description": "the object changed while it was read"},
+    502: {"description": "the object store refused the service's request"},
+}
+_OBJECT_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["uri"], "additionalProperties": False, "properties": {
+        "uri": {"type": "string", "description": "s3:// or gs:// URI of one volume (.nii, .nii.gz, .mha, a .zip of "
+                                                 "one DICOM series) under a prefix the service reads"}}}}}}}
 _VOLUME_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary",
@@ -256,6 +270,17 @@ class Ingress:
         self._authorize(credentials)
         return await self._guard(self._predict_slices(request, filename))
 
+    @api.post("/v1/predict/object", summary="Predict one volume read from object storage by its URI (no upload)",
+              openapi_extra=_OBJECT_BODY, responses=_OBJECT_ERRORS)
+    async def predict_object(
+        self,
+        request: Request,
+        thumbnails: bool = Query(False, description="add base64 PNG thumbnails of the key slices"),
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> JSONResponse:
+        self._authorize(credentials)
+        return await self._guard(self._predict_object(request, thumbnails))
+
     # ------------------------------------------------------------------ work
     async def _predict_volume(self, request: Request, thumbnails: bool, filename: str | None) -> dict:
         # the upload counts against the budgets until answered; a spooled body's file goes when the request does
@@ -265,13 +290,35 @@ class Ingress:
                 upload = single_upload(await self._uploads(request, body, filename))
                 return await self._volume(upload, thumbnails, started)
 
+    async def _predict_object(self, request: Request, thumbnails: bool) -> dict:
+        limits = self.options.limits
+        with Reservation(self.bodies) as reservation:
+            started = time.perf_counter()
+            declared = check_content_length(dict(request.headers), limits)
+            if declared is not None and declared > MAX_REQUEST_BYTES:
+                raise InputError(413, f"the request names one object: at most {MAX_REQUEST_BYTES:,} bytes of JSON")
+            with await read_body(request.stream(), replace(limits, max_body_bytes=MAX_REQUEST_BYTES),
+                                 reservation, declared) as body:
+                uri = requested_uri(body.content.read_bytes(), self.options.object_prefixes)
+            stored = await asyncio.to_thread(stat_object, uri, limits)
+            stop = threading.Event()
+            with Body(limits.spool_threshold_bytes, self.spool, reservation) as fetched:
+                fetched.expect(stored.size)  # the budgets are the event loop's: reserved here, before the fetch
+                try:
+                    await asyncio.to_thread(fetch_object, stored, fetched, stop)
+                finally:
+                    stop.set()  # a deadline or a client gone: the fetch ends at its next chunk
+                upload = Upload(filename=stored.filename, content=fetched.content)
+                return await self._volume(upload, thumbnails, started)
+
     async def _volume(self, upload: Upload, thumbnails: bool, started: float) -> dict:
         limits = self.options.limits
-        # the decode's share of memory, from the header (microseconds; a zip's directory: milliseconds), reserved
-        # before it waits for a decode worker and held until the answer (the scanned volume is read again to
-        # prepare it); 503 when the replica's decode budget is spent
+        # the decode's share of memory, from the header (microseconds; a zip's directory: tens of milliseconds, so
+        # off the event loop, not in the decode pool), reserved before the decode waits for a decode worker and held
+        # until the answer (the scanned volume is read again to prepare it); 503 when the decode budget is spent
         with Reservation(self.decodes) as decoding:
-            decoding.grow_to(decode_estimate(upload.content, upload.filename, self.settings, limits.read_limits))
+            decoding.grow_to(await asyncio.to_thread(decode_estimate, upload.content, upload.filename, self.settings,
+                                                     limits.read_limits))
             volume = await self._cpu(VolumeUpload, upload, limits)
             decoded = time.perf_counter()
             reply, (prepared, positions) = await self._model_call_with_settings("predict_volume", volume.prepare)
