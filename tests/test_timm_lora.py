@@ -209,7 +209,7 @@ def test_a_sweep_may_search_the_lora_rank(tmp_path):
 def test_lora_and_attention_pooling_beat_a_frozen_backbone_with_mean_pooling(tmp_path):
     """The paper's ablation offline (benchmarks/lora_ablation.py, BENCHMARKS.md): a small ViT pretrained on other
     volumes' slice labels; LoRA + attention pooling at least 0.05 macro AUROC above frozen + mean pooling, averaged
-    over 3 seeds. Tens of minutes on 2 CPU cores: `pytest -m benchmark`."""
+    over 3 seeds, and above it on each seed. About 4 minutes on a quiet 2-core CPU: `pytest -m benchmark`."""
     import importlib.util
     from pathlib import Path
 
@@ -220,6 +220,7 @@ def test_lora_and_attention_pooling_beat_a_frozen_backbone_with_mean_pooling(tmp
     spec.loader.exec_module(module)
     rows = module.main(["--seeds", "0", "1", "2", "--workdir", str(tmp_path)])
     assert rows[-1]["difference"] >= 0.05, rows
+    assert all(row["difference"] > 0 for row in rows[:-1]), rows
 
 
 @pytest.mark.gpu
