@@ -16,41 +16,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import print_table, random_cache, save
+from _common import moto_server, print_table, random_cache, save
 
 from ctplatform import storage
 from ctplatform.data.datasets import SliceDataset, load_cache_index
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=1).close()
-            return process, endpoint
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
 
 
 def read_epoch(dataset: SliceDataset, seed: int) -> tuple[float, int]:
@@ -75,10 +53,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="objbench-") as temp:
         local = random_cache(Path(temp, "cache"), args.volumes - args.volumes // 4, args.volumes // 4, args.slices,
                              args.image_size)
-        server, endpoint = start_server()
-        try:
-            os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                              AWS_DEFAULT_REGION="us-east-1", CTPLATFORM_CACHE_DIR=str(Path(temp, "node")))
+        with moto_server() as env:
+            os.environ.update(env, CTPLATFORM_CACHE_DIR=str(Path(temp, "node")))
             fs, _ = storage.filesystem("s3://bench")
             fs.mkdir("bench")
             storage.upload(local, "s3://bench/cache")
@@ -101,9 +77,6 @@ def main() -> None:
                                            epoch + 1))
                 later.append(measure("object store, later epoch (warm node-local copy)",
                                      lambda: SliceDataset(load_cache_index("s3://bench/cache"), "train"), epoch + 1))
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
     baseline = float(np.median(local_rates))
     summary = {"read": "summary", "first_epoch_slices_per_s_per_core": round(first),
                "later_over_local": round(float(np.median(later)) / baseline, 3),

@@ -35,7 +35,6 @@ import contextlib
 import gzip
 import io
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,7 +48,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, save
+from _common import moto_server, print_table, save
 from serve_load import free_port, make_bundle
 
 MiB = 1 << 20
@@ -190,35 +189,16 @@ def serve_processes() -> dict[str, psutil.Process]:
 
 @contextlib.contextmanager
 def object_store(paths: dict[str, Path]):
-    """A moto S3 server on 127.0.0.1 holding the payloads under s3://payloads/incoming/ (`--by-uri`); yields the
-    environment that reaches it (this process and the Ray workers)."""
-    import boto3
+    """The payloads on a moto S3 server under s3://payloads/incoming/ (`--by-uri`); yields the environment that
+    reaches it (set in this process too; the Ray workers get it through their runtime_env)."""
+    from ctplatform import storage
 
-    port = free_port()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                httpx.get(f"{env['AWS_ENDPOINT_URL']}/moto-api/data.json", timeout=2)
-                break
-            except httpx.TransportError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("the moto server did not start") from None
-                time.sleep(0.2)
-        store = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="bench",
-                             aws_secret_access_key="bench", region_name="us-east-1")
-        store.create_bucket(Bucket="payloads")
-        for path in paths.values():
-            store.upload_file(str(path), "payloads", f"incoming/{path.name}")
+    with moto_server() as env:
         os.environ.update(env)
+        storage.filesystem("s3://payloads")[0].mkdir("payloads")
+        for path in paths.values():
+            storage.upload(path, f"s3://payloads/incoming/{path.name}")
         yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def measure(client: httpx.Client, processes: dict[str, psutil.Process], name: str, data: bytes | None) -> dict:

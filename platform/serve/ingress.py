@@ -152,10 +152,12 @@ class Ingress:
     async def _cpu(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
 
-    async def _body(self, request: Request, reservation: Reservation) -> Body:
-        """The request's body (in memory, or spooled to disk above the threshold): close it when done (`with`)."""
-        declared = check_content_length(dict(request.headers), self.options.limits)
-        return await read_body(request.stream(), self.options.limits, reservation, declared, self.spool)
+    async def _body(self, request: Request, reservation: Reservation, limits: ServeLimits | None = None) -> Body:
+        """The request's body (in memory, or spooled to disk above the threshold), capped by `limits` (default: the
+        service's): close it when done (`with`)."""
+        limits = limits or self.options.limits
+        declared = check_content_length(dict(request.headers), limits)
+        return await read_body(request.stream(), limits, reservation, declared, self.spool)
 
     async def _uploads(self, request: Request, body: Body, filename: str | None) -> list[Upload]:
         """The files of a complete body, windows of it (a multipart body is parsed off the event loop: reading a
@@ -294,11 +296,8 @@ class Ingress:
         limits = self.options.limits
         with Reservation(self.bodies) as reservation:
             started = time.perf_counter()
-            declared = check_content_length(dict(request.headers), limits)
-            if declared is not None and declared > MAX_REQUEST_BYTES:
-                raise InputError(413, f"the request names one object: at most {MAX_REQUEST_BYTES:,} bytes of JSON")
-            with await read_body(request.stream(), replace(limits, max_body_bytes=MAX_REQUEST_BYTES),
-                                 reservation, declared) as body:
+            # the request only names the object: a few hundred bytes of JSON
+            with await self._body(request, reservation, replace(limits, max_body_bytes=MAX_REQUEST_BYTES)) as body:
                 uri = requested_uri(body.content.read_bytes(), self.options.object_prefixes)
             stored = await asyncio.to_thread(stat_object, uri, limits)
             stop = threading.Event()
