@@ -1,27 +1,30 @@
 """RSS growth of the service's processes per volume request, at its DEFAULT caps, for the largest payload of each
 format those caps accept: a `.nii.gz` and an `.mha` of 1024 x 1024 x 400 float32 voxels (1.6 GiB decompressed,
 under the 2 GiB `--max-decompressed-mb`; 400 Mi voxels, the `--max-voxels` cap) and a `.zip` of a DICOM series of
-400 slices of 1024 x 1024 int16 (800 MiB of pixels; more slices would pass `--max-voxels`).
+1024 x 1024 int16 slices, as many as fit the 160 MiB `--max-body-mb` (~230; 400 by URI, which has no body cap).
 
 Starts an embedded Ray and, for each payload, a fresh Serve application (a random-weight efficientnet_b0 bundle
 at 224 px, 32 slices), warms it with a small volume, then sends the payload once (multipart, as a client does)
 while sampling the RSS of the Serve proxy, the ingress replica and the model replica every 10 ms (psutil): the
-table gives each one's RSS before, its peak growth during the request and its growth after.
+table gives each one's RSS before, its peak growth during the request and its growth after, and `serve peak
++MiB`, the proxy's and the ingress's peak growth summed (the two processes an upload passes through).
 
 A body above the spool threshold (4 MiB) is written to a temporary file as it arrives and the readers take the
 file, so what the ingress holds of the upload itself is Serve's copy of the request: Serve's replica fetches the
-request's messages from the proxy as fast as they come and queues them, however fast the handler reads. Two
-figures separate that from the service's own share: `noise`, an upload of incompressible bytes the size of the zip
-that is received, spooled and parsed in full and then refused (415, not a volume), so its growth is the transport's
-and the reading's, no decode; and, for each payload, the peak that the ingress's own reading (`read_body` with its
-spool, the multipart parse, the decode estimate) holds, traced in this process with tracemalloc.
+request's messages from the proxy as fast as they come and queues them, however fast the handler reads, and the
+proxy holds what it has not yet handed over. That copy grows with the body, which is why the body cap is what it
+is. Two figures separate it from the service's own share: `noise`, an upload of incompressible bytes the size of the
+body cap that is received, spooled and parsed in full and then refused (415, not a volume), so its growth is the
+transport's and the reading's, no decode; and, for each payload, the peak that the ingress's own reading
+(`read_body` with its spool, the multipart parse, the decode estimate) holds, traced in this process with
+tracemalloc.
 
 `--by-uri` also sends each payload as the URI of an object on a moto S3 server on 127.0.0.1 (`POST
 /v1/predict/object`): the ingress streams the object into its spool itself, so Serve holds no copy of it.
 
 Payloads are written plane by plane (never a whole volume in this process): smooth anatomy, so the 1.6 GiB volumes
-fit the 512 MiB body cap gzipped; the DICOM slices carry a fixed noise pattern of a few HU, as real CT does (a zip
-of noiseless slices would expand beyond the 100x a series zip may).
+fit the body cap gzipped; the DICOM slices carry a fixed noise pattern of a few HU, as real CT does (a zip of
+noiseless slices would expand beyond the 100x a series zip may).
 
     .venv/bin/python benchmarks/serve_memory.py                 # the default caps' largest payloads (minutes)
     .venv/bin/python benchmarks/serve_memory.py --shape 256 256 64   # a quick look
@@ -109,11 +112,20 @@ def write_mha(path: Path, shape, dtype) -> Path:
     return path
 
 
-def write_dicom_zip(path: Path, shape) -> Path:
+def write_dicom_zip(path: Path, shape, max_bytes: int | None = None) -> Path:
+    """A zip of `shape[0]` slices, or of as many as fit `max_bytes` (a slice's deflated size measured on a 10-slice
+    zip, 8 of them chest; the air slices at either end are smaller)."""
+    if max_bytes is not None:
+        each = _dicom_zip(path, (10, *shape[1:]), uid="1.2.3").stat().st_size / 10
+        shape = (min(shape[0], int(0.97 * max_bytes / each)), *shape[1:])
+    return _dicom_zip(path, shape)
+
+
+def _dicom_zip(path: Path, shape, uid: str | None = None) -> Path:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-    series, study = generate_uid(), generate_uid()
+    series, study = uid or generate_uid(), uid or generate_uid()
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for k, plane in enumerate(planes(shape, np.float64, noise_hu=6)):
             ds = Dataset()
@@ -137,8 +149,8 @@ def write_dicom_zip(path: Path, shape) -> Path:
 def write_noise(path: Path, size_mib: int) -> Path:
     rng = np.random.default_rng(0)
     with open(path, "wb") as out:
-        for _ in range(-(-size_mib // 16)):
-            out.write(rng.bytes(16 * MiB))
+        for start in range(0, size_mib, 16):
+            out.write(rng.bytes(min(16, size_mib - start) * MiB))
     return path
 
 
@@ -239,8 +251,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--shape", type=int, nargs=3, default=(400, 1024, 1024), metavar=("SLICES", "ROWS", "COLS"))
     parser.add_argument("--formats", nargs="+", default=["nii.gz", "mha", "zip", "noise"],
                         choices=["nii.gz", "mha", "zip", "noise"])
-    parser.add_argument("--noise-mib", type=int, default=280, help="size of the `noise` upload (the zip's at the "
-                                                                   "default shape)")
+    parser.add_argument("--noise-mib", type=int, default=None, help="size of the `noise` upload (default: the body "
+                                                                    "cap less 1 MiB)")
     parser.add_argument("--by-uri", action="store_true", help="also send each payload as an object URI "
                         "(POST /v1/predict/object, the payloads on a moto S3 server on 127.0.0.1)")
     parser.add_argument("--json", default=None, help="folder for a JSON copy of the results")
@@ -252,15 +264,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from ctplatform.serve.app import build_app
 
     shape = tuple(args.shape)
+    body_cap = ServeConfig.max_body_mb * MiB  # the default cap: the zip is written to fit it, less a MiB of framing
+    noise_mib = args.noise_mib or int(ServeConfig.max_body_mb) - 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
         print(f"writing payloads of {shape} voxels ...", flush=True)
         payloads = {"nii.gz": lambda: write_nifti_gz(tmp / "v.nii.gz", shape, np.float32),
                     "mha": lambda: write_mha(tmp / "v.mha", shape, np.float32),
-                    "zip": lambda: write_dicom_zip(tmp / "s.zip", shape),
-                    "noise": lambda: write_noise(tmp / "noise.bin", args.noise_mib)}
+                    "zip": lambda: write_dicom_zip(tmp / "s.zip", shape, None if args.by_uri else body_cap - MiB),
+                    "noise": lambda: write_noise(tmp / "noise.bin", noise_mib)}
         paths = {fmt: payloads[fmt]() for fmt in args.formats}
+        print({fmt: f"{path.stat().st_size / MiB:.1f} MiB" for fmt, path in paths.items()}, flush=True)
         own = {fmt: own_read_peak(path) for fmt, path in paths.items()}
         warm = write_nifti_gz(tmp / "warm.nii.gz", (48, 128, 128), np.int16).read_bytes()
         bundle = make_bundle(tmp / "bundle", "efficientnet_b0", 224, 32)
@@ -285,6 +300,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         rows.append(measure(client, processes, path.name,
                                             path.read_bytes() if via == "upload" else None))
                         rows[-1]["MiB"] = path.stat().st_size / MiB
+                        rows[-1]["serve peak +MiB"] = rows[-1]["ingress peak +MiB"] + rows[-1]["proxy peak +MiB"]
                         rows[-1]["own read peak MiB"] = own[fmt]
                         print(rows[-1], flush=True)
                         serve.delete("memory")

@@ -15,9 +15,10 @@ APP = "ctplatform"
 
 def app_options():
     """ServeConfig fields of the test service (a float32 128 x 128 x 96 volume is the most it decompresses; a body
-    above 1 MiB is spooled to disk)."""
+    above 1 MiB is spooled to disk; uploads up to 8 MiB, objects read by URI up to 12 MiB)."""
     return dict(api_key=KEY, model_cpus=0.5, ingress_cpus=0.5, max_batch_slices=32, batch_wait_ms=50.0,
-                request_timeout=30.0, max_ongoing=16, max_queued=4, max_body_mb=8, max_voxels=128 * 128 * 96,
+                request_timeout=30.0, max_ongoing=16, max_queued=4, max_body_mb=8, max_object_mb=12,
+                max_voxels=128 * 128 * 96,
                 max_decompressed_mb=128 * 128 * 96 * 4 / MiB, max_slices=64, spool_threshold_mb=1)
 
 

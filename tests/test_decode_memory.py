@@ -107,3 +107,41 @@ def test_the_estimate_grows_with_what_the_header_declares_not_with_the_upload():
     few, many = (nib.Nifti1Image(np.zeros((512, 512, n), np.int16), axial).to_bytes()[:400] for n in (10, 1000))
     grown = decode_estimate(many, "m.nii", SETTINGS) - decode_estimate(few, "f.nii", SETTINGS)
     assert 0 < grown < 990 * 64 * 64 * 4 * 2 + 1  # only the coarse sample of the extra slices
+
+
+def test_the_default_limits_take_the_largest_axial_volumes_the_other_caps_allow_and_refuse_large_held_ones(tmp_path):
+    """The service's default per-request decode limit (256 MiB) against its other default caps, with the default
+    preprocessing and the densest slice choice (stride 8): a 1024 x 1024 x 400 float32 axial volume (the voxel cap,
+    1.6 GiB declared) and a zip of 400 axial 1024 x 1024 slices fit under it; a 512 x 512 x 300 sagittal volume,
+    read whole, does not (the service answers 413 and names the limit)."""
+    from ctplatform.serve.inputs import ServeLimits
+
+    limits = ServeLimits()
+    settings = [PreprocessSettings(), PreprocessSettings(selection="stride", stride=8)]
+
+    def header_only(shape, dtype, affine):  # what the estimate reads of a .nii.gz: its header
+        header = nib.Nifti1Header()
+        header.set_data_shape(shape)
+        header.set_data_dtype(dtype)
+        header.set_qform(affine, code=1)
+        header.set_sform(affine, code=1)
+        return gzip.compress(header.binaryblock + b"\0" * 4 + bytes(4096), 1)
+
+    largest = header_only((1024, 1024, 400), np.float32, np.diag([0.7, 0.7, 1.0, 1.0]))
+    assert limits.max_voxels >= 1024 * 1024 * 400 and limits.max_decompressed_bytes >= 1024 * 1024 * 400 * 4
+    plane = np.full((1, 1024, 1024), -1000.0)
+    plane[0, :24] = np.random.default_rng(0).integers(-1000, 1000, (24, 1024))  # enough not to look like a zip bomb
+    member = write_series(tmp_path / "one", plane)[0].read_bytes()
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as series:
+        for k in range(400):
+            series.writestr(f"IM{k:04d}.dcm", member)
+    sagittal = header_only((300, 512, 512), np.int16, SAGITTAL)
+    for setting in settings:
+        streamed = {"nii.gz": decode_estimate(largest, "v.nii.gz", setting, limits.read_limits),
+                    "zip": decode_estimate(archive.getvalue(), "s.zip", setting, limits.read_limits)}
+        held = decode_estimate(sagittal, "sagittal.nii.gz", setting, limits.read_limits)
+        print(f"{setting.selection}: streamed {({k: round(v / MiB) for k, v in streamed.items()})} MiB, "
+              f"sagittal 512 x 512 x 300 held {held / MiB:.0f} MiB, limit {limits.max_request_decode_bytes / MiB:.0f}")
+        assert all(FLOOR_BYTES < v <= limits.max_request_decode_bytes for v in streamed.values()), streamed
+        assert held > limits.max_request_decode_bytes

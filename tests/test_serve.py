@@ -103,7 +103,7 @@ def test_a_volume_read_by_uri_gets_the_uploads_answer_and_refusals_keep_their_re
     data = nifti_gz(chest(seed=1))
     store.put_object(Bucket=INCOMING, Key="incoming/ward-3/scan.nii.gz", Body=data)
     store.put_object(Bucket=INCOMING, Key="private/scan.nii.gz", Body=data)
-    store.put_object(Bucket=INCOMING, Key="incoming/large.nii.gz", Body=bytes(8 * MiB + 1))  # the cap is 8 MiB
+    store.put_object(Bucket=INCOMING, Key="incoming/large.nii.gz", Body=bytes(12 * MiB + 1))  # the cap is 12 MiB
 
     def by_uri(uri, **params):
         return client.post("/v1/predict/object", json={"uri": uri}, headers=AUTH, params=params)

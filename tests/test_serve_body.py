@@ -35,7 +35,8 @@ def status_of(fn, *args):
 def test_content_length_cap_is_checked_before_reading():
     assert check_content_length({"content-length": str(LIMITS.max_body_bytes)}, LIMITS) == LIMITS.max_body_bytes
     assert check_content_length({}, LIMITS) is None
-    assert status_of(check_content_length, {"content-length": str(LIMITS.max_body_bytes + 1)}, LIMITS)[0] == 413
+    status, reason = status_of(check_content_length, {"content-length": str(LIMITS.max_body_bytes + 1)}, LIMITS)
+    assert status == 413 and "POST /v1/predict/object" in reason, reason  # where a larger volume goes
     assert status_of(check_content_length, {"content-length": "lots"}, LIMITS)[0] == 400
 
 
@@ -50,6 +51,7 @@ def test_streamed_body_stops_at_the_cap():
     with pytest.raises(InputError) as info:
         asyncio.run(read_body(chunks(), LIMITS))
     assert info.value.status == 413 and len(pulled) == 5  # 1 MiB cap: the 5th chunk passes it; nothing more is read
+    assert "POST /v1/predict/object" in info.value.reason
 
     async def small():
         yield b"ab"
@@ -133,9 +135,26 @@ def test_one_budget_mechanism_bounds_decoding_too_with_413_for_what_could_never_
     assert decodes.held == 0
 
 
-def test_serve_limits_refuse_a_decode_budget_below_one_volume_read_whole():
+def test_a_per_request_decode_limit_refuses_one_volume_with_413_and_its_hint_whatever_the_budget_holds():
+    decodes = MemoryBudget(100, "bytes of volume decoding", per_request=40, per_request_hint="; raise it")
+    with Reservation(decodes) as first:
+        first.grow_to(40)  # at the limit: taken
+        with pytest.raises(InputError) as refused, Reservation(decodes) as second:
+            second.grow_to(41)  # the budget has 60 free, but one request may not hold 41
+        assert refused.value.status == 413, refused.value.reason
+        assert refused.value.reason == ("this request needs 41 bytes of volume decoding, above the service's limit of "
+                                        "40 per request; raise it")
+        with pytest.raises(InputError), Reservation(decodes) as growing:
+            growing.grow_to(30)
+            growing.grow_to(45)  # a reservation that grows past the limit is refused too, and gives back its 30
+        assert decodes.held == 40
+    assert decodes.held == 0
+
+
+def test_serve_limits_refuse_a_decode_budget_below_one_request_s_decode():
     with pytest.raises(ValueError, match="decode budget"):
-        ServeLimits(max_decompressed_bytes=100 << 20, max_inflight_decode_bytes=150 << 20)
+        ServeLimits(max_request_decode_bytes=300 << 20, max_inflight_decode_bytes=200 << 20)
+    ServeLimits(max_request_decode_bytes=200 << 20, max_inflight_decode_bytes=200 << 20)
     with pytest.raises(ValueError, match="spool budget"):
         ServeLimits(max_body_bytes=100 << 20, max_inflight_spool_bytes=50 << 20)
 

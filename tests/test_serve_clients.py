@@ -334,10 +334,11 @@ def test_a_spooled_upload_gives_the_same_answer_and_its_file_is_gone_after_succe
     assert_good_request_works(client)
 
 
-def test_the_decode_budget_answers_503_with_retry_after_and_413_for_a_volume_beyond_it(service):
+def test_the_decode_budget_answers_503_with_retry_after_and_413_for_a_volume_beyond_one_request_s_limit(service):
     """An application whose decode budget holds one volume request of the flood's size (estimated from its header)
-    and not two: concurrent requests beyond it get 503 with Retry-After at once, a volume that alone needs more than
-    the budget 413, and the budget is given back (a later request is served)."""
+    and not two, and whose per-request limit is that budget: concurrent requests beyond it get 503 with Retry-After
+    at once; a volume read whole (non-axial) that alone needs more gets 413 naming the limit; the budget is given
+    back (a later request is served)."""
     from ray import serve
 
     from ctplatform.data.decode_memory import decode_estimate
@@ -348,8 +349,9 @@ def test_the_decode_budget_answers_503_with_retry_after_and_413_for_a_volume_bey
     one = decode_estimate(data, "d.nii.gz", PreprocessSettings(image_size=64, num_slices=8))  # the test bundle's
     budget_mb = max(1.5 * one, 2 * 6.5 * MiB) / MiB
     assert budget_mb * MiB < 2 * one
-    serve.run(build_app(app_config(service["bundles"]["a"], max_inflight_decode_mb=budget_mb, max_decompressed_mb=6.5,
-                                   max_ongoing=16, max_queued=32)), name="tight", route_prefix="/tight")
+    serve.run(build_app(app_config(service["bundles"]["a"], max_inflight_decode_mb=budget_mb,
+                                   max_request_decode_mb=budget_mb, max_decompressed_mb=6.5, max_ongoing=16,
+                                   max_queued=32)), name="tight", route_prefix="/tight")
     try:
         async def flood(n):
             async with httpx.AsyncClient(base_url=service["url"], timeout=60,
@@ -372,7 +374,10 @@ def test_the_decode_budget_answers_503_with_retry_after_and_413_for_a_volume_bey
                                    np.array([[0, 0, 2.0, 0], [0.8, 0, 0, 0], [0, 0.7, 0, 0], [0, 0, 0, 1]]))
         too_big = service["client"].post("/tight/v1/predict/volume", headers=AUTH,
                                          files={"file": ("big.nii", sagittal.to_bytes())})  # float32, held whole
-        assert too_big.status_code == 413 and "bytes of volume decoding" in too_big.text, too_big.text
+        print(f"a sagittal volume read whole: {too_big.status_code} {too_big.json()['detail']}")
+        assert too_big.status_code == 413, too_big.text
+        assert "bytes of volume decoding, above the service's limit of" in too_big.text, too_big.text
+        assert "per request" in too_big.text and "--max-request-decode-mb" in too_big.text, too_big.text
         served = service["client"].post("/tight/v1/predict/volume", files={"file": ("d.nii.gz", data)}, headers=AUTH)
         assert served.status_code == 200, served.text
     finally:

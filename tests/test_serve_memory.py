@@ -1,7 +1,7 @@
 """RSS of the serve processes per volume request at the service's DEFAULT caps, for the largest payload of each
-format they accept (benchmarks/serve_memory.py: 1024 x 1024 x 400 float32 .nii.gz and .mha, a 400-slice 1024^2
-DICOM zip, and 280 MiB of noise that is read whole and refused). Minutes on 2 CPU cores and ~3 GiB of payloads:
-`pytest -m benchmark`, with the Ray lock held."""
+format they accept (benchmarks/serve_memory.py: 1024 x 1024 x 400 float32 .nii.gz and .mha, a DICOM zip of
+1024^2 slices at the 160 MiB body cap, and as many bytes of noise, read whole and refused). Minutes on 2 CPU cores
+and ~3 GiB of payloads: `pytest -m benchmark`, with the Ray lock held."""
 
 import importlib.util
 import sys
@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.ray, pytest.mark.timeout(1800)]
+MB = 1e6 / (1 << 20)  # a MB in MiB
 
 
-def test_each_format_s_largest_payload_grows_the_ingress_by_serve_s_copy_and_a_bounded_decode():
+def test_each_format_s_largest_payload_grows_the_ingress_and_the_proxy_each_by_under_256_mb():
     bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
     sys.path.insert(0, str(bench_dir))
     spec = importlib.util.spec_from_file_location("serve_memory", bench_dir / "serve_memory.py")
@@ -20,10 +21,12 @@ def test_each_format_s_largest_payload_grows_the_ingress_by_serve_s_copy_and_a_b
     spec.loader.exec_module(module)
     rows = module.main([])
     assert [row["status"] for row in rows] == [200, 200, 200, 415], rows  # noise: read whole, then refused
+    assert rows[2]["MiB"] > 150, rows[2]  # the zip is as large as the body cap allows
     for row in rows:
         # the ingress's own reading (the body spooled to disk, the multipart part a window of it) holds a few MiB
         assert row["own read peak MiB"] <= 16, row
-        # what the ingress holds of the upload is Serve's copy of the request (its replica queues the request's
-        # messages as they come), at most the upload once; the decode's share no longer grows with the volume
-        # (1.6 GiB decompressed here): under the issue's 256 MB. Before bodies were spooled: +992 MiB for the zip.
-        assert row["ingress peak +MiB"] <= row["upload MiB"] + 256, row
+        # the issue's bound, in each process an upload passes through: the proxy holds Serve's copy of the body
+        # (bounded by the body cap), the ingress Serve's copy and the decode (bounded by the per-request limit).
+        # The model replica's growth is the forward over the bundle's slices, the same for every volume: not a
+        # function of the upload, so not bounded here (~+300 MiB for efficientnet_b0, 32 slices at 224 px, fp32).
+        assert row["ingress peak +MiB"] <= 256 * MB and row["proxy peak +MiB"] <= 256 * MB, row

@@ -14,7 +14,8 @@ from ctplatform.serve.objects import fetch_object, requested_uri, stat_object
 pytestmark = pytest.mark.timeout(60)
 
 PREFIXES = ("s3://scans-in/incoming", "gs://other-scans/ct/")
-LIMITS = ServeLimits(max_body_bytes=3 << 20, spool_threshold_bytes=1 << 20, max_inflight_spool_bytes=8 << 20)
+LIMITS = ServeLimits(max_body_bytes=2 << 20, max_object_bytes=3 << 20, spool_threshold_bytes=1 << 20,
+                     max_inflight_spool_bytes=8 << 20)
 
 
 def status_of(fn, *args):
@@ -98,8 +99,11 @@ def test_missing_empty_oversized_and_folder_objects_are_refused_before_reading(s
     assert status_of(stat_object, f"{s3_bucket}/incoming/none.nii.gz", LIMITS) == 404
     storage.write_bytes(f"{s3_bucket}/incoming/empty.nii.gz", b"")
     assert status_of(stat_object, f"{s3_bucket}/incoming/empty.nii.gz", LIMITS) == 400
-    storage.write_bytes(f"{s3_bucket}/incoming/big.nii.gz", bytes(LIMITS.max_body_bytes + 1))
+    storage.write_bytes(f"{s3_bucket}/incoming/big.nii.gz", bytes(LIMITS.max_object_bytes + 1))
     assert status_of(stat_object, f"{s3_bucket}/incoming/big.nii.gz", LIMITS) == 413
+    # above the upload cap, within the object cap: an object is not an upload (Serve never carries it)
+    storage.write_bytes(f"{s3_bucket}/incoming/larger.nii.gz", bytes(LIMITS.max_body_bytes + 1))
+    assert stat_object(f"{s3_bucket}/incoming/larger.nii.gz", LIMITS).size == LIMITS.max_body_bytes + 1
     storage.write_bytes(f"{s3_bucket}/incoming/series/1.dcm", b"DICM")
     assert status_of(stat_object, f"{s3_bucket}/incoming/series", LIMITS) == 422
 

@@ -101,7 +101,10 @@ class ServeLoadConfig:
 class UploadLimitsConfig:
     """Upload limits"""
 
-    max_body_mb: float = option(512, "request body cap in MiB (default 512)")
+    max_body_mb: float = option(160, "request body cap in MiB (default 160: every CT-RATE volume; a larger one is "
+                                     "read by URI, POST /v1/predict/object)")
+    max_object_mb: float = option(2048, "cap in MiB on an object read by URI (POST /v1/predict/object), streamed to "
+                                        "disk by the service itself (default 2048)")
     max_voxels: int = option(1024 * 1024 * 400, "voxels a volume header may declare (default 1024*1024*400)")
     max_decompressed_mb: float = option(2048, "image bytes a volume header may declare, i.e. what is decompressed "
                                               "(default 2048 MiB)")
@@ -118,10 +121,13 @@ class UploadLimitsConfig:
                                          "temporary directory")
     max_inflight_spool_mb: float = option(8192, "MiB of request bodies one ingress replica writes to disk at once; "
                                                 "beyond, 503 with Retry-After (default 8192)")
-    max_inflight_decode_mb: float = option(6144, "MiB of volume decoding one ingress replica admits at once, each "
-                                                 "request's share estimated from its header and decode path; "
-                                                 "beyond, 503 with Retry-After; at least twice "
-                                                 "--max-decompressed-mb (default 6144)")
+    max_request_decode_mb: float = option(256, "MiB of volume decoding one request may hold, estimated from its "
+                                               "header; beyond, 413 (default 256: every axial volume the other caps "
+                                               "accept; most volumes read whole, non-axial or Enhanced CT, are "
+                                               "refused)")
+    max_inflight_decode_mb: float = option(2048, "MiB of volume decoding one ingress replica admits at once, the "
+                                                 "requests' shares summed; beyond, 503 with Retry-After; at least "
+                                                 "--max-request-decode-mb (default 2048)")
     max_files: int = option(64, "multipart parts per request", cli=False)
     max_slices: int = option(256, "2-D slices per /v1/predict/slices request", cli=False)
     max_slice_side: int = option(2048, "largest side of an uploaded slice in pixels", cli=False)

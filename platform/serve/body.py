@@ -26,18 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctplatform.data.readers.file_range import FileRange
-from ctplatform.serve.inputs import InputError, ServeLimits
+from ctplatform.serve.inputs import InputError, ServeLimits, body_too_large
 
 BUSY_RETRY_AFTER_S = 1
 
 
 class MemoryBudget:
     """Bytes one ingress replica holds at once for one purpose (`holding` names it in messages: request bodies,
-    volume decoding). Used from the replica's event loop only."""
+    volume decoding), and optionally at most `per_request` of them for one request (413 beyond, its message ending
+    with `per_request_hint`). Used from the replica's event loop only."""
 
-    def __init__(self, capacity: int, holding: str = "bytes of uploads"):
+    def __init__(self, capacity: int, holding: str = "bytes of uploads", per_request: int | None = None,
+                 per_request_hint: str = ""):
         self.capacity = capacity
         self.holding = holding
+        self.per_request = per_request
+        self.per_request_hint = per_request_hint
         self.held = 0
 
     def reserve(self, count: int) -> None:
@@ -68,6 +72,10 @@ class Reservation:
         self.release()
 
     def grow_to(self, count: int) -> None:
+        limit = self.budget.per_request
+        if limit is not None and count > limit:
+            raise InputError(413, f"this request needs {count:,} {self.budget.holding}, above the service's limit of "
+                                  f"{limit:,} per request{self.budget.per_request_hint}")
         if count > self.bytes:
             self.budget.reserve(count - self.bytes)
             self.bytes = count
@@ -243,5 +251,5 @@ async def _receive(chunks: AsyncIterable[bytes], limits: ServeLimits, body: Body
                                   f"{limits.body_grace_s:g} s, and the whole body within {limits.body_timeout_s:g} "
                                   "s)") from None
         if body.size + len(chunk) > limits.max_body_bytes:
-            raise InputError(413, f"request body is above the limit of {limits.max_body_bytes:,} bytes")
+            raise body_too_large("request body", limits)
         body.append(chunk)

@@ -40,6 +40,7 @@ from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.evaluation.decision import DECISION_THRESHOLD
 from ctplatform.serve.auth import bearer, key_accepted
 from ctplatform.serve.body import BUSY_RETRY_AFTER_S, Body, MemoryBudget, Reservation, Spool, read_body
+from ctplatform.serve.heap import trim_heap
 from ctplatform.serve.inputs import (
     InputError,
     ServeLimits,
@@ -57,6 +58,10 @@ from ctplatform.serve.responses import slices_response, volume_response
 from ctplatform.serve.thumbnails import key_slice_thumbnails
 
 logger = logging.getLogger("ray.serve")
+# why a volume's decode can need more than the per-request limit, and what the operator can do about it
+WHOLE_DECODE_HINT = ("; a NIfTI or MetaImage volume stored axially and a zipped single-frame axial DICOM series are "
+                     "decoded a few slices at a time, other volumes whole (a non-axial one, an Enhanced CT file): the "
+                     "service's operator can raise --max-request-decode-mb")
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ class IngressOptions:
     limits: ServeLimits = field(default_factory=ServeLimits)
     api_key_sha256: str | None = None
     request_timeout_s: float = 60.0  # the ingress's own deadline (504); the proxy's request_timeout_s backs it up
-    decode_workers: int = 2  # volumes decoded at once per ingress replica (each may hold ~GB while decoding)
+    decode_workers: int = 2  # volumes decoded at once per ingress replica
     thumbnail_size: int = 128
     spool_dir: str | None = None  # where bodies above the spool threshold are written (default: the temp directory)
     object_prefixes: tuple[str, ...] = ()  # what /v1/predict/object may read (none: it answers 403)
@@ -88,7 +93,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or wrong API key"},
     408: {"description": "the request body came too slowly (below the minimum rate after a grace period) or not "
                           "within the body timeout"},
-    413: {"description": "body, declared voxels, declared image bytes or slice count above the service's limits"},
+    413: {"description": "body, declared voxels, declared image bytes, a volume's decode memory or slice count above "
+                         "the service's limits"},
     415: {"description": "not a supported file format"},
     422: {"description": "unusable content: truncated, wrong dimensionality or dtype, NaN values or spacing, blank"},
     503: {"description": "overloaded, the replica holds its limit of uploads, or the model is not ready (see "
@@ -131,9 +137,11 @@ class Ingress:
         self.settings = PreprocessSettings.from_dict(preprocess)
         self.options = options or IngressOptions()
         self.pool = ThreadPoolExecutor(max(1, self.options.decode_workers), thread_name_prefix="decode")
-        self.bodies = MemoryBudget(self.options.limits.max_inflight_body_bytes)
-        self.spool = Spool(self.options.limits, self.options.spool_dir)
-        self.decodes = MemoryBudget(self.options.limits.max_inflight_decode_bytes, "bytes of volume decoding")
+        limits = self.options.limits
+        self.bodies = MemoryBudget(limits.max_inflight_body_bytes)
+        self.spool = Spool(limits, self.options.spool_dir)
+        self.decodes = MemoryBudget(limits.max_inflight_decode_bytes, "bytes of volume decoding",
+                                    per_request=limits.max_request_decode_bytes, per_request_hint=WHOLE_DECODE_HINT)
         self.responses: Counter[str] = Counter()
         self.page = load_page()
 
@@ -157,7 +165,10 @@ class Ingress:
         service's): close it when done (`with`)."""
         limits = limits or self.options.limits
         declared = check_content_length(dict(request.headers), limits)
-        return await read_body(request.stream(), limits, reservation, declared, self.spool)
+        body = await read_body(request.stream(), limits, reservation, declared, self.spool)
+        if body.size > limits.spool_threshold_bytes:  # Serve's messages of it are freed now: give them back
+            await asyncio.to_thread(trim_heap)
+        return body
 
     async def _uploads(self, request: Request, body: Body, filename: str | None) -> list[Upload]:
         """The files of a complete body, windows of it (a multipart body is parsed off the event loop: reading a
@@ -318,10 +329,13 @@ class Ingress:
         with Reservation(self.decodes) as decoding:
             decoding.grow_to(await asyncio.to_thread(decode_estimate, upload.content, upload.filename, self.settings,
                                                      limits.read_limits))
-            volume = await self._cpu(VolumeUpload, upload, limits)
-            decoded = time.perf_counter()
-            reply, (prepared, positions) = await self._model_call_with_settings("predict_volume", volume.prepare)
-            modelled = time.perf_counter()
+            try:
+                volume = await self._cpu(VolumeUpload, upload, limits)
+                decoded = time.perf_counter()
+                reply, (prepared, positions) = await self._model_call_with_settings("predict_volume", volume.prepare)
+                modelled = time.perf_counter()
+            finally:  # the decode's working buffers are freed by now: give them back
+                await asyncio.to_thread(trim_heap)
         result = volume_response(reply, volume, slices_used=len(positions))
         if thumbnails:
             wanted = [p for positions_ in result["key_slices"].values() for p in positions_]

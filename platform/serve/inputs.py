@@ -49,7 +49,13 @@ class InputError(Exception):
 class ServeLimits:
     """Caps on what one request may make the service read, decompress and hold in memory."""
 
-    max_body_bytes: int = 512 * MiB  # CT-RATE .nii.gz volumes are 12-160 MB
+    # CT-RATE .nii.gz volumes are 12-160 MB. Serve's proxy and replica hold copies of a request body that the
+    # service cannot bound (tens of percent of it, measured in benchmarks/serve_memory.py), so a larger volume is
+    # read by URI (POST /v1/predict/object), which Serve never carries.
+    max_body_bytes: int = 160 * MiB
+    # An object read by URI is streamed to disk by the ingress itself, so only disk and the decode caps bound it: up
+    # to an uncompressed volume of the decompression cap.
+    max_object_bytes: int = 2048 * MiB
     # 1024 x 1024 x 400 voxels: every CT-RATE volume (at most 1024^2 x ~330) fits; float32 HU then take 1.6 GiB.
     max_voxels: int = 1024 * 1024 * 400
     max_decompressed_bytes: int = 2048 * MiB  # image bytes a header may declare (what the reader inflates)
@@ -67,34 +73,39 @@ class ServeLimits:
     spool_threshold_bytes: int = 4 * MiB
     max_inflight_body_bytes: int = 2048 * MiB  # bodies (up to the spool threshold) held in memory at once (503 beyond)
     max_inflight_spool_bytes: int = 8192 * MiB  # bodies spooled to disk at once by one ingress replica (503 beyond)
-    # Volume decoding one ingress replica admits at once, as `ctplatform.data.decode_memory` reckons it from each
-    # upload's header (503 beyond; 413 for one volume that alone needs more). At least one volume of the largest
-    # declared size held whole (a non-axial one: twice its image bytes); a streamed one needs ~100 MiB at most.
-    max_inflight_decode_bytes: int = 6144 * MiB
+    # Volume decoding one request may hold, as `ctplatform.data.decode_memory` reckons it from the upload's header
+    # (413 beyond): a streamed volume needs ~170 MiB at most within the other caps; one read whole (a non-axial
+    # volume, an Enhanced CT file) about twice its image bytes or more, so most are refused at this default.
+    max_request_decode_bytes: int = 256 * MiB
+    # Volume decoding one ingress replica admits at once, the requests' shares summed (503 beyond).
+    max_inflight_decode_bytes: int = 2048 * MiB
 
     def __post_init__(self):
-        if min(self.max_body_bytes, self.max_voxels, self.max_decompressed_bytes, self.max_files,
-               self.max_slices, self.max_slice_side, self.min_slice_side, self.max_series_files,
+        if min(self.max_body_bytes, self.max_object_bytes, self.max_voxels, self.max_decompressed_bytes,
+               self.max_files, self.max_slices, self.max_slice_side, self.min_slice_side, self.max_series_files,
                self.body_timeout_s, self.min_body_rate, self.max_inflight_body_bytes, self.body_grace_s,
-               self.max_inflight_decode_bytes, self.spool_threshold_bytes, self.max_inflight_spool_bytes) <= 0:
+               self.max_inflight_decode_bytes, self.max_request_decode_bytes, self.spool_threshold_bytes,
+               self.max_inflight_spool_bytes) <= 0:
             raise ValueError("every serve limit must be a positive number")
         if self.max_inflight_body_bytes < min(self.max_body_bytes, self.spool_threshold_bytes):
             raise ValueError("the in-flight body budget must hold at least one body of the spool threshold's size")
         if self.max_inflight_spool_bytes < self.max_body_bytes:
             raise ValueError("the spool budget must hold at least one body of the largest size allowed")
-        if self.max_inflight_decode_bytes < 2 * self.max_decompressed_bytes:
-            raise ValueError("the decode budget must hold at least one volume of the largest size allowed read whole "
-                             "(twice the decompression limit)")
+        if self.max_inflight_decode_bytes < self.max_request_decode_bytes:
+            raise ValueError("the decode budget must hold at least one request's decode of the largest size allowed "
+                             "(max_request_decode)")
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> ServeLimits:
-        return cls(max_body_bytes=int(config.max_body_mb * MiB), max_voxels=config.max_voxels,
+        return cls(max_body_bytes=int(config.max_body_mb * MiB), max_object_bytes=int(config.max_object_mb * MiB),
+                   max_voxels=config.max_voxels,
                    max_decompressed_bytes=int(config.max_decompressed_mb * MiB), max_files=config.max_files,
                    max_slices=config.max_slices, max_slice_side=config.max_slice_side,
                    min_slice_side=config.min_slice_side, body_timeout_s=config.body_timeout,
                    min_body_rate=config.min_body_rate_kib * 1024,
                    max_inflight_body_bytes=int(config.max_inflight_body_mb * MiB),
                    max_inflight_decode_bytes=int(config.max_inflight_decode_mb * MiB),
+                   max_request_decode_bytes=int(config.max_request_decode_mb * MiB),
                    spool_threshold_bytes=int(config.spool_threshold_mb * MiB),
                    max_inflight_spool_bytes=int(config.max_inflight_spool_mb * MiB))
 
@@ -137,9 +148,14 @@ def check_content_length(headers: dict[str, str] | None, limits: ServeLimits) ->
     if length < 0:
         raise InputError(400, "invalid Content-Length header (negative)")
     if length > limits.max_body_bytes:
-        raise InputError(413, f"request body of {length:,} bytes is above the limit of {limits.max_body_bytes:,} "
-                              "bytes")
+        raise body_too_large(f"request body of {length:,} bytes", limits)
     return length
+
+
+def body_too_large(what: str, limits: ServeLimits) -> InputError:
+    """413 for a body above the cap, naming the way a larger volume is sent."""
+    return InputError(413, f"{what} is above the limit of {limits.max_body_bytes:,} bytes: send a larger volume by "
+                           "its object-store URI (POST /v1/predict/object) where the service allows it")
 
 
 def parse_multipart(body: FileRange | bytes, content_type: str, limits: ServeLimits) -> list[Upload]:

@@ -71,7 +71,7 @@ class StoredObject:
 
 def stat_object(uri: str, limits: ServeLimits) -> StoredObject:
     """The object at `uri` and its size, or InputError: 404 no such object, 422 not one object, 400 empty, 413 above
-    the body cap, 502 the store refused the service. Blocking (one request to the store): run it in a thread."""
+    the object cap, 502 the store refused the service. Blocking (one request to the store): run it in a thread."""
     fs, path = storage.filesystem(uri)
     try:
         info = fs.info(path)
@@ -84,8 +84,8 @@ def stat_object(uri: str, limits: ServeLimits) -> StoredObject:
     size = int(info.get("size") or 0)
     if size == 0:
         raise InputError(400, f"{uri}: the object is empty")
-    if size > limits.max_body_bytes:
-        raise InputError(413, f"{uri}: {size:,} bytes, above the limit of {limits.max_body_bytes:,} bytes")
+    if size > limits.max_object_bytes:
+        raise InputError(413, f"{uri}: {size:,} bytes, above the limit of {limits.max_object_bytes:,} bytes")
     return StoredObject(uri, size)
 
 
