@@ -1,13 +1,17 @@
 """RSS growth of the service's processes per volume request, at its DEFAULT caps, for the largest payload of each
 format those caps accept: a `.nii.gz` and an `.mha` of 1024 x 1024 x 400 float32 voxels (1.6 GiB decompressed,
 under the 2 GiB `--max-decompressed-mb`; 400 Mi voxels, the `--max-voxels` cap) and a `.zip` of a DICOM series of
-1024 x 1024 int16 slices, as many as fit the 160 MiB `--max-body-mb` (~230; 400 by URI, which has no body cap).
+1024 x 1024 int16 slices, as many as fit the 96 MiB `--max-body-mb` (~135; 400 by URI, which has no body cap).
 
 Starts an embedded Ray and, for each payload, a fresh Serve application (a random-weight efficientnet_b0 bundle
 at 224 px, 32 slices), warms it with a small volume, then sends the payload once (multipart, as a client does)
 while sampling the RSS of the Serve proxy, the ingress replica and the model replica every 10 ms (psutil): the
-table gives each one's RSS before, its peak growth during the request and its growth after, and `serve peak
-+MiB`, the proxy's and the ingress's peak growth summed (the two processes an upload passes through).
+table gives each one's RSS before, its peak growth during the request, the peak growth of its private part (RSS
+less shared pages) and its growth after, and `serve peak +MiB`, the proxy's and the ingress's peak RSS growth
+summed (the two processes an upload passes through). Serve passes the request's messages from the proxy to the
+ingress through Ray's object store, a shared-memory region of the node: the pages of it a process touches count in
+its RSS (as shared pages) but are the node's object store memory, bounded by Ray's `object_store_memory` and
+reused by the next request, not the process's heap.
 
 A body above the spool threshold (4 MiB) is written to a temporary file as it arrives and the readers take the
 file, so what the ingress holds of the upload itself is Serve's copy of the request: Serve's replica fetches the
@@ -214,15 +218,22 @@ def object_store(paths: dict[str, Path]):
 
 
 def measure(client: httpx.Client, processes: dict[str, psutil.Process], name: str, data: bytes | None) -> dict:
-    """One request's RSS growth per process: `data` uploaded, or (None) the object `name` read by URI."""
-    before = {role: p.memory_info().rss for role, p in processes.items()}
+    """One request's memory growth per process: `data` uploaded, or (None) the object `name` read by URI. Per
+    process: RSS, and its private part (RSS less the shared pages: the latter are mostly Ray's object store, a
+    node-wide shared-memory region where Serve passes the request's messages between processes)."""
+
+    def sizes(p: psutil.Process) -> tuple[int, int]:
+        info = p.memory_info()
+        return info.rss, info.rss - info.shared
+
+    before = {role: sizes(p) for role, p in processes.items()}
     peak = dict(before)
     done = threading.Event()
 
     def sample():
         while not done.is_set():
             for role, p in processes.items():
-                peak[role] = max(peak[role], p.memory_info().rss)
+                peak[role] = tuple(map(max, peak[role], sizes(p)))
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample)
@@ -238,9 +249,10 @@ def measure(client: httpx.Client, processes: dict[str, psutil.Process], name: st
     time.sleep(1.0)
     row = {"payload": name, "via": "URI" if data is None else "upload", "status": response.status_code, "s": took}
     for role, p in processes.items():
-        row[f"{role} RSS MiB"] = before[role] / MiB
-        row[f"{role} peak +MiB"] = (peak[role] - before[role]) / MiB
-        row[f"{role} after +MiB"] = (p.memory_info().rss - before[role]) / MiB
+        row[f"{role} RSS MiB"] = before[role][0] / MiB
+        row[f"{role} peak +MiB"] = (peak[role][0] - before[role][0]) / MiB
+        row[f"{role} private peak +MiB"] = (peak[role][1] - before[role][1]) / MiB
+        row[f"{role} after +MiB"] = (p.memory_info().rss - before[role][0]) / MiB
     if response.status_code != 200:
         row["reason"] = response.text[:120]
     return row

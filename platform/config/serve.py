@@ -101,8 +101,8 @@ class ServeLoadConfig:
 class UploadLimitsConfig:
     """Upload limits"""
 
-    max_body_mb: float = option(160, "request body cap in MiB (default 160: every CT-RATE volume; a larger one is "
-                                     "read by URI, POST /v1/predict/object)")
+    max_body_mb: float = option(96, "request body cap in MiB (default 96; a larger volume is read by URI, POST "
+                                     "/v1/predict/object)")
     max_object_mb: float = option(2048, "cap in MiB on an object read by URI (POST /v1/predict/object), streamed to "
                                         "disk by the service itself (default 2048)")
     max_voxels: int = option(1024 * 1024 * 400, "voxels a volume header may declare (default 1024*1024*400)")

@@ -49,10 +49,11 @@ class InputError(Exception):
 class ServeLimits:
     """Caps on what one request may make the service read, decompress and hold in memory."""
 
-    # CT-RATE .nii.gz volumes are 12-160 MB. Serve's proxy and replica hold copies of a request body that the
-    # service cannot bound (tens of percent of it, measured in benchmarks/serve_memory.py), so a larger volume is
-    # read by URI (POST /v1/predict/object), which Serve never carries.
-    max_body_bytes: int = 160 * MiB
+    # Serve carries a request body from its proxy to the ingress through the node's object store, a copy of about
+    # the body's size that the service cannot bound (benchmarks/serve_memory.py), so the cap keeps one upload, its
+    # copy and its decode under 256 MB. A larger volume is read by URI (POST /v1/predict/object), which Serve
+    # never carries.
+    max_body_bytes: int = 96 * MiB
     # An object read by URI is streamed to disk by the ingress itself, so only disk and the decode caps bound it: up
     # to an uncompressed volume of the decompression cap.
     max_object_bytes: int = 2048 * MiB
