@@ -50,12 +50,11 @@ class ServeLimits:
     """Caps on what one request may make the service read, decompress and hold in memory."""
 
     # Serve carries a request body from its proxy to the ingress through the node's object store, a copy of about
-    # the body's size that the service cannot bound (benchmarks/serve_memory.py), so the cap keeps one upload, its
-    # copy and its decode under 256 MB. A larger volume is read by URI (POST /v1/predict/object), which Serve
-    # never carries.
+    # the body's size that the service cannot bound (benchmarks/serve_memory.py), so the cap is set by it: the
+    # largest upload grows the proxy and the ingress (its decode too) each by under 256 MB. A larger volume is read
+    # by URI (POST /v1/predict/object), which Serve never carries.
     max_body_bytes: int = 96 * MiB
-    # An object read by URI is streamed to disk by the ingress itself, so only disk and the decode caps bound it: up
-    # to an uncompressed volume of the decompression cap.
+    # read by URI: streamed to the ingress's disk by the service itself, bounded by the decode caps like any upload
     max_object_bytes: int = 2048 * MiB
     # 1024 x 1024 x 400 voxels: every CT-RATE volume (at most 1024^2 x ~330) fits; float32 HU then take 1.6 GiB.
     max_voxels: int = 1024 * 1024 * 400
@@ -74,9 +73,8 @@ class ServeLimits:
     spool_threshold_bytes: int = 4 * MiB
     max_inflight_body_bytes: int = 2048 * MiB  # bodies (up to the spool threshold) held in memory at once (503 beyond)
     max_inflight_spool_bytes: int = 8192 * MiB  # bodies spooled to disk at once by one ingress replica (503 beyond)
-    # Volume decoding one request may hold, as `ctplatform.data.decode_memory` reckons it from the upload's header
-    # (413 beyond): a streamed volume needs ~170 MiB at most within the other caps; one read whole (a non-axial
-    # volume, an Enhanced CT file) about twice its image bytes or more, so most are refused at this default.
+    # Volume decoding one request may hold, from the header (`data/decode_memory.py`; 413 beyond): a streamed volume
+    # is estimated at ~140 MiB at most within the other caps, most volumes read whole (non-axial, Enhanced CT) more.
     max_request_decode_bytes: int = 256 * MiB
     # Volume decoding one ingress replica admits at once, the requests' shares summed (503 beyond).
     max_inflight_decode_bytes: int = 2048 * MiB
