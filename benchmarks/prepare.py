@@ -6,7 +6,10 @@ Rows: bare `gzip.decompress` (zlib) of every file (one core), bare `isal.igzip.d
 prepare uses), `prepare --no-ray` (in-process, one core), and `prepare` on a fresh local Ray with each of
 `--workers`. "vs ISA-L floor" = volumes/s per core (vol/s divided by the workers) over the bare single-core ISA-L
 volumes/s of the same files measured in the same repeat; each row shows the median of `--repeat` runs, and the
-per-repeat ratios.
+per-repeat ratios. "CPU ms/vol" counts the CPU seconds of every process and thread the row uses (the driver,
+and for Ray its daemons and workers; `CpuMeter`) per volume, and "vs ISA-L floor per CPU-second" is the floor's CPU
+per volume (single-threaded, so its wall time) over it: the share of the CPU spent that a bare inflate would need,
+whatever the cores did meanwhile.
 
 What the Ray rows include: every run starts a fresh local Ray; its `ray.init` is excluded from "vol/s" (shown as
 "end-to-end vol/s", which adds Ray's start and stop, the listing and the index), but the Ray workers' own cold
@@ -27,12 +30,14 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pandas as pd
+import psutil
 from _common import print_table, save
 from isal import igzip
 
@@ -75,6 +80,60 @@ def fill_up(root: Path, total: int) -> None:
             temporary = csv.with_suffix(".tmp")  # a new file, not written through: `csv` may be a hard link too
             grown.to_csv(temporary, index=False)
             os.replace(temporary, csv)
+
+
+class CpuMeter:
+    """CPU seconds (user + system, every thread) of this process and every process it starts while measured (a
+    local Ray's GCS, raylet, dashboard and workers), by kind, sampled every 0.2 s: a process that ends between two
+    samples loses at most its last 0.2 s. Wall-clock rates use more than the cores a row names (the in-process
+    path's writer thread and torch's threads run on the other core); CPU seconds count all of it."""
+
+    def __init__(self):
+        self.last: dict[int, tuple[str, float]] = {}
+        self.stop = threading.Event()
+        self.me = psutil.Process()
+        self.start_cpu = self._cpu(self.me)
+
+    @staticmethod
+    def _cpu(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    @staticmethod
+    def _kind(process: psutil.Process) -> str:
+        command = " ".join(process.cmdline())
+        if "default_worker.py" in command or command.startswith("ray::"):
+            return "Ray workers"
+        return "Ray daemons (GCS, raylet, dashboard, monitors)"
+
+    def _sample(self) -> None:
+        for process in self.me.children(recursive=True):
+            try:
+                kind = self.last[process.pid][0] if process.pid in self.last else self._kind(process)
+                self.last[process.pid] = (kind, self._cpu(process))
+            except psutil.Error:
+                pass  # ended since it was listed
+
+    def __enter__(self) -> CpuMeter:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.2):
+            self._sample()
+
+    def __exit__(self, *exc_info) -> None:
+        self._sample()
+        self.stop.set()
+        self.thread.join()
+        self.by_kind = {"driver": self._cpu(self.me) - self.start_cpu}
+        for kind, seconds in self.last.values():
+            self.by_kind[kind] = self.by_kind.get(kind, 0.0) + seconds
+
+    @property
+    def total(self) -> float:
+        return sum(self.by_kind.values())
 
 
 def floor_rates(files: list[Path]) -> dict[str, float]:
@@ -131,7 +190,8 @@ def main() -> None:
             for executor, workers in [("local", 1)] + [("ray", w) for w in ray_workers]:
                 out = work / "cache"
                 start = time.perf_counter()
-                summary = run_prepare(data, out, settings, executor=executor, workers=workers, progress=False)
+                with CpuMeter() as cpu:
+                    summary = run_prepare(data, out, settings, executor=executor, workers=workers, progress=False)
                 wall = time.perf_counter() - start
                 shutil.rmtree(out)
                 if summary["cached"] != args.volumes:
@@ -139,7 +199,8 @@ def main() -> None:
                 name = "prepare (in-process)" if executor == "local" else "prepare (Ray tasks)"
                 runs.setdefault((name, workers), []).append(
                     {"vol/s": summary["volumes_per_second"], "end-to-end vol/s": args.volumes / wall,
-                     "floor": floors["ISA-L"]})
+                     "floor": floors["ISA-L"], "CPU ms/vol": 1000 * cpu.total / args.volumes,
+                     "CPU by kind": cpu.by_kind})
             print(f"repeat {repeat + 1}/{args.repeat} done", flush=True)
         rows = []
         for (name, workers), results in runs.items():
@@ -150,6 +211,14 @@ def main() -> None:
             row["MB/s (compressed)"] = row["vol/s"] * compressed_mb / len(files)
             row["vs ISA-L floor per core (median)"] = statistics.median(ratios)
             row["per repeat"] = " ".join(f"{r:.2f}" for r in ratios)
+            if "CPU ms/vol" in results[0]:  # the floor's CPU per volume (one core, so its wall time) over the row's
+                row["CPU ms/vol"] = statistics.median(r["CPU ms/vol"] for r in results)
+                row["vs ISA-L floor per CPU-second"] = statistics.median(1000 / r["floor"] / r["CPU ms/vol"]
+                                                                         for r in results)
+                kinds = {k for r in results for k in r["CPU by kind"]}
+                row["CPU s by process"] = ", ".join(
+                    f"{k} {statistics.median(r['CPU by kind'].get(k, 0.0) for r in results):.1f}"
+                    for k in sorted(kinds))
             rows.append(row)
         print_table(f"prepare: {len(files)} volumes ({args.distinct} distinct) of {args.size}, {compressed_mb:.0f} MB "
                     f"gzipped, to {args.image_size}² x 32 slices; Ray tasks of up to {prepare_ray.MAX_BATCH} "
