@@ -128,7 +128,7 @@ def test_a_volume_read_by_uri_gets_the_uploads_answer_and_refusals_keep_their_re
     no_key = client.post("/v1/predict/object", json={"uri": f"s3://{INCOMING}/incoming/ward-3/scan.nii.gz"})
     assert no_key.status_code == 401
     long = client.post("/v1/predict/object", content=b"{" + b" " * 20_000 + b"}", headers=AUTH)
-    assert long.status_code == 413
+    assert long.status_code == 413 and "JSON naming one object" in long.json()["detail"], long.text
     assert [p for p in service["spool"].rglob("*") if p.is_file()] == []  # every fetched object's file is gone
 
 

@@ -308,7 +308,14 @@ class Ingress:
         with Reservation(self.bodies) as reservation:
             started = time.perf_counter()
             # the request only names the object: a few hundred bytes of JSON
-            with await self._body(request, reservation, replace(limits, max_body_bytes=MAX_REQUEST_BYTES)) as body:
+            try:
+                body = await self._body(request, reservation, replace(limits, max_body_bytes=MAX_REQUEST_BYTES))
+            except InputError as exc:
+                if exc.status != 413:
+                    raise
+                raise InputError(413, f"this route takes only JSON naming one object, {{\"uri\": ...}}, of at most "
+                                      f"{MAX_REQUEST_BYTES:,} bytes; upload a volume to /v1/predict/volume") from None
+            with body:
                 uri = requested_uri(body.content.read_bytes(), self.options.object_prefixes)
             stored = await asyncio.to_thread(stat_object, uri, limits)
             stop = threading.Event()
