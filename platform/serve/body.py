@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctplatform.data.readers.file_range import FileRange
-from ctplatform.serve.inputs import InputError, ServeLimits, body_too_large
+from ctplatform.serve.inputs import UPLOAD_TOO_LARGE, InputError, ServeLimits, body_too_large
 
 BUSY_RETRY_AFTER_S = 1
 
@@ -214,15 +214,17 @@ class Body:
 
 
 async def read_body(chunks: AsyncIterable[bytes], limits: ServeLimits, reservation: Reservation | None = None,
-                    declared_length: int | None = None, spool: Spool | None = None) -> Body:
-    """The whole body, or InputError: 413 past the cap, 408 when the client is too slow, 503 when the replica's
+                    declared_length: int | None = None, spool: Spool | None = None,
+                    too_large: str = UPLOAD_TOO_LARGE) -> Body:
+    """The whole body, or InputError: 413 past the cap (its reason ending with `too_large`), 408 when the client is
+    too slow, 503 when the replica's
     body budgets are spent (reserved from `declared_length` up front, grown as a chunked body arrives). A body above
     `limits.spool_threshold_bytes` goes to a file of `spool` (without a spool, every body is held in memory). The
     caller closes the Body returned (`with`); on any error it is closed here."""
     body = Body(limits.spool_threshold_bytes, spool, reservation)
     try:
         body.expect(declared_length)
-        await _receive(chunks, limits, body)
+        await _receive(chunks, limits, body, too_large)
         body.finish()
     except BaseException:
         body.close()
@@ -230,7 +232,7 @@ async def read_body(chunks: AsyncIterable[bytes], limits: ServeLimits, reservati
     return body
 
 
-async def _receive(chunks: AsyncIterable[bytes], limits: ServeLimits, body: Body) -> None:
+async def _receive(chunks: AsyncIterable[bytes], limits: ServeLimits, body: Body, too_large: str) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     iterator = aiter(chunks)
@@ -251,5 +253,5 @@ async def _receive(chunks: AsyncIterable[bytes], limits: ServeLimits, body: Body
                                   f"{limits.body_grace_s:g} s, and the whole body within {limits.body_timeout_s:g} "
                                   "s)") from None
         if body.size + len(chunk) > limits.max_body_bytes:
-            raise body_too_large("request body", limits)
+            raise body_too_large("request body", limits, too_large)
         body.append(chunk)

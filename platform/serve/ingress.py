@@ -42,6 +42,7 @@ from ctplatform.serve.auth import bearer, key_accepted
 from ctplatform.serve.body import BUSY_RETRY_AFTER_S, Body, MemoryBudget, Reservation, Spool, read_body
 from ctplatform.serve.heap import trim_heap
 from ctplatform.serve.inputs import (
+    UPLOAD_TOO_LARGE,
     InputError,
     ServeLimits,
     Upload,
@@ -51,7 +52,13 @@ from ctplatform.serve.inputs import (
     uploads_from_body,
 )
 from ctplatform.serve.model_deployment import replica_id
-from ctplatform.serve.objects import MAX_REQUEST_BYTES, fetch_object, requested_uri, stat_object
+from ctplatform.serve.objects import (
+    MAX_REQUEST_BYTES,
+    OBJECT_REQUEST_TOO_LARGE,
+    fetch_object,
+    requested_uri,
+    stat_object,
+)
 from ctplatform.serve.page import load_page
 from ctplatform.serve.preprocessing import VolumeUpload, prepare_slices
 from ctplatform.serve.responses import slices_response, volume_response
@@ -160,12 +167,13 @@ class Ingress:
     async def _cpu(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
 
-    async def _body(self, request: Request, reservation: Reservation, limits: ServeLimits | None = None) -> Body:
+    async def _body(self, request: Request, reservation: Reservation, limits: ServeLimits | None = None,
+                    too_large: str = UPLOAD_TOO_LARGE) -> Body:
         """The request's body (in memory, or spooled to disk above the threshold), capped by `limits` (default: the
-        service's): close it when done (`with`)."""
+        service's; past the cap, 413 ending with `too_large`): close it when done (`with`)."""
         limits = limits or self.options.limits
-        declared = check_content_length(dict(request.headers), limits)
-        body = await read_body(request.stream(), limits, reservation, declared, self.spool)
+        declared = check_content_length(dict(request.headers), limits, too_large)
+        body = await read_body(request.stream(), limits, reservation, declared, self.spool, too_large)
         if body.size > limits.spool_threshold_bytes:  # Serve's messages of it are freed now: give them back
             await asyncio.to_thread(trim_heap)
         return body
@@ -308,14 +316,8 @@ class Ingress:
         with Reservation(self.bodies) as reservation:
             started = time.perf_counter()
             # the request only names the object: a few hundred bytes of JSON
-            try:
-                body = await self._body(request, reservation, replace(limits, max_body_bytes=MAX_REQUEST_BYTES))
-            except InputError as exc:
-                if exc.status != 413:
-                    raise
-                raise InputError(413, f"this route takes only JSON naming one object, {{\"uri\": ...}}, of at most "
-                                      f"{MAX_REQUEST_BYTES:,} bytes; upload a volume to /v1/predict/volume") from None
-            with body:
+            with await self._body(request, reservation, replace(limits, max_body_bytes=MAX_REQUEST_BYTES),
+                                  OBJECT_REQUEST_TOO_LARGE) as body:
                 uri = requested_uri(body.content.read_bytes(), self.options.object_prefixes)
             stored = await asyncio.to_thread(stat_object, uri, limits)
             stop = threading.Event()

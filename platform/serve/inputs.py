@@ -54,8 +54,7 @@ class ServeLimits:
     # largest upload grows the proxy and the ingress (its decode too) each by under 256 MB. A larger volume is read
     # by URI (POST /v1/predict/object), which Serve never carries.
     max_body_bytes: int = 96 * MiB
-    # read by URI: streamed to the ingress's disk by the service itself, bounded by the decode caps like any upload
-    max_object_bytes: int = 2048 * MiB
+    max_object_bytes: int = 2048 * MiB  # read by URI: streamed to disk by the ingress, bounded like any upload
     # 1024 x 1024 x 400 voxels: every CT-RATE volume (at most 1024^2 x ~330) fits; float32 HU then take 1.6 GiB.
     max_voxels: int = 1024 * 1024 * 400
     max_decompressed_bytes: int = 2048 * MiB  # image bytes a header may declare (what the reader inflates)
@@ -76,8 +75,7 @@ class ServeLimits:
     # Volume decoding one request may hold, from the header (`data/decode_memory.py`; 413 beyond): a streamed volume
     # is estimated at ~140 MiB at most within the other caps, most volumes read whole (non-axial, Enhanced CT) more.
     max_request_decode_bytes: int = 256 * MiB
-    # Volume decoding one ingress replica admits at once, the requests' shares summed (503 beyond).
-    max_inflight_decode_bytes: int = 2048 * MiB
+    max_inflight_decode_bytes: int = 2048 * MiB  # decoding one replica admits at once, shares summed (503 beyond)
 
     def __post_init__(self):
         if min(self.max_body_bytes, self.max_object_bytes, self.max_voxels, self.max_decompressed_bytes,
@@ -135,8 +133,12 @@ class Upload:
 
 
 # ------------------------------------------------------------------------------------------------ body
-def check_content_length(headers: dict[str, str] | None, limits: ServeLimits) -> int | None:
-    """Refuse a body whose declared Content-Length is above the cap, before reading any of it."""
+UPLOAD_TOO_LARGE = "send a larger volume by its object-store URI (POST /v1/predict/object) where the service allows it"
+
+
+def check_content_length(headers: dict[str, str] | None, limits: ServeLimits,
+                         too_large: str = UPLOAD_TOO_LARGE) -> int | None:
+    """Refuse a body whose declared Content-Length is above the cap (413 ending with `too_large`), before reading."""
     value = (headers or {}).get("content-length")
     if value is None:
         return None
@@ -147,14 +149,12 @@ def check_content_length(headers: dict[str, str] | None, limits: ServeLimits) ->
     if length < 0:
         raise InputError(400, "invalid Content-Length header (negative)")
     if length > limits.max_body_bytes:
-        raise body_too_large(f"request body of {length:,} bytes", limits)
+        raise body_too_large(f"request body of {length:,} bytes", limits, too_large)
     return length
 
 
-def body_too_large(what: str, limits: ServeLimits) -> InputError:
-    """413 for a body above the cap, naming the way a larger volume is sent."""
-    return InputError(413, f"{what} is above the limit of {limits.max_body_bytes:,} bytes: send a larger volume by "
-                           "its object-store URI (POST /v1/predict/object) where the service allows it")
+def body_too_large(what: str, limits: ServeLimits, too_large: str = UPLOAD_TOO_LARGE) -> InputError:
+    return InputError(413, f"{what} is above the limit of {limits.max_body_bytes:,} bytes: {too_large}")
 
 
 def parse_multipart(body: FileRange | bytes, content_type: str, limits: ServeLimits) -> list[Upload]:

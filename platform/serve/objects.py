@@ -25,6 +25,8 @@ from ctplatform.serve.body import Body
 from ctplatform.serve.inputs import InputError, ServeLimits
 
 MAX_REQUEST_BYTES = 16 * 1024  # the JSON naming the object
+OBJECT_REQUEST_TOO_LARGE = ('this route takes only JSON naming one object, {"uri": ...}; upload a volume to '
+                            "/v1/predict/volume")
 FETCH_CHUNK = 1 << 20  # bytes read from the store at a time (the file object's read-ahead: 4 of them)
 
 
