@@ -171,12 +171,13 @@ def read_text(location: str) -> str:
     return read_bytes(location).decode("utf-8")
 
 
-def write_bytes(location: str, data: bytes) -> str:
-    """Write one file or object whole (see the module note)."""
+def write_bytes(location: str, data: bytes, *, keep_cached: bool = True) -> str:
+    """Write one file or object whole (see the module note); `keep_cached=False`: a local file's pages leave the
+    page cache once on disk (`atomic.write_atomic`)."""
     if not is_uri(location):
         from ctplatform.atomic import write_bytes_atomic
 
-        write_bytes_atomic(location, data)
+        write_bytes_atomic(location, data, keep_cached=keep_cached)
         return location
     fs, path = filesystem(location)
     fs.pipe_file(path, data)

@@ -1,4 +1,4 @@
-"""The ingress gives freed heap memory back after a large request (`ctplatform.serve.heap.trim_heap`): measured on
+"""The ingress gives freed heap memory back after a large request (`ctplatform.heap.trim_heap`): measured on
 the resident memory (psutil) of a fresh process, as Serve's messages leave it, without Ray."""
 
 import json
@@ -14,7 +14,7 @@ MiB = 1 << 20
 RECEIVE_AND_TRIM = """
 import json, threading
 import psutil
-from ctplatform.serve.heap import trim_heap
+from ctplatform.heap import trim_heap
 
 process = psutil.Process()
 held = {}

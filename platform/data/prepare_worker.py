@@ -22,6 +22,7 @@ from ctplatform.data.hounsfield import NON_CHEST_NOTE
 from ctplatform.data.metadata import VolumeMetadata
 from ctplatform.data.preprocess import PreprocessSettings, preprocess_raw_volume
 from ctplatform.data.remote_input import local_volume
+from ctplatform.heap import reuse_large_buffers
 from ctplatform.labels import volume_stem
 
 
@@ -61,7 +62,9 @@ def prepare_volumes(tasks: Iterable[VolumeTask], out_dir: str, settings: Preproc
     A volume's files are written (each fsync'd, or uploaded, before it appears; its record last) in one background
     thread while this one decodes the next volume: the wait for the disk or the object store overlaps the next
     decode instead of adding to it. At most one volume's writes wait behind the one being written, so the memory
-    held stays two volumes' outputs."""
+    held stays two volumes' outputs. The process keeps its freed large buffers for the next volume
+    (`reuse_large_buffers`): prepare owns the process it runs in, a Ray worker or the CLI's."""
+    reuse_large_buffers()
     out = str(out_dir)
     pending: deque[tuple[dict, Future]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-writes") as writer:
@@ -82,8 +85,8 @@ def _write(writes: Writes) -> None:
     for location, data in writes:
         if data is None:
             storage.remove(location)
-        else:
-            storage.write_bytes(location, data)
+        else:  # read by training later, on this node or another: not kept in this node's page cache meanwhile
+            storage.write_bytes(location, data, keep_cached=False)
 
 
 def _prepared(task: VolumeTask, out: str, settings: PreprocessSettings, keep_non_chest: bool) -> tuple[dict, Writes]:

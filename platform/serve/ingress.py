@@ -38,9 +38,9 @@ from ray.serve.handle import DeploymentHandle
 from ctplatform.data.decode_memory import decode_estimate
 from ctplatform.data.preprocess import PreprocessSettings
 from ctplatform.evaluation.decision import DECISION_THRESHOLD
+from ctplatform.heap import trim_heap
 from ctplatform.serve.auth import bearer, key_accepted
 from ctplatform.serve.body import BUSY_RETRY_AFTER_S, Body, MemoryBudget, Reservation, Spool, read_body
-from ctplatform.serve.heap import trim_heap
 from ctplatform.serve.inputs import (
     UPLOAD_TOO_LARGE,
     InputError,

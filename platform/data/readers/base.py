@@ -149,9 +149,19 @@ class VolumeReader(ABC):
 
     def read(self, stream: BinaryIO, head: bytes, label: str, limits: ReadLimits) -> tuple[VolumeHeader, np.ndarray]:
         """The header and the whole image, (z, y, x) in the stored voxel type."""
+        start = stream.tell()
         header, dims, data = self.open_data(stream, head, label, limits)
-        return header, voxels_zyx(read_exact(data, dims[0] * dims[1] * dims[2] * header.itemsize, label),
-                                  header.dtype, dims)
+        size = dims[0] * dims[1] * dims[2] * header.itemsize
+        payload = self.whole_image(stream, start, data, size)
+        if payload is None:
+            payload = read_exact(data, size, label)
+        return header, voxels_zyx(payload, header.dtype, dims)
+
+    def whole_image(self, stream: BinaryIO, start: int, data: BinaryIO, size: int) -> memoryview | None:
+        """The `size` image bytes that `data` (from `open_data`) would give, read in one call where the format and
+        the source allow it (`stream` is the source, the volume starting at its byte `start`); None: read them
+        from `data`."""
+        return None
 
 
 def stored_planes(data: BinaryIO, dtype: np.dtype, dims: tuple[int, int, int], label: str) -> Iterator[np.ndarray]:

@@ -10,6 +10,7 @@ from isal import igzip
 
 from ctplatform.data.errors import CorruptDataError, UnsupportedFormatError, UnusableContentError
 from ctplatform.data.readers.base import VolumeHeader, VolumeReader, read_exact
+from ctplatform.data.readers.inflate import inflate_whole
 
 GZIP_MAGIC = b"\x1f\x8b"
 # sizeof_hdr, the first field, in either byte order: 348 (NIfTI-1) or 540 (NIfTI-2)
@@ -56,3 +57,11 @@ class NiftiReader(VolumeReader):
             offset = sizeof + 4 if sizeof == 348 else sizeof  # NIfTI-1 single file: data after the 4 extension bytes
         return VolumeHeader(self.format, isinstance(stream, igzip.GzipFile), shape, dtype, zooms, affine,
                             slope, intercept, skip=offset - sizeof)
+
+    def whole_image(self, stream: BinaryIO, start: int, data: BinaryIO, size: int) -> memoryview | None:
+        if not isinstance(data, igzip.GzipFile):
+            return None  # a .nii: its image is read as stored
+        offset = data.tell()  # the header and its extensions, already inflated and checked
+        whole = inflate_whole(stream, start, offset + size)
+        return memoryview(whole)[offset:] if whole is not None else None
+
