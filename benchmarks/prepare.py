@@ -5,12 +5,13 @@
 Rows: bare `gzip.decompress` (zlib) of every file (one core), bare `isal.igzip.decompress` (ISA-L), each in a
 fresh Python process, the same ISA-L call in a process whose allocator keeps freed buffers for the next file
 (`ctplatform.heap.reuse_large_buffers`, as prepare's processes do: a stricter floor), `prepare --no-ray`
-(in-process, one core), and `prepare` on a fresh local Ray with each of `--workers`. "vs ISA-L floor" = volumes/s per core (vol/s divided by the workers) over the bare single-core ISA-L
-volumes/s of the same files measured in the same repeat; each row shows the median of `--repeat` runs, and the
-per-repeat ratios. "CPU ms/vol" counts the CPU seconds of every process and thread the row uses (the driver,
-and for Ray its daemons and workers; `CpuMeter`) per volume, and "vs ISA-L floor per CPU-second" is the floor's CPU
-per volume (single-threaded, so its wall time) over it: the share of the CPU spent that a bare inflate would need,
-whatever the cores did meanwhile.
+(in-process, one core), `prepare` on a fresh local Ray with each of `--workers`, and with `--nodes N` on a fresh
+cluster of N raylets of one CPU each on this machine. "vs ISA-L floor" = volumes/s per core (vol/s divided by the
+workers or raylets) over the bare single-core ISA-L volumes/s of the same files measured in the same repeat; each
+row shows the median of `--repeat` runs, and the per-repeat ratios. "CPU ms/vol" counts the CPU seconds of every
+process and thread the row uses (the driver, and for Ray its daemons and workers; `CpuMeter`) per volume, and "vs
+ISA-L floor per CPU-second" is the floor's CPU per volume (single-threaded, so its wall time) over it: the share of
+the CPU spent that a bare inflate would need, whatever the cores did meanwhile.
 
 What the Ray rows include: every run starts a fresh local Ray; its `ray.init` is excluded from "vol/s" (shown as
 "end-to-end vol/s", which adds Ray's start and stop, the listing and the index), but the Ray workers' own cold
@@ -34,6 +35,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -116,6 +119,8 @@ class CpuMeter:
                 pass  # ended since it was listed
 
     def __enter__(self) -> CpuMeter:
+        self._sample()  # processes already running (a cluster's daemons): only their CPU from now on counts
+        self.base = {pid: seconds for pid, (_kind, seconds) in self.last.items()}
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         return self
@@ -129,8 +134,8 @@ class CpuMeter:
         self.stop.set()
         self.thread.join()
         self.by_kind = {"driver": self._cpu(self.me) - self.start_cpu}
-        for kind, seconds in self.last.values():
-            self.by_kind[kind] = self.by_kind.get(kind, 0.0) + seconds
+        for pid, (kind, seconds) in self.last.items():
+            self.by_kind[kind] = self.by_kind.get(kind, 0.0) + seconds - self.base.get(pid, 0.0)
 
     @property
     def total(self) -> float:
@@ -156,6 +161,25 @@ print(json.dumps(rates))
 """
 
 
+@contextmanager
+def raylets(nodes: int) -> Iterator[str | None]:
+    """The address of a fresh Ray cluster of `nodes` raylets (1 CPU each) on this machine; None for no nodes."""
+    if not nodes:
+        yield None
+        return
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                            "dashboard_host": "127.0.0.1"})
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+
+
 def floor_rates(files: list[Path]) -> dict[str, float]:
     """Volumes/s of the bare inflates, each in a fresh Python process: the floor is the bare call as a user's
     process makes it (the in-process prepare row changes its own process's allocator; `ctplatform.heap`). Also
@@ -176,6 +200,9 @@ def main() -> None:
     parser.add_argument("--size", default="256x256x128")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", default="1,2", help="Ray worker counts, comma-separated (default 1,2)")
+    parser.add_argument("--nodes", type=int, default=0,
+                        help="also run prepare on a Ray cluster of this many raylets of 1 CPU each on this machine "
+                             "(ray.cluster_utils; started before the row's timing, as ray.init is)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of every row; the table shows the median")
     parser.add_argument("--max-batch", type=int, default=None,
                         help="volumes per Ray task at most (default: prepare_ray.MAX_BATCH; 1 = a task per volume)")
@@ -212,16 +239,22 @@ def main() -> None:
                                 ("bare igzip.decompress (ISA-L), buffers reused", "ISA-L, buffers reused")):
                 runs.setdefault((name, 1), []).append({"vol/s": floors[label], "floor": floors["ISA-L"],
                                                        "stricter floor": floors["ISA-L, buffers reused"]})
-            for executor, workers in [("local", 1)] + [("ray", w) for w in ray_workers]:
+            rows_to_run = [("local", 1)] + [("ray", w) for w in ray_workers] + ([("cluster", args.nodes)]
+                                                                                 if args.nodes else [])
+            for executor, workers in rows_to_run:
                 out = work / "cache"
-                start = time.perf_counter()
-                with CpuMeter() as cpu:
-                    summary = run_prepare(data, out, settings, executor=executor, workers=workers, progress=False)
-                wall = time.perf_counter() - start
+                with raylets(args.nodes if executor == "cluster" else 0) as address:
+                    start = time.perf_counter()
+                    with CpuMeter() as cpu:
+                        summary = run_prepare(data, out, settings, executor="local" if executor == "local" else "ray",
+                                              workers=None if address else workers, address=address,
+                                              progress=False)
+                    wall = time.perf_counter() - start
                 shutil.rmtree(out)
                 if summary["cached"] != args.volumes:
                     raise RuntimeError(f"prepare cached {summary['cached']} of {args.volumes} volumes: {summary}")
-                name = "prepare (in-process)" if executor == "local" else "prepare (Ray tasks)"
+                name = {"local": "prepare (in-process)", "ray": "prepare (Ray tasks)",
+                        "cluster": "prepare (Ray tasks, one raylet per CPU)"}[executor]
                 runs.setdefault((name, workers), []).append(
                     {"vol/s": summary["volumes_per_second"], "end-to-end vol/s": args.volumes / wall,
                      "floor": floors["ISA-L"], "stricter floor": floors["ISA-L, buffers reused"],
