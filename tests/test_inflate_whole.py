@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from ctplatform.data import read_volume
 from ctplatform.data.errors import CorruptDataError, UnusableContentError
+from ctplatform.data.readers.file_range import FileRange
 from ctplatform.data.readers.inflate import inflate_whole
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,6 +41,8 @@ def test_a_gzipped_file_on_disk_is_inflated_whole_and_read_as_the_references_rea
     plain = gzip.decompress(path.read_bytes())
     with open(path, "rb") as handle:
         assert inflate_whole(handle, 0, len(plain)) == plain  # the fast path takes this file
+    with FileRange(path).open() as upload:  # the service's uploads stay on the stream path (its memory budget)
+        assert inflate_whole(upload, 0, len(plain)) is None
     volume = read_volume(path)
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)  # (z, y, x)
     np.testing.assert_array_equal(volume.hu, np.clip(expected, -1024, 3071))
