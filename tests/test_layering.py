@@ -13,10 +13,11 @@ SOURCE = Path(__file__).resolve().parents[1] / "platform"
 pytestmark = pytest.mark.timeout(60)
 
 # package (first part of the module path below ctplatform) -> packages it may import
-BASE = {"labels", "config", "atomic", "storage"}
+BASE = {"labels", "config", "atomic", "storage", "heap"}
 ALLOWED = {
     "labels": set(),
     "atomic": set(),
+    "heap": set(),
     "storage": {"atomic"},
     "staging": {"storage"},
     "config": {"labels", "storage"},
