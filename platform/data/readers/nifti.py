@@ -64,4 +64,3 @@ class NiftiReader(VolumeReader):
         offset = data.tell()  # the header and its extensions, already inflated and checked
         whole = inflate_whole(stream, start, offset + size)
         return memoryview(whole)[offset:] if whole is not None else None
-

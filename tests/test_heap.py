@@ -1,5 +1,6 @@
-"""The ingress gives freed heap memory back after a large request (`ctplatform.heap.trim_heap`): measured on
-the resident memory (psutil) of a fresh process, as Serve's messages leave it, without Ray."""
+"""The allocator settings of `ctplatform.heap`, each in a fresh process: the ingress gives freed heap memory back
+after a large request (`trim_heap`, measured on the resident memory as Serve's messages leave it, without Ray), and
+prepare's processes reuse a freed volume buffer (`reuse_large_buffers`, counted in page faults)."""
 
 import json
 import subprocess
@@ -48,3 +49,34 @@ def test_freed_message_sized_allocations_stay_resident_until_the_heap_is_trimmed
     assert rss["freed"] - rss["before"] > 60 * MiB  # glibc keeps what was freed in the thread's arena
     assert rss["trimmed"] and rss["after"] - rss["before"] < 20 * MiB  # and gives it back when asked
     assert rss["pins"] == 1600
+
+
+# In a fresh process: the heap setting is process-wide, for the rest of the process's life.
+FAULTS_PER_BUFFER = """
+import ctypes, json, resource, sys
+import numpy as np
+from ctplatform.heap import reuse_large_buffers
+
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: one fault per 4 KiB page, whatever the machine's THP
+if sys.argv[1] == "reuse":
+    assert reuse_large_buffers()
+def faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(64 << 20, np.uint8)  # the first buffer faults in either way
+before = faults()
+for _ in range(8):  # as prepare decodes one volume after another: a 64 MiB buffer filled, used, freed
+    np.ones(64 << 20, np.uint8)
+print(json.dumps({"faults_per_buffer": (faults() - before) / 8}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_prepare_workers_reuse_a_freed_volume_buffer_instead_of_faulting_it_in_again():
+    def faults(mode: str) -> float:
+        run = subprocess.run([sys.executable, "-c", FAULTS_PER_BUFFER, mode], capture_output=True, text=True,
+                             timeout=30, check=True)
+        return json.loads(run.stdout)["faults_per_buffer"]
+
+    pages = (64 << 20) / 4096
+    assert faults("default") > pages / 2  # mapped afresh each time: every page faulted in (and zeroed) again
+    assert faults("reuse") < pages / 100
